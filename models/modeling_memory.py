@@ -1,0 +1,271 @@
+"""Hugging Face causal LM built from memory-layer blocks; the recurrent state is the cache.
+
+    h = embed(ids);  for each block:  [h += conv(RMSNorm(h))]  h += mixer(RMSNorm(h))  h += MLP(RMSNorm(h))
+    logits = lm_head(RMSNorm(h))
+
+Every block (and the whole model) maps ``(x, state) -> (y, state)``; generation feeds one token at a
+time with the state from the previous step, so it costs O(1) per token.
+Only torch/transformers are imported: this file is copied into exported HF folders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration_memory import MEMORY_LAYERS, MemoryLMConfig
+from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
+from .ttt import TTTLayer, TTTState
+
+try:  # transformers ≥ 5: initialisers that leave loaded weights alone
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    from torch.nn import init
+
+_TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+@dataclass
+class MemoryState:
+    """The model's cache: one dict per block (``mixer``: the layer state, ``pre_conv``: conv tail)."""
+
+    layers: list
+    position: int = 0
+
+    def map(self, fn) -> "MemoryState":
+        def apply(block):
+            return {k: (v.map(fn) if isinstance(v, TTTState) else fn(v)) for k, v in block.items()}
+
+        return MemoryState(layers=[apply(b) for b in self.layers], position=self.position)
+
+    def detach(self) -> "MemoryState":
+        return self.map(torch.Tensor.detach)
+
+
+@dataclass
+class MemoryLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    memory_state: MemoryState | None = None
+    hidden_states: tuple | None = None
+
+
+def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
+    """The sequence mixer of block ``layer_idx`` (one memory-layer type per model for now)."""
+    return TTTLayer(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        inner=MEMORY_LAYERS[config.memory_layer],
+        mini_batch_size=config.mini_batch_size,
+        base_lr=config.ttt_base_lr,
+        rope_theta=config.rope_theta,
+        share_qk=config.share_qk,
+        conv_kernel=config.conv_kernel,
+        use_gate=config.use_gate,
+        inner_expansion=config.inner_expansion,
+        scan_checkpoint_group_size=config.scan_checkpoint_group_size,
+        scan_impl=config.scan_impl,
+    )
+
+
+class PreConv(nn.Module):
+    """x ↦ conv(RMSNorm(x)): the causal conv in front of the memory layer (Mamba-style backbone)."""
+
+    def __init__(self, config: MemoryLMConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.conv = CausalConv1d(config.hidden_size, config.conv_kernel)
+
+    def forward(self, x, tail=None):
+        return self.conv(self.norm(x), tail)
+
+
+class MemoryBlock(nn.Module):
+    def __init__(self, config: MemoryLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pre_conv = PreConv(config) if config.pre_conv else None
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = build_mixer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        state = state or {}
+        new_state = {}
+        if self.pre_conv is not None:
+            y, new_state["pre_conv"] = self.pre_conv(x, state.get("pre_conv"))
+            x = x + y
+        y, new_state["mixer"] = self.mixer(self.mixer_norm(x), state.get("mixer"))
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, new_state
+
+
+class MemoryLMPreTrainedModel(PreTrainedModel):
+    config_class = MemoryLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MemoryBlock"]
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, TTTLayer):
+            for name in module.fast_weight_names:
+                p = getattr(module, name)
+                init.normal_(p, mean=0.0, std=0.02) if name.startswith("W") else init.zeros_(p)
+            init.zeros_(module.token_idx_offset)
+            init.ones_(module.ttt_norm_weight)
+            init.zeros_(module.ttt_norm_bias)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, CausalConv1d):
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            bound = 1.0 / module.kernel_size**0.5
+            init.uniform_(module.bias, -bound, bound)
+
+
+class MemoryLMModel(MemoryLMPreTrainedModel):
+    def __init__(self, config: MemoryLMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MemoryBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        memory_state: MemoryState | None = None,
+        output_hidden_states: bool = False,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if h.dim() != 3 or h.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"expected inputs of shape [batch, seq, {self.config.hidden_size}], got {tuple(h.shape)}")
+        layer_states = memory_state.layers if memory_state is not None else [None] * len(self.layers)
+        new_states, all_hidden = [], []
+        for block, st in zip(self.layers, layer_states):
+            if self.gradient_checkpointing and self.training:
+                h, st = checkpoint(block, h, st, use_reentrant=False)
+            else:
+                h, st = block(h, st)
+            new_states.append(st)
+            if output_hidden_states:
+                all_hidden.append(h)
+        h = self.norm(h)
+        position = (memory_state.position if memory_state is not None else 0) + h.shape[1]
+        return MemoryLMOutput(
+            last_hidden_state=h,
+            memory_state=MemoryState(layers=new_states, position=position),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
+
+
+class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
+    if _TRANSFORMERS_V5:
+        _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    else:  # pragma: no cover
+        _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: MemoryLMConfig):
+        super().__init__(config)
+        self.model = MemoryLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        memory_state: MemoryState | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MemoryLMOutput:
+        """Causal LM forward. ``labels`` are the input ids (shifted inside, -100 ignored).
+
+        ``attention_mask`` may only mark every token as real: a recurrent memory has no padding
+        (pack documents instead).
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding is not supported by memory layers: pass equal-length, unpadded sequences")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        out = self.model(input_ids, inputs_embeds, memory_state, bool(output_hidden_states))
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+            )
+        return MemoryLMOutput(
+            loss=loss,
+            logits=logits,
+            last_hidden_state=out.last_hidden_state,
+            memory_state=out.memory_state if use_cache else None,
+            hidden_states=out.hidden_states,
+        )
+
+    # ------------------------------------------------------------------------------ generation
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the recurrent state is the cache
+
+    def prepare_inputs_for_generation(self, input_ids, memory_state=None, inputs_embeds=None, **kwargs):
+        if memory_state is not None:  # the state holds the prefix: feed only the new token
+            return {"input_ids": input_ids[:, memory_state.position:], "memory_state": memory_state, "use_cache": True}
+        if inputs_embeds is not None:
+            return {"inputs_embeds": inputs_embeds, "use_cache": True}
+        return {"input_ids": input_ids, "use_cache": True}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1, **kw):
+        model_kwargs["memory_state"] = outputs.memory_state
+        return model_kwargs
+
+    def _reorder_cache(self, memory_state, beam_idx):
+        return memory_state.map(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -1,0 +1,116 @@
+"""Small building blocks shared by every model: norms, the SwiGLU MLP, RoPE and a causal conv.
+
+Only torch is imported here: this file is copied into exported Hugging Face folders.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional CUDA kernel; the pure-PyTorch path below is the reference
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:  # pragma: no cover - CUDA-only extra
+    causal_conv1d_fn = None
+
+
+class RMSNorm(nn.Module):
+    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(act(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        if act not in ("silu", "gelu", "gelu_tanh"):
+            raise ValueError(f"unsupported hidden_act {act!r}; expected silu, gelu or gelu_tanh")
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        if self.act == "silu":
+            gate = F.silu(gate)
+        else:
+            gate = F.gelu(gate, approximate="tanh" if self.act == "gelu_tanh" else "none")
+        return self.down_proj(gate * self.up_proj(x))
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [T, head_dim/2] for integer positions, computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (x_2i, x_2i+1) by angle pos·θ^(-2i/d) (the GPT-J / JAX-TTT layout).
+
+    x: [..., T, d]; cos, sin: [T, d/2].
+    """
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    rot_even = x_even * cos - x_odd * sin
+    rot_odd = x_odd * cos + x_even * sin
+    return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal convolution y_t = b + Σ_{i<K} w_i x_{t-K+1+i} with a carried tail.
+
+    The tail (the last K-1 inputs, zeros at the start of a sequence) is the layer's state, so
+    a sequence cut into pieces gives the same output as one call.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn.Conv1d's default initialisation."""
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        bound = 1.0 / self.kernel_size**0.5
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None):
+        """x: [B, T, C], tail: [B, C, K-1] or None → (y [B, T, C], new tail)."""
+        xt = x.transpose(1, 2)
+        if tail is None:
+            if causal_conv1d_fn is not None and x.is_cuda:
+                y = causal_conv1d_fn(xt.contiguous(), self.weight.squeeze(1), self.bias, activation=None)
+                return y.transpose(1, 2), _last_inputs(xt, self.kernel_size - 1)
+            tail = xt.new_zeros(xt.shape[0], xt.shape[1], self.kernel_size - 1)
+        full = torch.cat([tail.to(xt.dtype), xt], dim=-1)
+        y = F.conv1d(full, self.weight, self.bias, groups=full.shape[1])
+        return y.transpose(1, 2), full[..., full.shape[-1] - (self.kernel_size - 1):]
+
+
+def _last_inputs(xt: torch.Tensor, n: int) -> torch.Tensor:
+    if xt.shape[-1] >= n:
+        return xt[..., xt.shape[-1] - n:]
+    return F.pad(xt, (n - xt.shape[-1], 0))
+
+
+__all__ = [
+    "RMSNorm",
+    "SwiGLUMLP",
+    "CausalConv1d",
+    "rope_cos_sin",
+    "apply_interleaved_rope",
+]

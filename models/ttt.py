@@ -1,0 +1,178 @@
+"""TTT-Linear and TTT-MLP (Sun et al. 2024, "Learning to (Learn at Test Time)", arXiv 2407.04620).
+
+Per head the layer keeps an inner model f_θ (linear map or 2-layer MLP) and, while reading the
+sequence, trains it on the self-supervised task "reconstruct v − k from k":
+
+    η_t = (base_lr / d) · σ(x_t w_h + b_h) · s_{t mod b}          learnable inner learning rate
+    ℓ_t(θ) = ½ ‖LN(f_θ(k_t)) − (v_t − k_t)‖²                         LN-fused reconstruction loss
+    θ_t = θ₀ − s_i Σ_{j≤t} η_j ∇ℓ_j(θ₀)                              mini-batch GD (b tokens)
+    o_t = q_t + LN(f_{θ_t}(q_t));  y = W_o · gate(x) ⊙ LayerNorm(o)
+
+with RoPE on q, k at position t mod b, an optional causal conv on the shared q/k projection
+(``share_qk``) and an optional GELU gate (``use_gate``, the Mamba-style backbone).
+``forward(x, state) -> (y, state)``: the state carries everything needed to continue a sequence
+exactly from any split point. Only torch is imported: this file is copied into HF folders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import CausalConv1d, apply_interleaved_rope, rope_cos_sin
+from .parts import inner_param_shapes
+from .reference import ttt_scan_reference
+from .ttt_chunk import ttt_scan_chunked
+
+SCAN_IMPLS = {"chunk": ttt_scan_chunked, "reference": ttt_scan_reference}
+
+
+@dataclass
+class TTTState:
+    """What a TTT layer carries from one call to the next (per batch row, per head).
+
+    weights:  fast weights θ₀ at the last mini-batch boundary, {W1, b1[, W2, b2]}: [B, H, ...] float32
+    pending:  Σ η_j ∇ℓ_j(θ₀) of the unfinished mini-batch, same shapes; None at a boundary
+    position: tokens consumed so far (sets the in-mini-batch index and the RoPE phase)
+    conv:     tails of the causal q/k convolutions, {"q", "k"}: [B, C, K-1] (share_qk only)
+    """
+
+    weights: dict
+    pending: dict | None = None
+    position: int = 0
+    conv: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict:
+        """Flat name → tensor view (for communication and checkpoints)."""
+        out = {f"weights.{n}": t for n, t in self.weights.items()}
+        out.update({f"pending.{n}": t for n, t in (self.pending or {}).items()})
+        out.update({f"conv.{n}": t for n, t in self.conv.items()})
+        return out
+
+    def map(self, fn) -> "TTTState":
+        """A new state with ``fn`` applied to every tensor (e.g. ``.detach``, ``index_select``)."""
+        return TTTState(
+            weights={n: fn(t) for n, t in self.weights.items()},
+            pending=None if self.pending is None else {n: fn(t) for n, t in self.pending.items()},
+            position=self.position,
+            conv={n: fn(t) for n, t in self.conv.items()},
+        )
+
+
+class TTTLayer(nn.Module):
+    """Sequence mixer with a TTT-Linear (``inner="linear"``) or TTT-MLP (``inner="mlp"``) memory."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        inner: str = "linear",
+        mini_batch_size: int = 16,
+        base_lr: float = 1.0,
+        rope_theta: float = 10000.0,
+        share_qk: bool = False,
+        conv_kernel: int = 4,
+        use_gate: bool = False,
+        inner_expansion: int = 4,
+        scan_checkpoint_group_size: int = 0,
+        scan_impl: str = "chunk",
+    ):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if scan_impl not in SCAN_IMPLS:
+            raise ValueError(f"unknown scan_impl {scan_impl!r}; expected one of {sorted(SCAN_IMPLS)}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        self.inner, self.mini_batch_size, self.base_lr = inner, mini_batch_size, base_lr
+        self.rope_theta, self.share_qk, self.use_gate = rope_theta, share_qk, use_gate
+        self.scan_checkpoint_group_size, self.scan_impl = scan_checkpoint_group_size, scan_impl
+
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if share_qk:  # one projection, two causal convs give q and k
+            self.conv_q = CausalConv1d(hidden_size, conv_kernel)
+            self.conv_k = CausalConv1d(hidden_size, conv_kernel)
+        else:
+            self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.lr_gate = nn.Linear(hidden_size, num_heads, bias=True)  # row h: w_h, b_h of η
+        self.token_idx_offset = nn.Parameter(torch.zeros(mini_batch_size))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+        for name, shape in inner_param_shapes(inner, self.head_dim, inner_expansion).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(num_heads, *shape)))
+        self.post_norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.reset_fast_weights()
+
+    @property
+    def fast_weight_names(self) -> list[str]:
+        return ["W1", "b1"] + (["W2", "b2"] if self.inner == "mlp" else [])
+
+    def reset_fast_weights(self, std: float = 0.02) -> None:
+        """Initial fast weights as the paper's code: W ~ N(0, std), b = 0."""
+        with torch.no_grad():
+            for name in self.fast_weight_names:
+                p = getattr(self, name)
+                p.normal_(0.0, std) if name.startswith("W") else p.zero_()
+
+    def init_state(self, batch_size: int) -> TTTState:
+        """The state before the first token: θ₀ tiled over the batch (kept differentiable)."""
+        weights = {
+            n: getattr(self, n).float().unsqueeze(0).expand(batch_size, *getattr(self, n).shape)
+            for n in self.fast_weight_names
+        }
+        return TTTState(weights=weights)
+
+    # -------------------------------------------------------------------------------- forward
+    def _qkv(self, x: torch.Tensor, state: TTTState):
+        new_conv = {}
+        if self.share_qk:
+            xq = self.q_proj(x)
+            q, new_conv["q"] = self.conv_q(xq, state.conv.get("q"))
+            k, new_conv["k"] = self.conv_k(xq, state.conv.get("k"))
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        return q, k, self.v_proj(x), new_conv
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, state: TTTState | None = None):
+        """x: [B, T, C] → (y [B, T, C], state after the last token)."""
+        B, T, _ = x.shape
+        state = state if state is not None else self.init_state(B)
+        q, k, v, new_conv = self._qkv(x, state)
+        q, k, v = (self._split_heads(t) for t in (q, k, v))
+
+        positions = torch.arange(state.position, state.position + T, device=x.device)
+        cos, sin = rope_cos_sin(positions % self.mini_batch_size, self.head_dim, self.rope_theta, q.dtype)
+        q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
+        lr = torch.sigmoid(self.lr_gate(x)).transpose(1, 2) * (self.base_lr / self.head_dim)  # [B, H, T]
+
+        # The inner loop runs in (at least) float32 whatever the activation dtype.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        q, k, v, lr = (t.to(compute) for t in (q, k, v, lr))
+        out, weights, pending = SCAN_IMPLS[self.scan_impl](
+            self.inner,
+            {n: t.to(compute) for n, t in state.weights.items()},
+            None if state.pending is None else {n: t.to(compute) for n, t in state.pending.items()},
+            q, k, v, lr,
+            self.token_idx_offset.to(compute),
+            self.ttt_norm_weight.to(compute),
+            self.ttt_norm_bias.to(compute),
+            state.position,
+            self.mini_batch_size,
+            self.scan_checkpoint_group_size if self.training else 0,
+        )
+        out = self.post_norm(out.to(x.dtype).transpose(1, 2).flatten(2))
+        if self.use_gate:
+            out = F.gelu(self.g_proj(x), approximate="tanh") * out
+        new_state = TTTState(weights=weights, pending=pending, position=state.position + T, conv=new_conv)
+        return self.o_proj(out), new_state
