@@ -98,6 +98,8 @@ def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
     mix = _causal_eta(scale, lr) * (q @ k.transpose(-1, -2) + 1.0)
     down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
     b = q.shape[-2]
+    # unbind once: indexing x[i] per step would make backward allocate a full-size zero grad each time
+    kq, tgt, mix, down = (t.unbind(0) for t in (kq, tgt, mix, down))
 
     def run(W, start, stop):
         outs = []
@@ -119,6 +121,7 @@ def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
     s_lr = (scale[-1] * lr)[..., None]
     down1 = (s_lr * ka).transpose(-1, -2)
     b = q.shape[-2]
+    kq, tgt, eta, mix1, s_lr, down1 = (t.unbind(0) for t in (kq, tgt, eta, mix1, s_lr, down1))
 
     def run(W1, W2, start, stop):
         outs = []

@@ -1,0 +1,160 @@
+"""Forward+backward throughput and peak memory of each memory layer.
+
+    python -m bench.layer                         # every layer, chunked form, default size
+    python -m bench.layer --layers ttt_linear --seq-len 4096 --reference
+    python -m bench.layer --official /path/to/ttt-lm-pytorch/ttt.py   # side by side with the official code
+
+Each measurement runs in a fresh subprocess so that peak memory is its own: on CPU the peak
+resident-set growth over the inputs (ru_maxrss − RSS before the first step), on CUDA
+``torch.cuda.max_memory_allocated``. tokens/s = batch·seq / median step time (fwd+bwd).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def build(impl: str, layer: str, args):
+    """A module mapping x [B, T, C] → y [B, T, C] for one implementation of one layer."""
+    if impl == "official":
+        spec = importlib.util.spec_from_file_location("official_ttt", args.official)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        cfg = mod.TTTConfig(hidden_size=args.hidden, num_attention_heads=args.heads, mini_batch_size=args.mini_batch,
+                            ttt_layer_type=LAYERS[layer], scan_checkpoint_group_size=args.scan_checkpoint)
+        official = (mod.TTTLinear if layer == "ttt_linear" else mod.TTTMLP)(cfg, layer_idx=0)
+        pos = torch.arange(args.seq_len)[None]
+
+        class Official(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = official
+
+            def forward(self, x):
+                return self.inner(x, position_ids=pos)
+
+        return Official()
+    from models.ttt import TTTLayer
+
+    ttt = TTTLayer(args.hidden, args.heads, inner=LAYERS[layer], mini_batch_size=args.mini_batch,
+                   scan_checkpoint_group_size=args.scan_checkpoint, scan_impl="reference" if impl == "reference" else "chunk")
+
+    class Ours(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = ttt
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    module = Ours()
+    return torch.compile(module) if impl == "compiled" else module
+
+
+def measure(impl: str, layer: str, args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    seq = args.reference_seq_len if impl == "reference" else args.seq_len
+    args.seq_len = seq
+    module = build(impl, layer, args).to(device=device, dtype=dtype).train()
+    x = torch.randn(args.batch, seq, args.hidden, device=device, dtype=dtype, requires_grad=True)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    base = _rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up (and compilation)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    t = statistics.median(times)
+    return {"impl": impl, "layer": layer, "seq_len": seq, "step_s": t, "tokens_per_s": args.batch * seq / t,
+            "peak_mem_mb": peak}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    p.add_argument("--impls", nargs="+", default=["chunked"], choices=["chunked", "compiled", "reference"],
+                   help="this project's implementations to time (reference = token-by-token)")
+    p.add_argument("--reference", action="store_true", help="also time the token-by-token reference")
+    p.add_argument("--official", metavar="TTT_PY", help="path to the official ttt-lm-pytorch ttt.py to time side by side")
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--reference-seq-len", type=int, default=256, help="sequence length for the (slow) reference")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--scan-checkpoint", type=int, default=0, help="scan_checkpoint_group_size (0 = off)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
+    p.add_argument("--_one", nargs=2, metavar=("IMPL", "LAYER"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._one:
+        print(json.dumps(measure(args._one[0], args._one[1], args)))
+        return 0
+
+    impls = list(args.impls) + (["reference"] if args.reference and "reference" not in args.impls else [])
+    if args.official:
+        impls = ["official"] + impls
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+    print(f"# {args.device}, {args.dtype}, hidden {args.hidden}, heads {args.heads}, mini-batch {args.mini_batch}, "
+          f"batch {args.batch}, seq {args.seq_len} (reference: {args.reference_seq_len}), "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    print(f"{'layer':<12} {'impl':<10} {'seq':>6} {'step s':>9} {'tokens/s':>10} {'peak MB':>9}", flush=True)
+    rows = []
+    for layer in args.layers:
+        for impl in impls:
+            res = subprocess.run([sys.executable, "-m", "bench.layer", *passthrough, "--_one", impl, layer],
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{layer:<12} {impl:<10} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(r)
+            print(json.dumps(r) if args.json else
+                  f"{layer:<12} {impl:<10} {r['seq_len']:>6} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
+                  f"{r['peak_mem_mb']:>9.0f}", flush=True)
+    if args.official:
+        for layer in args.layers:
+            off = [r for r in rows if r["layer"] == layer and r["impl"] == "official"]
+            for r in rows:
+                if off and r["layer"] == layer and r["impl"] not in ("official", "reference"):
+                    print(f"# {layer}: {r['impl']} is {r['tokens_per_s'] / off[0]['tokens_per_s']:.2f}x the official "
+                          f"tokens/s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
