@@ -30,6 +30,28 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * ((1 - t * t) * (GELU_C + 0.1070322243 * x * x)) + 0.5 * (1 + t)
 
 
+class _GeluTanhGrad(torch.autograd.Function):
+    """gelu'(x) with a closed-form backward: d/dx gelu'(x) = (1 − t²)(u' + ½ x (u'' − 2 t u'²))."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return gelu_tanh_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x2 = x * x
+        t = torch.tanh(GELU_C * x * (1 + 0.044715 * x2))
+        du = GELU_C + 0.1070322243 * x2
+        return grad * (1 - t * t) * (du + 0.5 * x * (2 * 0.1070322243 * x - 2 * t * du * du))
+
+
+def gelu_tanh_grad_fused(x: torch.Tensor) -> torch.Tensor:
+    """:func:`gelu_tanh_grad` as one autograd node (the chunked scan calls it once per mini-batch)."""
+    return _GeluTanhGrad.apply(x)
+
+
 def linear_memory(theta: dict, x: torch.Tensor) -> torch.Tensor:
     """f_θ(x) = x W + b."""
     return x @ theta["W1"] + theta["b1"]
@@ -58,9 +80,7 @@ def inner_param_shapes(kind: str, head_dim: int, expansion: int = 4) -> dict[str
 
 def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LN over the last dim with per-head affine parameters: γ ⊙ (x − μ)/√(σ² + ε) + β."""
-    mu = x.mean(-1, keepdim=True)
-    var = x.var(-1, keepdim=True, unbiased=False)
-    return weight * ((x - mu) / torch.sqrt(var + eps)) + bias
+    return weight * F.layer_norm(x, x.shape[-1:], eps=eps) + bias
 
 
 def ln_fused_l2_loss(z: torch.Tensor, target: torch.Tensor, weight, bias, eps: float = 1e-6) -> torch.Tensor:
@@ -80,6 +100,46 @@ def ln_fused_l2_grad(z: torch.Tensor, target: torch.Tensor, weight, bias, eps: f
     x_hat = (z - mu) / std
     g_hat = (weight * x_hat + bias - target) * weight
     return (d * g_hat - g_hat.sum(-1, keepdim=True) - x_hat * (g_hat * x_hat).sum(-1, keepdim=True)) / (d * std)
+
+
+class _LNFusedL2Grad(torch.autograd.Function):
+    """:func:`ln_fused_l2_grad` as one autograd node with a closed-form backward.
+
+    With x̂, σ from the forward, g = P(ĝ)/σ where P(u) = u − mean(u) − x̂ mean(u x̂) is symmetric, so
+    for an upstream G:  a = P(G)/σ is ∂/∂ĝ, and the x̂- and σ-paths go through LN's backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z, target, weight, bias, eps):
+        d = z.shape[-1]
+        x_hat, _, rstd = torch.native_layer_norm(z, (d,), None, None, eps)  # one fused kernel
+        std = rstd.reciprocal()
+        resid = weight * x_hat + bias - target
+        g_hat = resid * weight
+        g = (d * g_hat - g_hat.sum(-1, keepdim=True) - x_hat * (g_hat * x_hat).sum(-1, keepdim=True)) / (d * std)
+        ctx.save_for_backward(x_hat, std, resid, g_hat, g, weight)
+        return g
+
+    @staticmethod
+    def backward(ctx, G):
+        x_hat, std, resid, g_hat, g, weight = ctx.saved_tensors
+        d = x_hat.shape[-1]
+        G_xhat = (G * x_hat).mean(-1, keepdim=True)
+        a = (G - G.mean(-1, keepdim=True) - x_hat * G_xhat) / std  # ∂/∂ĝ
+        m = (g_hat * x_hat).mean(-1, keepdim=True)
+        d_xhat = weight * weight * a - (m * G + G_xhat * g_hat) / std
+        d_std = -((G * g).sum(-1, keepdim=True) + (d_xhat * x_hat).sum(-1, keepdim=True)) / std
+        d_xc = d_xhat / std + d_std * x_hat / d
+        dz = d_xc - d_xc.mean(-1, keepdim=True)
+        d_target = -weight * a
+        d_weight = (a * (resid + weight * x_hat)).sum_to_size(weight.shape)
+        d_bias = (weight * a).sum_to_size(weight.shape)
+        return dz, d_target, d_weight, d_bias, None
+
+
+def ln_fused_l2_grad_fused(z, target, weight, bias, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`ln_fused_l2_grad` as one autograd node (the chunked scan's hot path)."""
+    return _LNFusedL2Grad.apply(z, target, weight, bias, eps)
 
 
 # ---------------------------------------------------------------------------- inner optimizer

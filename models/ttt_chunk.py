@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .parts import gelu_tanh, gelu_tanh_grad, head_layer_norm, ln_fused_l2_grad
+from .parts import gelu_tanh, head_layer_norm
+from .parts import gelu_tanh_grad_fused as gelu_tanh_grad
+from .parts import ln_fused_l2_grad_fused as ln_fused_l2_grad
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
