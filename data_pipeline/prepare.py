@@ -11,6 +11,7 @@ gives byte-identical files (the worker count does not change the result).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import shutil
@@ -84,8 +85,12 @@ def _build_tokenizer(reader: DocumentReader, cfg: PrepareConfig, workdir: Path) 
         shutil.copyfile(source.model_path, target)
         return Tokenizer(target)
     train_texts = (text for split, _, text in _split_documents(reader, cfg) if split == "train")
+    first = next(train_texts, None)
+    if first is None:
+        raise InputError("the inputs hold no documents for the train split (all files are empty, every line was invalid, "
+                         "or everything went to the val split)")
     _log(cfg, f"training a {cfg.model_type} tokenizer (vocab {cfg.vocab_size}) on up to {cfg.tokenizer_sample_mb:g} MB")
-    train_tokenizer(train_texts, workdir / "tokenizer", cfg.vocab_size, cfg.model_type,
+    train_tokenizer(itertools.chain([first], train_texts), workdir / "tokenizer", cfg.vocab_size, cfg.model_type,
                     max_bytes=int(cfg.tokenizer_sample_mb * (1 << 20)))
     return Tokenizer(target)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -179,7 +180,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as exc:
-        raise TokenizerError(f"tokenizer training failed: {exc}".strip()) from None
+        reason = re.sub(r"^.*?\] ?", "", str(exc).strip(), count=1) or str(exc)  # drop "INTERNAL: file.cc(123) [check]"
+        raise TokenizerError(f"tokenizer training failed: {reason}") from None
     if not model.getvalue():
         raise TokenizerError("tokenizer training failed: no text to train on")
     out = Path(f"{os.fspath(out_prefix)}.model")
