@@ -28,6 +28,7 @@ from .errors import DataError
 from .prepare import PrepareConfig, prepare
 from .shards import FORMAT_VERSION, META_FILENAME
 
+CORPUS_VERSION = 1  # bump when the file selection changes, so caches are rebuilt
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -64,7 +65,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def corpus_key(config: DefaultCorpusConfig) -> str:
     identity = {"python": sys.version, "implementation": platform.python_implementation(),
-                "format": FORMAT_VERSION, "settings": asdict(config)}
+                "format": FORMAT_VERSION, "corpus": CORPUS_VERSION, "settings": asdict(config)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
