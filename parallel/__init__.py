@@ -1,0 +1,28 @@
+"""Distributed training of memory-layer models: tensor parallelism by heads, context parallelism
+that passes the memory state rank to rank (a wavefront), Ulysses head all-to-all, and helpers for
+the loss and single-device checkpoints. See docs/parallelism.md.
+"""
+from .groups import ParallelDims, destroy_parallel, init_parallel
+from .loss import causal_targets, cp_slice, global_mean_loss, parallel_cross_entropy
+from .parallelize import (
+    CP_MODES,
+    gather_full_grads,
+    gather_full_state_dict,
+    load_full_state_dict,
+    parallelize,
+)
+
+__all__ = [
+    "CP_MODES",
+    "ParallelDims",
+    "causal_targets",
+    "cp_slice",
+    "destroy_parallel",
+    "gather_full_grads",
+    "gather_full_state_dict",
+    "global_mean_loss",
+    "init_parallel",
+    "load_full_state_dict",
+    "parallel_cross_entropy",
+    "parallelize",
+]

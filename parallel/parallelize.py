@@ -1,0 +1,129 @@
+"""parallelize(model, dims, cp_mode): TP and CP applied to a single-device model from outside.
+
+    model = MemoryLMForCausalLM(config)                  # plain single-device model, full weights
+    dims = init_parallel(tp=2, cp=2)
+    parallelize(model, dims, cp_mode="pass")            # in place; returns model
+    ids = cp_slice(batch, dims); tgt = cp_slice(causal_targets(batch), dims)
+    logits = model(ids).logits                          # this rank's piece, vocab-sharded under TP
+    loss_sum, n = parallel_cross_entropy(logits, tgt, dims)
+    global_mean_loss(loss_sum, n, dims).backward()      # then sum grads over dims.dp_cp_group
+
+cp_mode: ``"pass"`` — the state-passing wavefront (parallel/context.py, any CP size);
+``"ulysses"`` — head all-to-all (parallel/ulysses.py, CP must divide heads/TP);
+``"prefix"`` — all-gather + prefix combine, only for memory layers whose update is affine in the
+state (DeltaNet family); TTT-Linear/MLP are not (the LayerNorm in the inner loss), so it is
+refused for them. See parallel/prefix.py for the combine primitive.
+
+Every rank builds the same full model (same seed or the same checkpoint) before the call;
+parallelize keeps this rank's shards. ``gather_full_state_dict`` / ``load_full_state_dict`` go
+between the sharded model and the single-device layout (names and shapes of the original model).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .context import CPPassTTT, apply_cp
+from .groups import ParallelDims
+from .tensor import apply_tp, check_tp
+from .ulysses import UlyssesTTT, check_ulysses
+
+CP_MODES = ("pass", "ulysses", "prefix")
+
+
+def _check(model, dims: ParallelDims, cp_mode: str) -> None:
+    if cp_mode not in CP_MODES:
+        raise ValueError(f"unknown cp_mode {cp_mode!r}; expected one of {CP_MODES}")
+    config = model.config
+    if dims.tp > 1:
+        check_tp(config, dims)
+    if dims.cp > 1:
+        if cp_mode == "prefix":
+            raise ValueError(f"cp_mode='prefix' needs a memory layer whose state update is affine in the state; "
+                             f"{config.memory_layer} is not (LayerNorm inside the inner loss): use 'pass' or 'ulysses'")
+        if cp_mode == "ulysses":
+            check_ulysses(config.num_attention_heads // dims.tp, dims.cp)
+
+
+def _pre_forward_check(module, args, kwargs):
+    dims = module._parallel_dims
+    if kwargs.get("labels") is not None:
+        raise ValueError("a parallelized model computes no loss: pass labels to parallel.loss.parallel_cross_entropy")
+    if dims.cp > 1:
+        if kwargs.get("memory_state") is not None:
+            raise ValueError("under context parallelism each rank starts from its neighbour's state: memory_state must be None")
+        base = module.model if hasattr(module, "model") else module
+        if getattr(base, "gradient_checkpointing", False) and module.training:
+            raise ValueError("block-level gradient checkpointing would re-run the CP exchanges in backward; "
+                             "use scan_checkpoint_group_size instead")
+        module._cp_comm.flush()  # sends of the previous step (eval has no backward to flush them)
+    return args, kwargs
+
+
+def parallelize(model, dims: ParallelDims, cp_mode: str = "pass"):
+    """Applies tensor parallelism (by heads) and context parallelism to ``model`` in place."""
+    _check(model, dims, cp_mode)
+    if getattr(model, "_parallel_dims", None) is not None:
+        raise ValueError("model is already parallelized")
+    model._full_state_keys = [k for k in model.state_dict().keys()]
+    if dims.tp > 1:
+        apply_tp(model, dims)
+    if dims.cp > 1:
+        model._cp_comm = apply_cp(model, dims, CPPassTTT if cp_mode == "pass" else UlyssesTTT)
+    model._parallel_dims, model._cp_mode = dims, cp_mode
+    model.register_forward_pre_hook(_pre_forward_check, with_kwargs=True)
+    return model
+
+
+# ------------------------------------------------------------------------- single-device layout
+def _gather_tp(t: torch.Tensor, like: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    if dims.tp == 1 or not getattr(like, "tensor_model_parallel", False):
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(dims.tp)]
+    dist.all_gather(parts, t.detach().contiguous(), group=dims.tp_group)
+    return torch.cat(parts, dim=like.partition_dim)
+
+
+def gather_full_state_dict(model, dims: ParallelDims) -> dict:
+    """The single-device state_dict (names and full shapes) of a parallelized model.
+
+    Collective over the TP group (every TP rank must call it); CP/DP ranks hold replicas."""
+    sd = model.state_dict(keep_vars=True)
+    out = {name: _gather_tp(t, t, dims) for name, t in sd.items() if not name.endswith("_extra_state")}
+    keys = getattr(model, "_full_state_keys", None)
+    if keys is not None and set(keys) != set(out):
+        raise RuntimeError(f"state_dict keys changed under parallelize: {sorted(set(keys) ^ set(out))}")
+    return out
+
+
+def gather_full_grads(model, dims: ParallelDims, reduce_cp: bool = True) -> dict:
+    """Full-shape gradients by single-device name (gathered over TP; summed over CP if asked).
+    For tests and debugging."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = _gather_tp(g, p, dims)
+        if reduce_cp and dims.cp > 1:
+            dist.all_reduce(g, group=dims.cp_group)
+        out[name] = g
+    return out
+
+
+def load_full_state_dict(model, full: dict, dims: ParallelDims, strict: bool = True) -> None:
+    """Loads a single-device state_dict into a parallelized model (keeps this rank's shards)."""
+    own = model.state_dict(keep_vars=True)
+    sharded = {}
+    for name, t in own.items():
+        if name.endswith("_extra_state"):
+            continue
+        if name not in full:
+            if strict:
+                raise KeyError(f"missing {name} in the full state_dict")
+            continue
+        src = full[name]
+        if dims.tp > 1 and getattr(t, "tensor_model_parallel", False):
+            src = src.chunk(dims.tp, dim=t.partition_dim)[dims.tp_rank]
+        if src.shape != t.shape:
+            raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit {tuple(t.shape)}")
+        sharded[name] = src
+    model.load_state_dict(sharded, strict=False)

@@ -1,0 +1,89 @@
+"""TP (by heads) and CP (state passing, Ulysses) equal the single-process model: logits, loss and
+the gradient of every parameter, float32, ≤ 1e-5. One 4-process gloo job runs all layouts
+(tp, cp) ∈ {(1,1), (1,2), (1,4), (2,1), (2,2)} (dp = 4 / (tp·cp)); the tests read its results."""
+import itertools
+
+import pytest
+import torch
+
+from parallel import ParallelDims, cp_slice, parallelize
+from tests.parallel import workers
+from tests.parallel.launcher import run_distributed
+
+TOL = 1e-5
+LAYOUTS = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]
+SEQ = 40  # mini-batch 8: local lengths 20 (cp=2) and 10 (cp=4) cut mid-mini-batch
+CASES = [(v, m, SEQ) for v, m in itertools.product(workers.VARIANTS, ["pass", "ulysses"])]
+CASES += [("mlp+conv+shareqk+gate", "pass", 32)]  # local lengths 16 and 8: cuts on mini-batch boundaries
+EXPECTED = [(tp, cp, v, m, s) for tp, cp in LAYOUTS for v, m, s in CASES
+            if not (m == "ulysses" and (4 // tp) % cp)]
+
+
+@pytest.fixture(scope="module")
+def suite():
+    results = run_distributed(workers.suite_worker, 4, args=(LAYOUTS, CASES), timeout=400)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", EXPECTED, ids=lambda k: "tp{}-cp{}-{}-{}-T{}".format(*k))
+def test_equals_single_process(suite, key):
+    for rank, res in enumerate(suite):
+        r = res["equivalence"][key]
+        assert not r["zero_grads"], f"reference grads are zero for {r['zero_grads']}: the test would be blind there"
+        assert r["logits"] <= TOL, (rank, r)
+        assert r["loss"] <= TOL, (rank, r)
+        assert r["grad"] <= TOL, (rank, r)
+
+
+@pytest.mark.slow
+def test_state_dict_gather_and_load(suite):
+    for res in suite:
+        sd = res["state_dict"]
+        assert sd["shapes_ok"]
+        assert sd["max_diff"] == 0.0
+        assert sd["round_trip"] == 0.0
+
+
+@pytest.mark.slow
+def test_world_not_divisible(suite):
+    for res in suite:
+        assert "not divisible by tp × cp" in res["errors"]["world"]
+
+
+# ------------------------------------------------------------------ errors (no process group)
+def _model(**kw):
+    return workers.build_reference("linear", **kw)
+
+
+def test_heads_not_divisible_by_tp():
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor parallel size tp=8"):
+        parallelize(_model(), ParallelDims(tp=8))
+
+
+def test_seq_not_divisible_by_cp():
+    with pytest.raises(ValueError, match="sequence length 42 is not divisible by context parallel size cp=4"):
+        cp_slice(torch.zeros(2, 42), ParallelDims(cp=4, cp_rank=1))
+    assert cp_slice(torch.arange(8)[None], ParallelDims(cp=4, cp_rank=1)).tolist() == [[2, 3]]
+
+
+def test_ulysses_needs_cp_dividing_heads():
+    with pytest.raises(ValueError, match="ulysses"):
+        parallelize(_model(), ParallelDims(tp=2, cp=4), cp_mode="ulysses")
+
+
+def test_prefix_refused_for_nonaffine_layers():
+    with pytest.raises(ValueError, match="affine"):
+        parallelize(_model(), ParallelDims(cp=2), cp_mode="prefix")
+    with pytest.raises(ValueError, match="unknown cp_mode"):
+        parallelize(_model(), ParallelDims(cp=2), cp_mode="ring")
+
+
+def test_single_process_parallelize_is_identity():
+    ref = _model()
+    ids = torch.randint(0, 128, (2, 24))
+    want = ref(ids).logits
+    model = parallelize(workers.build_reference("linear"), ParallelDims())
+    torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="parallel_cross_entropy"):
+        model(ids, labels=ids)

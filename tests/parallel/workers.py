@@ -1,0 +1,143 @@
+"""Functions that run inside the spawned ranks (module level, so spawn can import them)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+VARIANTS = {
+    "linear": dict(memory_layer="ttt_linear"),
+    "mlp": dict(memory_layer="ttt_mlp"),
+    "linear+conv+shareqk+gate": dict(memory_layer="ttt_linear", pre_conv=True, share_qk=True, use_gate=True),
+    "mlp+conv+shareqk+gate": dict(memory_layer="ttt_mlp", pre_conv=True, share_qk=True, use_gate=True),
+}
+
+
+def build_reference(variant: str, seed: int = 0, dtype=torch.float32, **overrides):
+    from models import MemoryLMForCausalLM, preset_config
+
+    cfg = preset_config("test", mini_batch_size=8, conv_kernel=3, **{**VARIANTS[variant], **overrides})
+    torch.manual_seed(seed)
+    model = MemoryLMForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # off the init, so no term is trivially zero (token_idx_offset, biases, ...)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def batch(cfg, seq: int, seed: int = 1, B: int = 2):
+    from parallel.loss import causal_targets
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, seq), generator=gen)
+    tgt = causal_targets(ids)
+    tgt[0, 3] = -100  # a few ignored targets besides the last one
+    tgt[1, seq // 2] = -100
+    return ids, tgt
+
+
+def reference_run(model, ids, tgt):
+    logits = model(ids).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="sum")
+    n = (tgt != -100).sum()
+    (loss / n).backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads, n
+
+
+def parallel_run(ref_model, dims, mode, ids, tgt, n_total):
+    from parallel import gather_full_grads, parallel_cross_entropy, parallelize
+    from parallel.loss import cp_slice
+
+    model = parallelize(copy.deepcopy(ref_model), dims, cp_mode=mode)
+    model.zero_grad(set_to_none=True)
+    logits = model(cp_slice(ids, dims)).logits
+    loss_sum, count = parallel_cross_entropy(logits, cp_slice(tgt, dims), dims)
+    (loss_sum / n_total).backward()
+    if dims.tp > 1:  # vocab-sharded → full
+        parts = [torch.empty_like(logits) for _ in range(dims.tp)]
+        dist.all_gather(parts, logits.detach().contiguous(), group=dims.tp_group)
+        logits = torch.cat(parts, -1)
+    loss_sum = loss_sum.detach().clone()
+    if dims.cp > 1:
+        dist.all_reduce(loss_sum, group=dims.cp_group)
+        dist.all_reduce(count, group=dims.cp_group)
+    return model, logits.detach(), loss_sum, count, gather_full_grads(model, dims)
+
+
+def equivalence_worker(layouts, cases):
+    """For each (tp, cp) layout and (variant, mode, seq) case: max |Δ| of logits, loss, every grad."""
+    from parallel import init_parallel
+    from parallel.loss import cp_slice
+
+    out = {}
+    refs = {}
+    for variant, seq in {(v, s) for v, _, s in cases}:
+        model = build_reference(variant)
+        ids, tgt = batch(model.config, seq)
+        logits, loss, grads, n = reference_run(copy.deepcopy(model), ids, tgt)
+        refs[variant, seq] = (model, ids, tgt, logits, loss, grads, n)
+    for tp, cp in layouts:
+        dims = init_parallel(tp=tp, cp=cp)
+        for variant, mode, seq in cases:
+            if mode == "ulysses" and (4 // tp) % cp:
+                continue
+            model, ids, tgt, ref_logits, ref_loss, ref_grads, n = refs[variant, seq]
+            par, logits, loss, count, grads = parallel_run(model, dims, mode, ids, tgt, n)
+            assert count.item() == n.item()
+            assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+            gdiff = {k: (grads[k] - ref_grads[k]).abs().max().item() for k in grads}
+            worst = max(gdiff, key=gdiff.get)
+            out[(tp, cp, variant, mode, seq)] = dict(
+                logits=(logits - cp_slice(ref_logits, dims)).abs().max().item(),
+                loss=abs(loss.item() - ref_loss.item()) / n.item(),  # mean loss
+                grad=gdiff[worst],
+                worst=worst,
+                grad_scale=max(g.abs().max().item() for g in ref_grads.values()),
+                zero_grads=[k for k, g in ref_grads.items() if g.abs().max() == 0],
+            )
+            dist.barrier()
+    return out
+
+
+def state_dict_worker(tp: int, cp: int):
+    """gather_full_state_dict == the single-device state_dict; load_full_state_dict round-trips."""
+    from parallel import gather_full_state_dict, init_parallel, load_full_state_dict, parallelize
+
+    dims = init_parallel(tp=tp, cp=cp)
+    ref = build_reference("mlp+conv+shareqk+gate")
+    full = ref.state_dict()
+    par = parallelize(copy.deepcopy(ref), dims)
+    got = gather_full_state_dict(par, dims)
+    assert got.keys() == full.keys(), sorted(set(got) ^ set(full))
+    diffs = {k: (got[k] - full[k]).abs().max().item() for k in full if got[k].shape == full[k].shape}
+    shapes_ok = all(got[k].shape == full[k].shape for k in full)
+    # load a different full state into the sharded model and gather it back
+    other = build_reference("mlp+conv+shareqk+gate", seed=5).state_dict()
+    load_full_state_dict(par, other, dims)
+    back = gather_full_state_dict(par, dims)
+    round_trip = max((back[k] - other[k]).abs().max().item() for k in other)
+    return dict(shapes_ok=shapes_ok, max_diff=max(diffs.values()), round_trip=round_trip)
+
+
+def errors_worker():
+    """Errors that need a real process group."""
+    from parallel import init_parallel
+
+    msgs = {}
+    try:
+        init_parallel(tp=3, cp=1)
+    except ValueError as e:
+        msgs["world"] = str(e)
+    return msgs
+
+
+def suite_worker(layouts, cases):
+    """Everything that needs 4 processes, in one spawn (process start-up dominates on 2 cores)."""
+    return dict(
+        errors=errors_worker(),
+        equivalence=equivalence_worker(layouts, cases),
+        state_dict=state_dict_worker(2, 2),
+    )
