@@ -179,7 +179,7 @@ class DocumentReader:
             column = self.text_field if source.kind == "parquet" else "text"
             for batch in shard.iter(batch_size=_BATCH):
                 yield batch[column]
-        except (OSError, EOFError, ValueError) as exc:
+        except Exception as exc:  # decompressors and pyarrow raise many types for damaged files
             raise InputError(f"{source.name}: cannot read ({type(exc).__name__}: {exc})") from None
 
     def _texts(self, source: SourceFile) -> Iterator[str]:

@@ -119,6 +119,7 @@ BAD_INPUTS = {
                             "invalid JSON"),
     "missing_json_field": (lambda d: write(d / "x.jsonl", b'{"body": "hello"}\n'), [], "no field 'text'"),
     "missing_parquet_column": (lambda d: _parquet(d / "x.parquet", {"body": ["hello"]}), [], "no column 'text'"),
+    "corrupt_zst": (lambda d: write(d / "x.jsonl.zst", bytes(range(256)) * 4), [], "x.jsonl.zst: cannot read"),
     "bad_tokenizer": (lambda d: write(d / "ok.txt", b"hello"), ["--tokenizer", "/nonexistent/tok.model"],
                       "tokenizer model not found"),
 }
@@ -233,3 +234,13 @@ def test_config_errors(corpus, tmp_path):
             prepare(tiny_config([corpus[0]], tmp_path / "out", **bad))
     with pytest.raises(DataError, match="no --input"):
         prepare(tiny_config([], tmp_path / "out"))
+
+
+@pytest.mark.parametrize("unit, expected", [
+    ("file", ["one\ntwo\n\nthree\n"]), ("paragraph", ["one\ntwo", "three\n"]), ("line", ["one", "two", "three"])])
+def test_plain_text_document_units(unit, expected, prepared, tmp_path):
+    write(tmp_path / "p.txt", b"one\ntwo\n\nthree\n")
+    out = prepare(tiny_config([tmp_path / "p.txt"], tmp_path / "out", train_tokenizer=False, tokenizer=str(prepared),
+                              val_fraction=0.0, txt_unit=unit))
+    tokens, tok = PackedTokens(out), Tokenizer.load(out)
+    assert [tok.decode(tokens.document(i)[:-1]) for i in range(tokens.num_documents)] == expected
