@@ -9,6 +9,7 @@
 - `loader`         `build_train_loader` / `build_val_loader` (CP slicing, prefetch thread)
 - `default_corpus` the embedded corpus (the interpreter's standard library), cached
 - `synthetic`      Markov LM, MQAR and passkey datasets
+- `evaluation`     validation loss / perplexity over a validation loader
 
 See docs/data.md.
 """

@@ -38,6 +38,7 @@ class ResumableSampler:
         self.shuffle = shuffle
         self.epoch = 0
         self.samples_in_epoch = 0
+        self.consumed_samples = 0  # global samples handed out since the start of training
         self._order: np.ndarray | None = None
         self._order_epoch = -1
 
@@ -48,11 +49,6 @@ class ResumableSampler:
     @property
     def batches_per_epoch(self) -> int:
         return self.num_samples // self.global_batch_size
-
-    @property
-    def consumed_samples(self) -> int:
-        """Global samples consumed since the start (full epochs count their dropped tail too)."""
-        return self.epoch * self.num_samples + self.samples_in_epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -76,6 +72,7 @@ class ResumableSampler:
             self.epoch, self.samples_in_epoch = self.epoch + 1, 0
         rows = self.global_batch()
         self.samples_in_epoch += self.global_batch_size
+        self.consumed_samples += self.global_batch_size
         local = self.local_batch_size
         return rows[self.dp_rank * local:(self.dp_rank + 1) * local].tolist()
 
@@ -98,3 +95,4 @@ class ResumableSampler:
             raise DataError(f"saved data position {state['samples_in_epoch']} outside the epoch")
         self.epoch = int(state["epoch"])
         self.samples_in_epoch = int(state["samples_in_epoch"])
+        self.consumed_samples = int(state.get("consumed_samples", 0))

@@ -81,8 +81,9 @@ def test_resume_mid_epoch_with_changed_dp_size(resume_dp):
     reference, _ = global_batches(2, 20)              # 8 batches per epoch: crosses two epoch ends
     first, state = global_batches(2, 11)
     assert state["epoch"] == 1 and state["samples_in_epoch"] == 36
-    rest, _ = global_batches(resume_dp, 9, state)
+    rest, final = global_batches(resume_dp, 9, state)
     assert first + rest == reference
+    assert final["consumed_samples"] == 20 * 12 and final["epoch"] == 2
 
 
 def test_resume_refuses_other_data():
@@ -217,3 +218,18 @@ def test_val_loader_is_a_fixed_ordered_pass(prepared):
 def test_unknown_data_source():
     with pytest.raises(DataError, match="data folder not found"):
         build_train_loader(DataLoaderConfig(data="/no/such/folder"))
+
+
+def test_validation_loss_is_token_weighted():
+    from data_pipeline.evaluation import validation_loss
+
+    cfg = DataLoaderConfig(data="mqar", seq_len=64, global_batch_size=4, val_batches=3)
+    vocab = cfg.synthetic.vocab_size
+    uniform = validation_loss(lambda b: torch.zeros(*b["input_ids"].shape, vocab), build_val_loader(cfg))
+    assert uniform["tokens"] == 3 * 4 * cfg.synthetic.num_kv_pairs  # only the answers are labelled
+    assert abs(uniform["loss"] - np.log(vocab)) < 1e-5 and abs(uniform["perplexity"] - vocab) < 1e-2
+
+    def oracle(batch):  # knows the answers: loss 0
+        return torch.nn.functional.one_hot(batch["labels"].clamp(min=0), vocab).float() * 1e4
+
+    assert validation_loss(oracle, build_val_loader(cfg))["loss"] < 1e-6
