@@ -100,10 +100,15 @@ def default_corpus_dir(cache_dir: str | os.PathLike | None = None, config: Defau
         if progress:
             print(f"preparing the default corpus (standard library of Python {platform.python_version()}) "
                   f"into {out}", file=sys.stderr)
-        prepare(PrepareConfig(
-            inputs=[str(p) for p in stdlib_files(config.max_files)], out=str(out), train_tokenizer=True,
-            vocab_size=config.vocab_size, tokenizer_sample_mb=config.tokenizer_sample_mb, txt_unit="file",
-            val_fraction=config.val_fraction, split_by="file", name_root=str(stdlib_root()),
-            workers=min(4, os.cpu_count() or 1), progress=progress, overwrite=out.exists(),
-        ))
+        try:
+            prepare(PrepareConfig(
+                inputs=[str(p) for p in stdlib_files(config.max_files)], out=str(out), train_tokenizer=True,
+                vocab_size=config.vocab_size, tokenizer_sample_mb=config.tokenizer_sample_mb, txt_unit="file",
+                val_fraction=config.val_fraction, split_by="file", name_root=str(stdlib_root()),
+                workers=min(4, os.cpu_count() or 1), progress=progress, overwrite=out.exists(),
+            ))
+        except DataError:
+            if (out / META_FILENAME).is_file():  # another host (no shared lock) finished first
+                return out
+            raise
     return out

@@ -3,7 +3,7 @@
     python -m data_pipeline.prepare --input corpus/ extra.jsonl.zst --out data/mine \\
         --train-tokenizer --vocab-size 32000 --val-fraction 0.01 --workers 8
 
-The output folder is built under a temporary name beside ``--out`` and renamed into place
+The output folder is built under a unique temporary name beside ``--out`` and renamed into place
 only when complete; an existing folder is never touched unless ``--overwrite`` is given, and
 then only replaced after the new one is finished. Re-running on the same inputs and settings
 gives byte-identical files (the worker count does not change the result).
@@ -16,7 +16,9 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -147,7 +149,7 @@ def _publish(workdir: Path, out: Path, overwrite: bool) -> None:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
         os.replace(out, old)
     try:
         os.replace(workdir, out)
@@ -172,9 +174,8 @@ def prepare(cfg: PrepareConfig) -> Path:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")
     sources = discover(cfg.inputs, cfg.name_root)
     out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir()
+    workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # unique, even across hosts
+    os.chmod(workdir, 0o755)
     start = time.perf_counter()
     try:
         reader = DocumentReader(sources, text_field=cfg.text_field, txt_unit=cfg.txt_unit, strict=cfg.strict)
