@@ -109,8 +109,6 @@ class DocumentReader:
         """One streaming `datasets.IterableDataset` per format; shard i is file i of that format."""
         import datasets
 
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
         streams = {}
         for kind in ("text", "json", "parquet"):
             files = [str(s.path) for s in self.sources if s.kind == kind]
