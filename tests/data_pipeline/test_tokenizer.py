@@ -59,4 +59,4 @@ def test_hf_export_loads_with_auto_tokenizer(model_type, tokenizer, tmp_path):
         ids = tok.encode(text)
         assert hf.decode(ids) == text
         if model_type == "bpe":  # BPE converts exactly; unigram may segment differently but decodes the same
-            assert hf(text, add_special_tokens=False)["input_ids"] == ids
+            assert hf(text, add_special_tokens=False)["input_ids"] == ids == hf(text)["input_ids"]  # no BOS/EOS added
