@@ -153,6 +153,11 @@ class TrainLoader:
     def eos_id(self) -> int:
         return self.dataset.eos_id
 
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """The SentencePiece model of the data (for `tokenizer.to_hf_tokenizer`); None for synthetic data."""
+        return self.dataset.tokenizer_path
+
     def _make_batch(self, indices: list[int]) -> dict:
         return collate([self.dataset[i] for i in indices], self.cp_rank, self.cp_size, self.pin_memory)
 

@@ -89,8 +89,8 @@ def _build_tokenizer(reader: DocumentReader, cfg: PrepareConfig, workdir: Path) 
     train_texts = (text for split, _, text in _split_documents(reader, cfg) if split == "train")
     first = next(train_texts, None)
     if first is None:
-        raise InputError("the inputs hold no documents for the train split (all files are empty, every line was invalid, "
-                         "or everything went to the val split)")
+        raise InputError("the inputs hold no documents for the train split (all files are empty, "
+                         "every line was invalid, or everything went to the val split)")
     _log(cfg, f"training a {cfg.model_type} tokenizer (vocab {cfg.vocab_size}) on up to {cfg.tokenizer_sample_mb:g} MB")
     train_tokenizer(itertools.chain([first], train_texts), workdir / "tokenizer", cfg.vocab_size, cfg.model_type,
                     max_bytes=int(cfg.tokenizer_sample_mb * (1 << 20)))
@@ -124,7 +124,7 @@ def _tokenize_to_shards(reader: DocumentReader, cfg: PrepareConfig, tok: Tokeniz
             writers[split].add_document(ids)
             docs_per_file[file_index] += 1
             tokens += len(ids)
-            text_bytes += len(text)
+            text_bytes += len(text.encode("utf-8"))
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.update(len(batch))
         bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s, {text_bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
@@ -221,13 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="prepared folder to create")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", metavar="PATH", help="existing SentencePiece .model or prepared folder")
-    tok.add_argument("--train-tokenizer", action="store_true", help="train a SentencePiece tokenizer on the train split")
+    tok.add_argument("--train-tokenizer", action="store_true",
+                     help="train a SentencePiece tokenizer on the train split")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--model-type", choices=("bpe", "unigram"), default=d.model_type)
     p.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb,
                    help="train the tokenizer on at most this much text")
     p.add_argument("--text-field", default=d.text_field, help="JSON key / parquet column with the text")
-    p.add_argument("--txt-unit", choices=TXT_UNITS, default=d.txt_unit, help="what one document of a plain-text file is")
+    p.add_argument("--txt-unit", choices=TXT_UNITS, default=d.txt_unit,
+                   help="what one document of a plain-text file is")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out fraction")
     p.add_argument("--split-by", choices=SPLIT_UNITS, default=d.split_by, help="unit of the held-out split")
     p.add_argument("--workers", type=int, default=d.workers, help="tokenizer threads")

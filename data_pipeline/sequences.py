@@ -5,6 +5,7 @@ import numpy as np
 
 from .errors import DataError
 from .shards import PackedTokens
+from .tokenizer import MODEL_FILENAME
 
 
 def document_ids(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
@@ -36,6 +37,7 @@ class SequenceDataset:
         self.eos_id = tokens.eos_id
         self.vocab_size = tokens.vocab_size
         self.tokenizer_sha256 = tokens.tokenizer_sha256
+        self.tokenizer_path = tokens.path / MODEL_FILENAME
 
     def __len__(self) -> int:
         return max(0, (self.tokens.num_tokens - 1) // self.seq_len)

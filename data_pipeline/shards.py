@@ -128,7 +128,8 @@ class PackedTokens:
     (and against ``tokenizer`` when one is given, raising `TokenizerError` on a mismatch).
     """
 
-    def __init__(self, path: str | os.PathLike, split: str = "train", tokenizer: Tokenizer | str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, split: str = "train",
+                 tokenizer: Tokenizer | str | os.PathLike | None = None):
         self.path = Path(path)
         self.split = split
         self.meta = read_meta(self.path)

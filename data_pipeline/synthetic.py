@@ -50,6 +50,7 @@ class MarkovLMDataset:
 
     eos_id = 0
     tokenizer_sha256 = None
+    tokenizer_path = None  # token ids are the data; there is no text tokenizer
 
     def __init__(self, seq_len: int, vocab_size: int = 256, num_samples: int = 1 << 20, seed: int = 0,
                  mean_doc_len: int = 200, step_probs: tuple[float, ...] = (0.5, 0.25, 0.125, 0.125)):
@@ -99,6 +100,7 @@ class MQARDataset:
 
     eos_id = -1  # no documents: a sample is one sequence
     tokenizer_sha256 = None
+    tokenizer_path = None  # token ids are the data; there is no text tokenizer
 
     def __init__(self, seq_len: int, vocab_size: int = 256, num_kv_pairs: int = 8, num_samples: int = 1 << 20,
                  seed: int = 0):
@@ -141,11 +143,13 @@ class PasskeyDataset:
     NEEDLE, QUERY, DIGIT0, FILLER0 = 1, 2, 3, 13
     eos_id = -1
     tokenizer_sha256 = None
+    tokenizer_path = None  # token ids are the data; there is no text tokenizer
 
     def __init__(self, seq_len: int, vocab_size: int = 256, passkey_len: int = 5, num_samples: int = 1 << 20,
                  seed: int = 0, depth: float | None = None):
         if vocab_size <= self.FILLER0 + 1:
-            raise DataConfigError(f"vocab_size {vocab_size} too small for the passkey task (needs > {self.FILLER0 + 1})")
+            raise DataConfigError(f"vocab_size {vocab_size} too small for the passkey task "
+                                  f"(needs > {self.FILLER0 + 1})")
         if seq_len + 1 < 2 * (passkey_len + 1) + 1:
             raise DataConfigError(f"seq_len {seq_len} too short for a passkey of {passkey_len} digits")
         self.seq_len, self.vocab_size, self.passkey_len = seq_len, vocab_size, passkey_len

@@ -35,7 +35,8 @@ def write_corpus(root) -> list[str]:
     docs["a.txt"] = make_docs(1, 1)
     (root / "a.txt").write_text(docs["a.txt"][0], encoding="utf-8")
     docs["b.jsonl"] = make_docs(30, 2)
-    (root / "b.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs["b.jsonl"])))
+    (root / "b.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n"
+                                          for i, d in enumerate(docs["b.jsonl"])))
     docs["c.jsonl.gz"] = make_docs(25, 3)
     (root / "c.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n"
                                                            for d in docs["c.jsonl.gz"]).encode(), mtime=0))

@@ -233,3 +233,10 @@ def test_validation_loss_is_token_weighted():
         return torch.nn.functional.one_hot(batch["labels"].clamp(min=0), vocab).float() * 1e4
 
     assert validation_loss(oracle, build_val_loader(cfg))["loss"] < 1e-6
+
+
+def test_loader_exposes_model_settings(prepared):
+    train = build_train_loader(DataLoaderConfig(data=str(prepared), seq_len=8, global_batch_size=2))
+    assert (train.vocab_size, train.eos_id) == (400, 2) and train.tokenizer_path == prepared / "tokenizer.model"
+    synthetic = build_train_loader(DataLoaderConfig(data="synthetic", seq_len=8, global_batch_size=2))
+    assert synthetic.tokenizer_path is None and synthetic.vocab_size == 256
