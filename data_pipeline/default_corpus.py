@@ -112,3 +112,22 @@ def default_corpus_dir(cache_dir: str | os.PathLike | None = None, config: Defau
                 return out
             raise
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.default_corpus",
+                                     description="Prepare (once) the default corpus and print its folder.")
+    parser.add_argument("--cache-dir", help="default: $MEMTRAIN_CACHE or ~/.cache/memtrain")
+    parser.add_argument("--max-files", type=int, help="an evenly spread subset of the files")
+    parser.add_argument("--vocab-size", type=int, default=DefaultCorpusConfig.vocab_size)
+    args = parser.parse_args(argv)
+    config = DefaultCorpusConfig(vocab_size=args.vocab_size, max_files=args.max_files)
+    print(default_corpus_dir(args.cache_dir, config))
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+
+    run_cli(main)

@@ -101,3 +101,11 @@ def test_full_default_corpus(tmp_path):
     os_py = (stdlib_root() / "os.py").read_text(encoding="utf-8")
     assert len(os_py.encode()) / len(tok.encode(os_py)) > 3.0  # a real code tokenizer, not bytes
     assert next(train)["input_ids"].shape == (8, 512) and len(build_val_loader(cfg)) > 10
+
+
+def test_cli_prints_the_folder(tmp_path, capsys):
+    from data_pipeline.default_corpus import main
+
+    main(["--cache-dir", str(tmp_path), "--max-files", "5", "--vocab-size", "500"])
+    path = Path(capsys.readouterr().out.strip())
+    assert path.parent == tmp_path and PackedTokens(path).num_tokens > 0
