@@ -7,7 +7,8 @@
 - `sampler`        `ResumableSampler`: per-epoch permutation, split over DP ranks, resumable
 - `blend`          `BlendedDataset`: several datasets by weight
 - `loader`         `build_train_loader` / `build_val_loader` (CP slicing, prefetch thread)
-- `default_corpus` the embedded corpus (the interpreter's standard library), cached; `python -m data_pipeline.default_corpus`
+- `default_corpus` the embedded corpus (the interpreter's standard library), cached
+                   (``python -m data_pipeline.default_corpus`` prepares it ahead of time)
 - `synthetic`      Markov LM, MQAR and passkey datasets
 - `evaluation`     validation loss / perplexity over a validation loader
 
