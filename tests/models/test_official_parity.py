@@ -1,0 +1,60 @@
+"""Parity with the official ttt-lm-pytorch implementation over many configurations.
+
+The official code is not part of this project. Point MEMTRAIN_OFFICIAL_TTT at its ``ttt.py``
+to run these checks (e.g. a checkout of test-time-training/ttt-lm-pytorch); without it they
+are skipped. The golden fixtures (test_convert_official.py) cover two configurations always.
+"""
+import importlib.util
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.convert_official import build_model
+
+OFFICIAL = os.environ.get("MEMTRAIN_OFFICIAL_TTT")
+pytestmark = pytest.mark.skipif(not OFFICIAL, reason="set MEMTRAIN_OFFICIAL_TTT=/path/to/official/ttt.py")
+
+
+@pytest.fixture(scope="module")
+def official():
+    spec = importlib.util.spec_from_file_location("official_ttt", OFFICIAL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import transformers
+    if int(transformers.__version__.split(".")[0]) >= 5:  # the official code predates the dict form
+        mod.TTTForCausalLM._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    return mod
+
+
+GRID = [
+    dict(ttt_layer_type=layer, pre_conv=pc, share_qk=sq, use_gate=g, mini_batch_size=mb, conv_kernel=ck)
+    for layer, pc, sq, g, (mb, ck) in itertools.product(
+        ["linear", "mlp"], [False, True], [False, True], [False, True], [(16, 4), (8, 2)])
+]
+LENGTHS = [1, 7, 16, 45]  # shorter than a mini-batch, exact multiple, and with a remainder
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_logits_match_official(official, cfg, tmp_path: Path):
+    torch.manual_seed(0)
+    config = official.TTTConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=3, ttt_base_lr=0.7, rope_theta=500.0, **cfg)
+    ref = official.TTTForCausalLM(config).eval()
+    with torch.no_grad():  # move every parameter off its init so that every term is exercised
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    ours = build_model(tmp_path)
+    for T in LENGTHS:
+        ids = torch.randint(0, 101, (2, T))
+        with torch.no_grad():
+            # return_dict=False: transformers 5 renames the official output field cache_params
+            expected = ref(input_ids=ids, use_cache=False, return_dict=False)[0]
+            got = ours(ids).logits
+        assert (got - expected).abs().max() <= 1e-4, T
