@@ -1,4 +1,5 @@
 """Run a function on N local processes (gloo, 127.0.0.1, a free port) and collect the results.
+For tests and CPU benchmarks (real runs use torchrun / slurm).
 
     results = run_distributed(module_level_fn, world_size=4, args=(...,))   # list, one per rank
 
@@ -80,7 +81,3 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300,
                 raise RuntimeError(f"rank {r}:\n{res['error']}")
             results.append(res["result"])
         return results
-
-
-def traceback_str() -> str:
-    return traceback.format_exc()

@@ -8,7 +8,7 @@ import torch
 
 from parallel import ParallelDims, cp_slice, parallelize
 from tests.parallel import workers
-from tests.parallel.launcher import run_distributed
+from parallel.launch import run_distributed
 
 TOL = 1e-5
 LAYOUTS = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]
@@ -43,6 +43,15 @@ def test_state_dict_gather_and_load(suite):
         assert sd["shapes_ok"]
         assert sd["max_diff"] == 0.0
         assert sd["round_trip"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cp", [2, 4])
+def test_prefix_combine_delta_rule(suite, cp):
+    """The affine-state scheme (all-gather + prefix combine) on a reference DeltaNet recurrence."""
+    for res in suite:
+        diffs = res["prefix"][cp]
+        assert max(diffs.values()) <= 1e-10, diffs  # float64
 
 
 @pytest.mark.slow

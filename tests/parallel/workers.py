@@ -134,10 +134,63 @@ def errors_worker():
     return msgs
 
 
+def delta_rule(q, k, v, beta, S):
+    """Reference DeltaNet: S_t = S_{t-1}(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t (token loop).
+    q, k: [B, T, dk]; v: [B, T, dv]; beta: [B, T]; S: [B, dv, dk]."""
+    outs = []
+    for t in range(q.shape[1]):
+        kt, b = k[:, t, None, :], beta[:, t, None, None]
+        S = S - b * (S @ kt.transpose(1, 2)) @ kt + b * v[:, t, :, None] @ kt
+        outs.append((S @ q[:, t, :, None]).squeeze(-1))
+    return torch.stack(outs, 1), S
+
+
+def delta_rule_summary(k, beta, v):
+    """(A, B) of a piece: S_out = S_in · A + B."""
+    Bsz, _, dk = k.shape
+    A = torch.eye(dk, dtype=k.dtype).expand(Bsz, dk, dk)
+    for t in range(k.shape[1]):
+        kt, b = k[:, t, None, :], beta[:, t, None, None]
+        A = A - b * (A @ kt.transpose(1, 2)) @ kt
+    _, B = delta_rule(torch.zeros_like(k), k, v, beta, v.new_zeros(Bsz, v.shape[-1], dk))
+    return A, B
+
+
+def prefix_worker(cp: int):
+    """DeltaNet under all-gather + prefix combine = the single-process recurrence (outputs, grads)."""
+    from parallel import cp_slice, init_parallel
+    from parallel.prefix import prefix_state
+
+    dims = init_parallel(tp=1, cp=cp)
+    gen = torch.Generator().manual_seed(3)
+    B, T, dk, dv = 2, 24, 8, 6
+    f64 = dict(generator=gen, dtype=torch.float64)  # float64: the check is of the algebra, not rounding
+    q, v = torch.randn(B, T, dk, **f64), torch.randn(B, T, dv, **f64)
+    k = F.normalize(torch.randn(B, T, dk, **f64), dim=-1)
+    beta = torch.rand(B, T, **f64)
+    S0, w = torch.randn(B, dv, dk, **f64), torch.randn(B, T, dv, **f64)
+    full = [t.clone().requires_grad_() for t in (q, k, v, beta, S0)]
+    o_ref, _ = delta_rule(*full)
+    (o_ref * w).sum().backward()
+    loc = [cp_slice(t, dims).clone().requires_grad_() for t in (q, k, v, beta)]
+    s0 = S0.clone().requires_grad_()
+    A, Bm = delta_rule_summary(loc[1], loc[3], loc[2])
+    o, _ = delta_rule(*loc, prefix_state(A, Bm, s0, dims))
+    (o * cp_slice(w, dims)).sum().backward()
+    diffs = {"out": (o - cp_slice(o_ref, dims)).abs().max().item()}
+    for name, a, b in zip("qkvb", loc, full):
+        diffs[name] = (a.grad - cp_slice(b.grad, dims)).abs().max().item()
+    g0 = s0.grad.clone()
+    dist.all_reduce(g0, group=dims.cp_group)
+    diffs["S0"] = (g0 - full[4].grad).abs().max().item()
+    return diffs
+
+
 def suite_worker(layouts, cases):
     """Everything that needs 4 processes, in one spawn (process start-up dominates on 2 cores)."""
     return dict(
         errors=errors_worker(),
+        prefix={cp: prefix_worker(cp) for cp in (2, 4)},
         equivalence=equivalence_worker(layouts, cases),
         state_dict=state_dict_worker(2, 2),
     )

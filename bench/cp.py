@@ -1,0 +1,150 @@
+"""Context-parallel step time: CP=1 vs CP=2 (the state-passing wavefront), and the model of it.
+
+    python -m bench.cp [--layers 4] [--seq 8192] [--hidden 128] [--heads 4] [--steps 5] [--json out.json]
+
+A training step is forward + backward of the whole LM (mean cross-entropy) on one sequence of
+``--seq`` tokens. CP=1 runs the plain single-device model in one process; CP=2 runs
+``parallelize(model, cp_mode="pass")`` on 2 gloo processes holding ``seq/2`` tokens each.
+Every process uses torch.set_num_threads(1) (one core per rank, so the comparison is of the same
+compute); the CP=1 run with 2 threads is also printed, as the other way to use the 2 cores.
+
+The wavefront model: with L memory layers, P ranks and a fraction f of a block's time spent in
+the serial scan, a step takes (L + (P−1)·f)/L of the ideal 1/P, so the efficiency is
+L / (L + (P−1)·f) — L/(L+P−1) of the scan time itself (f = 1). f is measured here on one block.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def build(args):
+    from models import MemoryLMForCausalLM, preset_config
+
+    cfg = preset_config("test", hidden_size=args.hidden, num_attention_heads=args.heads,
+                        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8, num_hidden_layers=args.layers,
+                        vocab_size=args.vocab, max_position_embeddings=args.seq,
+                        mini_batch_size=args.mini_batch, memory_layer=args.layer)
+    torch.manual_seed(0)
+    return MemoryLMForCausalLM(cfg)
+
+
+def _steps(step, n):
+    step()  # warm-up
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def worker(args, cp: int):
+    """One rank of the CP=cp run (cp=1: the plain model, no process group needed)."""
+    from parallel import cp_slice, causal_targets, global_mean_loss, init_parallel, parallel_cross_entropy, parallelize
+
+    model = build(args).train()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (1, args.seq), generator=gen)
+    tgt = causal_targets(ids)
+    if cp == 1:
+        def step():
+            model.zero_grad(set_to_none=True)
+            logits = model(ids).logits
+            F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100).backward()
+        return _steps(step, args.steps)
+
+    import torch.distributed as dist
+
+    dims = init_parallel(tp=1, cp=cp)
+    parallelize(model, dims, cp_mode="pass")
+    ids_l, tgt_l = cp_slice(ids, dims), cp_slice(tgt, dims)
+
+    def step():
+        dist.barrier()
+        model.zero_grad(set_to_none=True)
+        loss_sum, n = parallel_cross_entropy(model(ids_l).logits, tgt_l, dims)
+        global_mean_loss(loss_sum, n, dims).backward()
+        dist.barrier()  # a step ends when the slowest rank is done
+
+    return _steps(step, args.steps)
+
+
+def scan_fraction(args) -> float:
+    """f: share of one block's forward+backward spent in the inner scan (1 thread, full sequence)."""
+    from parallel.context import ttt_epilogue, ttt_prologue, ttt_scan
+
+    block = build(args).model.layers[0]
+    layer = block.mixer
+    x = torch.randn(1, args.seq, args.hidden, requires_grad=True)
+
+    def whole():
+        y, _ = block(x)
+        y.sum().backward()
+
+    q, k, v, lr, _ = ttt_prologue(layer, x.detach(), {}, 0)
+    q, k, v, lr = (t.detach().requires_grad_() for t in (q, k, v, lr))
+
+    def scan():
+        out, _, _ = ttt_scan(layer, layer.init_state(1).weights, None, q, k, v, lr, 0)
+        out.sum().backward()
+
+    return min(_steps(scan, args.steps)) / min(_steps(whole, args.steps))
+
+
+def efficiency(L: int, P: int, f: float = 1.0) -> float:
+    return L / (L + (P - 1) * f)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--layer", default="ttt_linear", choices=["ttt_linear", "ttt_mlp"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from parallel.launch import run_distributed
+
+    print(f"model: {args.layer}, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
+          f"mini-batch {args.mini_batch}, vocab {args.vocab}; one sequence of {args.seq} tokens; float32")
+    print("torch threads: 1 per rank in every CP run (plus CP=1 with 2 threads for reference)")
+    # best of --steps (the machine is shared: the minimum is the least disturbed measurement)
+    r1 = run_distributed(worker, 1, args=(args, 1), timeout=1200, threads=1)[0]
+    r1_2 = run_distributed(worker, 1, args=(args, 1), timeout=1200, threads=2)[0]
+    r2 = [max(ts) for ts in zip(*run_distributed(worker, 2, args=(args, 2), timeout=1200, threads=1))]
+    t1, t1_2, t2 = min(r1), min(r1_2), min(r2)
+    print("step times (s): CP=1 " + " ".join(f"{t:.3f}" for t in r1) + " | CP=1 2 threads "
+          + " ".join(f"{t:.3f}" for t in r1_2) + " | CP=2 " + " ".join(f"{t:.3f}" for t in r2))
+    f = run_distributed(scan_fraction, 1, args=(args,), timeout=1200, threads=1)[0]
+    modelled = 2 * efficiency(args.layers, 2, f)
+    print(f"CP=1, 1 process x 1 thread : {t1:7.3f} s/step (fwd+bwd)")
+    print(f"CP=1, 1 process x 2 threads: {t1_2:7.3f} s/step")
+    print(f"CP=2, 2 processes x 1 thread: {t2:7.3f} s/step")
+    print(f"speed-up CP=2 vs CP=1 (1 thread/rank): {t1 / t2:.2f}x   (target >= 1.6x; modelled {modelled:.2f}x)")
+    print(f"speed-up CP=2 vs CP=1 with 2 threads : {t1_2 / t2:.2f}x")
+    print(f"scan share of a block's fwd+bwd (f): {f:.2f}")
+    rows = []
+    L = 24
+    print(f"modelled wavefront efficiency, L = {L} layers (of the scan: L/(L+P-1); of a step: L/(L+(P-1)f)):")
+    for P in (8, 32, 128):
+        e_scan, e_step = efficiency(L, P), efficiency(L, P, f)
+        rows.append(dict(P=P, L=L, scan=e_scan, step=e_step))
+        print(f"  P={P:4d}: scan {e_scan:6.1%}   step (f={f:.2f}) {e_step:6.1%}   speed-up {P * e_step:6.1f}x")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(args=vars(args), steps=dict(cp1=r1, cp1_2threads=r1_2, cp2=r2), cp1=t1, cp1_2threads=t1_2, cp2=t2, speedup=t1 / t2,
+                           speedup_vs_2threads=t1_2 / t2, scan_fraction=f, modelled=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
