@@ -58,3 +58,33 @@ def test_logits_match_official(official, cfg, tmp_path: Path):
             expected = ref(input_ids=ids, use_cache=False, return_dict=False)[0]
             got = ours(ids).logits
         assert (got - expected).abs().max() <= 1e-4, T
+
+
+@pytest.mark.parametrize("layer", ["linear", "mlp"])
+@pytest.mark.parametrize("extra", [{}, dict(pre_conv=True, share_qk=True, use_gate=True)], ids=["plain", "conv_qk_gate"])
+def test_decoding_matches_official_cache(official, layer, extra, tmp_path: Path):
+    """Prefill + token-by-token decoding with our state = the official TTTCache decode."""
+    torch.manual_seed(0)
+    config = official.TTTConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=3, mini_batch_size=8, ttt_layer_type=layer, use_cache=True, **extra)
+    ref = official.TTTForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    ours = build_model(tmp_path)
+    ids = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        cache = official.TTTCache(ref.model, 2)  # the official prefill must end on a mini-batch boundary
+        ref_h = ref.model(input_ids=ids[:, :16], cache_params=cache, use_cache=True, return_dict=False)[0]
+        out = ours(ids[:, :16], use_cache=True)
+        errs = [(ref.lm_head(ref_h) - out.logits).abs().max()]
+        state = out.memory_state
+        for t in range(16, 30):
+            ref_h = ref.model(input_ids=ids[:, t:t + 1], cache_params=cache, use_cache=True, return_dict=False)[0]
+            out = ours(ids[:, t:t + 1], memory_state=state, use_cache=True)
+            state = out.memory_state
+            errs.append((ref.lm_head(ref_h) - out.logits).abs().max())
+    assert max(errs) <= 1e-4
