@@ -158,12 +158,20 @@ def train_tokenizer(
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     max_chars = 4096
-    sentences = _training_sentences(_iter_texts(text_iter_or_files), max_bytes, max_chars)
+    source_errors: list[BaseException] = []
+
+    def sentences():  # SentencePiece wraps an exception raised by its iterator: keep the original
+        try:
+            yield from _training_sentences(_iter_texts(text_iter_or_files), max_bytes, max_chars)
+        except Exception as exc:
+            source_errors.append(exc)
+            raise
+
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences,
+            sentence_iterator=sentences(),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -180,6 +188,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as exc:
+        if source_errors:  # e.g. invalid UTF-8 under --strict: that error, not SentencePiece's wrapper
+            raise source_errors[0] from None
         reason = re.sub(r"^.*?\] ?", "", str(exc).strip(), count=1) or str(exc)  # drop "INTERNAL: file.cc(123) [check]"
         raise TokenizerError(f"tokenizer training failed: {reason}") from None
     if not model.getvalue():

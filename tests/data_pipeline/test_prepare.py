@@ -145,6 +145,7 @@ def test_bad_input_clear_error_and_existing_dir_untouched(case, prepared, tmp_pa
                      *tokenizer_args, *extra], capsys)
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # one clear line, no wrapped traceback
     assert tree_digest(existing) == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
