@@ -35,6 +35,7 @@ Rank r's piece starts at position r·T_local: every rank must hold the same numb
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,11 @@ class CPComm:
         self.works: list = []  # (work, buffer): buffers must live until the send completes
         self._dummy = {}
         self._callback_queued = False
+        self.trace: list | None = None  # set to [] to record (event, layer, kind, time.perf_counter())
+
+    def record(self, event: str, tag: int) -> None:
+        if self.trace is not None:
+            self.trace.append((event, tag // 8, (tag // 2) % 4, time.perf_counter()))
 
     @staticmethod
     def tag(layer: int, kind: int, backward: bool) -> int:
@@ -120,6 +126,7 @@ class _RecvPrev(torch.autograd.Function):
         ctx.wire = wire
         buf = torch.empty(sum(torch.Size(s).numel() for s, _ in templates), dtype=wire, device=dummy.device)
         dist.recv(buf, src=comm.prev, group=comm.group, tag=tag)
+        comm.record("recv", tag)
         return tuple(_unpack(buf, templates))
 
     @staticmethod
@@ -127,6 +134,7 @@ class _RecvPrev(torch.autograd.Function):
         comm = ctx.comm
         buf = _pack(grads, ctx.wire)
         comm.keep(dist.isend(buf, dst=comm.prev, group=comm.group, tag=ctx.tag + 1), buf)
+        comm.record("send_grad", ctx.tag)
         comm.queue_flush()
         return None, None, None, None
 
@@ -139,6 +147,7 @@ class _SendNext(torch.autograd.Function):
         ctx.wire = _wire_dtype([t.dtype for t in tensors])
         buf = _pack(tensors, ctx.wire)
         comm.keep(dist.isend(buf, dst=comm.next, group=comm.group, tag=tag), buf)
+        comm.record("send", tag)
         return anchor.view_as(anchor)
 
     @staticmethod
@@ -147,6 +156,7 @@ class _SendNext(torch.autograd.Function):
         n = sum(torch.Size(s).numel() for s, _ in ctx.templates)
         buf = torch.empty(n, dtype=ctx.wire, device=g_anchor.device)
         dist.recv(buf, src=comm.next, group=comm.group, tag=ctx.tag + 1)
+        comm.record("recv_grad", ctx.tag)
         comm.queue_flush()
         return (None, None, g_anchor, *_unpack(buf, ctx.templates))
 

@@ -55,6 +55,24 @@ def test_prefix_combine_delta_rule(suite, cp):
 
 
 @pytest.mark.slow
+def test_wavefront_overlaps_ranks(suite):
+    """CP=2, 4 layers: rank 1 receives layer 0's state while rank 0 is still computing later
+    layers, and in backward rank 0 gets layer 3's state gradient while rank 1 is still busy."""
+    from parallel.context import KIND_STATE
+
+    def times(rank, event):
+        return {layer: t for e, layer, kind, t in suite[rank]["wavefront"]["trace"] if e == event and kind == KIND_STATE}
+
+    sent, got = times(0, "send"), times(1, "recv")
+    assert sorted(sent) == sorted(got) == [0, 1, 2, 3]
+    assert got[0] < sent[3], "rank 1 only started after rank 0 had finished its forward: no wavefront"
+    assert all(sent[i] < sent[i + 1] for i in range(3))
+    got_grad, sent_grad = times(0, "recv_grad"), times(1, "send_grad")
+    assert sorted(got_grad) == sorted(sent_grad) == [0, 1, 2, 3]
+    assert got_grad[3] < sent_grad[0], "rank 0's backward waited for rank 1's whole backward: no wavefront"
+
+
+@pytest.mark.slow
 def test_world_not_divisible(suite):
     for res in suite:
         assert "not divisible by tp × cp" in res["errors"]["world"]

@@ -186,10 +186,32 @@ def prefix_worker(cp: int):
     return diffs
 
 
+def wavefront_worker():
+    """Timestamps of the CP=2 exchanges of a 4-layer model (forward + backward), per rank."""
+    import time
+
+    from parallel import causal_targets, cp_slice, init_parallel, parallel_cross_entropy, parallelize
+
+    dims = init_parallel(tp=1, cp=2)
+    model = build_reference("linear", num_hidden_layers=4)
+    ids = torch.randint(0, 128, (1, 1024), generator=torch.Generator().manual_seed(0))
+    parallelize(model, dims)
+    model._cp_comm.trace = []
+    dist.barrier()
+    t0 = time.perf_counter()
+    loss, _ = parallel_cross_entropy(model(cp_slice(ids, dims)).logits, cp_slice(causal_targets(ids), dims), dims)
+    t_fwd = time.perf_counter()
+    loss.backward()
+    dist.barrier()
+    # perf_counter is CLOCK_MONOTONIC: one clock for all processes of the machine
+    return dict(trace=model._cp_comm.trace, forward_start=t0, forward_end=t_fwd)
+
+
 def suite_worker(layouts, cases):
     """Everything that needs 4 processes, in one spawn (process start-up dominates on 2 cores)."""
     return dict(
         errors=errors_worker(),
+        wavefront=wavefront_worker(),
         prefix={cp: prefix_worker(cp) for cp in (2, 4)},
         equivalence=equivalence_worker(layouts, cases),
         state_dict=state_dict_worker(2, 2),
