@@ -6,7 +6,23 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-MEMORY_LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}
+# memory_layer name → its family tag (for TTT: the inner model kind)
+MEMORY_LAYERS = {
+    "ttt_linear": "linear",
+    "ttt_mlp": "mlp",
+    "deltanet": "deltanet",
+    "gated_deltanet": "gated_deltanet",
+    "titans": "titans",          # the neural long-term memory alone (LMM)
+    "titans_mac": "titans",      # memory as context
+    "titans_mag": "titans",      # memory as gate
+    "titans_mal": "titans",      # memory as layer
+    "lact": "lact",              # large-chunk TTT + sliding-window attention in one block
+}
+ATTENTION_LAYERS = {"swa": "sliding_window", "attention": "full"}
+# short names accepted in layer_pattern
+PATTERN_ALIASES = {"memory": None, "m": None, "s": "swa", "a": "attention", "full": "attention"}
+# inner optimizers each family accepts (the first is its default)
+INNER_OPTIMIZERS = {"titans": ("momentum", "sgd"), "lact": ("muon", "sgd")}
 
 
 class MemoryLMConfig(PretrainedConfig):
@@ -23,6 +39,20 @@ class MemoryLMConfig(PretrainedConfig):
         use_gate: GELU gate on the memory layer's output.
         scan_checkpoint_group_size: mini-batches per recomputed group in the scan (0 = off).
         scan_impl: ``chunk`` (dual form, default) or ``reference`` (token by token).
+        layer_pattern: per-layer mixer types, cycled over the layers: a list or a comma/space-separated
+            string of ``memory`` (= ``memory_layer``; also ``M``), ``swa`` (``S``), ``attention`` (``A``)
+            or any memory-layer name; its length must divide ``num_hidden_layers``. None = all memory.
+        attention_window: window of ``swa`` layers and of the attention inside Titans/LaCT blocks.
+        attention_rope_theta: RoPE base of the attention (None = ``rope_theta``).
+        deltanet_chunk_size: WY chunk length of (Gated) DeltaNet (any value gives the same result).
+        titans_chunk_size: frozen-gradient chunk of the Titans memory (a model hyperparameter).
+        titans_memory_depth / titans_memory_expansion: layers and hidden width factor of its MLP.
+        titans_base_lr: upper bound of the per-token inner step size θ_t.
+        titans_segment_size: MAC segment length (a multiple of ``titans_chunk_size``).
+        num_persistent_tokens: learnable always-visible tokens of the Titans blocks' attention.
+        inner_optimizer: Titans ``momentum`` | ``sgd``; LaCT ``muon`` | ``sgd`` (None = the default).
+        lact_chunk_size / lact_num_heads / lact_inter_multi / lact_base_lr / lact_momentum: LaCT's
+            update chunk, fast-weight heads, SwiGLU width factor, base inner lr, momentum switch.
     """
 
     model_type = "memory_lm"
@@ -54,6 +84,22 @@ class MemoryLMConfig(PretrainedConfig):
         use_gate: bool = False,
         scan_checkpoint_group_size: int = 0,
         scan_impl: str = "chunk",
+        layer_pattern=None,
+        attention_window: int = 2048,
+        attention_rope_theta: float | None = None,
+        deltanet_chunk_size: int = 64,
+        titans_chunk_size: int = 64,
+        titans_memory_depth: int = 2,
+        titans_memory_expansion: int = 2,
+        titans_base_lr: float = 1.0,
+        titans_segment_size: int = 512,
+        num_persistent_tokens: int = 4,
+        inner_optimizer: str | None = None,
+        lact_chunk_size: int = 2048,
+        lact_num_heads: int = 4,
+        lact_inter_multi: int = 1,
+        lact_base_lr: float = 1e-3,
+        lact_momentum: bool = True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -77,6 +123,22 @@ class MemoryLMConfig(PretrainedConfig):
         self.use_gate = use_gate
         self.scan_checkpoint_group_size = scan_checkpoint_group_size
         self.scan_impl = scan_impl
+        self.layer_pattern = layer_pattern
+        self.attention_window = attention_window
+        self.attention_rope_theta = attention_rope_theta
+        self.deltanet_chunk_size = deltanet_chunk_size
+        self.titans_chunk_size = titans_chunk_size
+        self.titans_memory_depth = titans_memory_depth
+        self.titans_memory_expansion = titans_memory_expansion
+        self.titans_base_lr = titans_base_lr
+        self.titans_segment_size = titans_segment_size
+        self.num_persistent_tokens = num_persistent_tokens
+        self.inner_optimizer = inner_optimizer
+        self.lact_chunk_size = lact_chunk_size
+        self.lact_num_heads = lact_num_heads
+        self.lact_inter_multi = lact_inter_multi
+        self.lact_base_lr = lact_base_lr
+        self.lact_momentum = lact_momentum
         self.validate_memory_config()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -89,6 +151,29 @@ class MemoryLMConfig(PretrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mixer_types(self) -> list[str]:
+        """The mixer type of every layer (``layer_pattern`` resolved and cycled)."""
+        pattern = self.layer_pattern
+        if pattern is None:
+            return [self.memory_layer] * self.num_hidden_layers
+        tokens = pattern.replace(",", " ").split() if isinstance(pattern, str) else list(pattern)
+        if not tokens:
+            raise ValueError("layer_pattern is empty")
+        kinds = []
+        for tok in tokens:
+            name = str(tok).strip().lower()
+            name = PATTERN_ALIASES.get(name, name) if name in PATTERN_ALIASES else name
+            name = self.memory_layer if name is None else name
+            if name not in MEMORY_LAYERS and name not in ATTENTION_LAYERS:
+                raise ValueError(f"unknown layer type {tok!r} in layer_pattern; expected memory/M, swa/S, "
+                                 f"attention/A or one of {sorted(MEMORY_LAYERS)}")
+            kinds.append(name)
+        if self.num_hidden_layers % len(kinds):
+            raise ValueError(f"layer_pattern of length {len(kinds)} does not divide num_hidden_layers "
+                             f"{self.num_hidden_layers}")
+        return kinds * (self.num_hidden_layers // len(kinds))
 
     def validate_memory_config(self) -> None:
         """Raises ValueError with one clear message for an inconsistent configuration."""
@@ -109,3 +194,26 @@ class MemoryLMConfig(PretrainedConfig):
             raise ValueError(f"unknown scan_impl {self.scan_impl!r}; expected 'chunk' or 'reference'")
         if self.hidden_act not in ("silu", "gelu", "gelu_tanh"):
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected silu, gelu or gelu_tanh")
+        for name in ("attention_window", "deltanet_chunk_size", "titans_chunk_size", "titans_memory_depth",
+                     "titans_memory_expansion", "titans_segment_size", "lact_chunk_size", "lact_num_heads",
+                     "lact_inter_multi"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.num_persistent_tokens < 0:
+            raise ValueError(f"num_persistent_tokens must be ≥ 0, got {self.num_persistent_tokens}")
+        kinds = set(self.mixer_types)
+        families = {MEMORY_LAYERS[k] for k in kinds if k in MEMORY_LAYERS}
+        if self.inner_optimizer is not None:
+            allowed = sorted({o for f in families for o in INNER_OPTIMIZERS.get(f, ())})
+            bad = [f for f in families if self.inner_optimizer not in INNER_OPTIMIZERS.get(f, ())]
+            if bad:
+                raise ValueError(f"unknown inner_optimizer {self.inner_optimizer!r} for {sorted(bad)}; expected one of "
+                                 f"{allowed or 'none (these layers have a fixed optimizer)'}")
+        if "titans_mac" in kinds and self.titans_segment_size % self.titans_chunk_size:
+            raise ValueError(f"titans_segment_size {self.titans_segment_size} must be a multiple of titans_chunk_size "
+                             f"{self.titans_chunk_size} (MAC updates the memory once per segment)")
+        if "lact" in kinds:
+            if self.hidden_size % self.lact_num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by lact_num_heads {self.lact_num_heads}")
+            if self.lact_base_lr <= 0:
+                raise ValueError(f"lact_base_lr must be > 0, got {self.lact_base_lr}")

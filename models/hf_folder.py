@@ -14,11 +14,15 @@ from pathlib import Path
 
 # The files an exported folder needs; each imports only torch, transformers and its siblings.
 MODEL_CODE_FILES = [
+    "attention.py",
     "configuration_memory.py",
+    "deltanet.py",
     "modeling_memory.py",
     "modules.py",
     "parts.py",
     "reference.py",
+    "scan.py",
+    "state.py",
     "ttt.py",
     "ttt_chunk.py",
 ]

@@ -19,7 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
+from .attention import AttentionLayer
 from .configuration_memory import MEMORY_LAYERS, MemoryLMConfig
+from .deltanet import DeltaNetLayer
 from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
 from .ttt import TTTLayer, TTTState
 
@@ -40,7 +42,7 @@ class MemoryState:
 
     def map(self, fn) -> "MemoryState":
         def apply(block):
-            return {k: (v.map(fn) if isinstance(v, TTTState) else fn(v)) for k, v in block.items()}
+            return {k: (v.map(fn) if hasattr(v, "map") else fn(v)) for k, v in block.items()}
 
         return MemoryState(layers=[apply(b) for b in self.layers], position=self.position)
 
@@ -58,11 +60,32 @@ class MemoryLMOutput(ModelOutput):
 
 
 def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
-    """The sequence mixer of block ``layer_idx`` (one memory-layer type per model for now)."""
+    """The sequence mixer of block ``layer_idx`` (its type from ``config.mixer_types``)."""
+    kind = config.mixer_types[layer_idx]
+    rope_attn = config.attention_rope_theta if config.attention_rope_theta is not None else config.rope_theta
+    if kind in ("swa", "attention"):
+        return AttentionLayer(config.hidden_size, config.num_attention_heads,
+                              window=config.attention_window if kind == "swa" else None, rope_theta=rope_attn)
+    if kind in ("deltanet", "gated_deltanet"):
+        return DeltaNetLayer(config.hidden_size, config.num_attention_heads, gated=kind == "gated_deltanet",
+                             chunk_size=config.deltanet_chunk_size, conv_kernel=config.conv_kernel,
+                             norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl)
+    if MEMORY_LAYERS[kind] == "titans":
+        from .titans import build_titans_mixer
+
+        return build_titans_mixer(config, kind, rope_attn)
+    if kind == "lact":
+        from .lact import LaCTLayer
+
+        return LaCTLayer(config.hidden_size, config.num_attention_heads, num_lact_heads=config.lact_num_heads,
+                         chunk_size=config.lact_chunk_size, window=config.attention_window,
+                         inter_multi=config.lact_inter_multi, base_lr=config.lact_base_lr,
+                         optimizer=config.inner_optimizer or "muon", momentum=config.lact_momentum,
+                         rope_theta=rope_attn, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl)
     return TTTLayer(
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,
-        inner=MEMORY_LAYERS[config.memory_layer],
+        inner=MEMORY_LAYERS[kind],
         mini_batch_size=config.mini_batch_size,
         base_lr=config.ttt_base_lr,
         rope_theta=config.rope_theta,
@@ -131,6 +154,8 @@ class MemoryLMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.token_idx_offset)
             init.ones_(module.ttt_norm_weight)
             init.zeros_(module.ttt_norm_bias)
+        elif hasattr(module, "reset_memory_parameters"):  # the other memory layers' own parameters
+            module.reset_memory_parameters(init)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, nn.LayerNorm):

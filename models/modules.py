@@ -29,6 +29,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm over a head's features, computed in at least float32 (float64 stays float64)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x).to(dtype)
+
+
 class SwiGLUMLP(nn.Module):
     """down(act(gate(x)) ⊙ up(x))."""
 
@@ -66,6 +76,15 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     rot_even = x_even * cos - x_odd * sin
     rot_odd = x_odd * cos + x_even * sin
     return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2)
+
+
+def apply_rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (x_i, x_{i+d/2}) by angle pos·θ^(-2i/d) (the Llama / NeoX layout).
+
+    x: [..., T, d]; cos, sin: [T, d/2].
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class CausalConv1d(nn.Module):
@@ -109,8 +128,10 @@ def _last_inputs(xt: torch.Tensor, n: int) -> torch.Tensor:
 
 __all__ = [
     "RMSNorm",
+    "HeadRMSNorm",
     "SwiGLUMLP",
     "CausalConv1d",
     "rope_cos_sin",
     "apply_interleaved_rope",
+    "apply_rotate_half_rope",
 ]

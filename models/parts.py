@@ -11,6 +11,9 @@ Only torch is imported: this file is copied into exported Hugging Face folders.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -161,3 +164,132 @@ def mini_batch_gd_step(anchor: dict, pending: dict, grad: dict, lr: torch.Tensor
     pending = {n: pending[n] + lr * grad[n] for n in grad}
     theta = {n: anchor[n] - scale * pending[n] for n in anchor}
     return theta, pending
+
+
+# ============================================================== the families beyond TTT
+# Same conventions: θ is a dict of per-head tensors [..., d_in, d_out] read as x @ W.
+
+
+def matrix_memory(theta: dict, x: torch.Tensor) -> torch.Tensor:
+    """f_S(x) = x S: the matrix memory of the delta rule (S: [d_k, d_v])."""
+    return x @ theta["S"]
+
+
+def deep_mlp_memory(theta: dict, x: torch.Tensor) -> torch.Tensor:
+    """f(x) = W_L(GELU(… GELU(x W_1))) without biases (Titans' deep memory; depth 1 = a matrix)."""
+    depth = len(theta)
+    for i in range(1, depth + 1):
+        x = x @ theta[f"W{i}"]
+        if i < depth:
+            x = gelu_tanh(x)
+    return x
+
+
+def swiglu_memory(theta: dict, x: torch.Tensor) -> torch.Tensor:
+    """f(x) = (SiLU(x W0) ⊙ x W2) W1 (LaCT's fast weights; W0, W2: [d, d_h], W1: [d_h, d])."""
+    return (F.silu(x @ theta["W0"]) * (x @ theta["W2"])) @ theta["W1"]
+
+
+def l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ℓ = ½ ‖pred − target‖², summed (so ∂ℓ/∂pred = pred − target)."""
+    return 0.5 * (pred - target).pow(2).sum()
+
+
+def dot_product_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ℓ = −⟨pred, target⟩, summed (LaCT: its descent direction is the ascent on ⟨f(k), v⟩)."""
+    return -(pred * target).sum()
+
+
+def decay(theta: dict, alpha: torch.Tensor) -> dict:
+    """Retention by a scalar gate: θ ← α θ (α broadcasts as [..., 1, 1])."""
+    return {n: alpha * t for n, t in theta.items()}
+
+
+def sgd_step(theta: dict, grad: dict, lr: torch.Tensor) -> dict:
+    """θ ← θ − η g."""
+    return {n: theta[n] - lr * grad[n] for n in theta}
+
+
+def momentum_step(theta: dict, momentum: dict, grad: dict, lr, eta, alpha):
+    """Titans: S ← η S − lr·g ("surprise" with momentum), θ ← (1 − α) θ + S (forgetting gate α)."""
+    momentum = {n: eta * momentum[n] - lr * grad[n] for n in grad}
+    theta = {n: (1 - alpha) * theta[n] + momentum[n] for n in theta}
+    return theta, momentum
+
+
+NS_COEFFICIENTS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+
+def newton_schulz(g: torch.Tensor, coefficients=NS_COEFFICIENTS, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's orthogonalisation of the last two dims: X ← a X + (b A + c A²) X with A = X Xᵀ, after
+    scaling X to unit Frobenius norm, on the wide orientation (the schedule LaCT uses)."""
+    tall = g.shape[-2] > g.shape[-1]
+    x = g.transpose(-1, -2) if tall else g
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for a, b, c in coefficients:
+        A = x @ x.transpose(-1, -2)
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.transpose(-1, -2) if tall else x
+
+
+def column_norms(w: torch.Tensor) -> torch.Tensor:
+    """Norm over the input dim of x @ W (= LaCT's per-output-channel row norm of W in its layout)."""
+    return w.norm(dim=-2, keepdim=True)
+
+
+def weight_norm(theta: dict, target_norms: dict, eps: float = 1e-5) -> dict:
+    """Retention by renormalisation: every output channel of W keeps the norm it had initially."""
+    return {n: t / (column_norms(t) + eps) * target_norms[n] for n, t in theta.items()}
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / ‖x‖ over the last dim (q/k normalisation of the delta rule, Titans and LaCT)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def copy_param(param: torch.Tensor, value: torch.Tensor, init=None) -> None:
+    """param ← value; through ``init.copy_`` (transformers' guarded initialisers) when given, so
+    that weights loaded from a checkpoint are left alone."""
+    if init is not None and hasattr(init, "copy_"):
+        init.copy_(param, value.to(param.dtype))
+    else:
+        with torch.no_grad():
+            param.copy_(value)
+
+
+# ------------------------------------------------------------------------ a layer's recipe
+
+
+def _keep_anchor(anchor, theta, gates):
+    return anchor
+
+
+def _no_chunk_end(anchor, theta, opt, gates):
+    return theta, opt
+
+
+@dataclass
+class Recipe:
+    """A memory layer as its four parts, for the generic token-by-token reference.
+
+    inner_loss(θ, k_t, v_t, extra) → scalar   inner model + attentional bias of one token
+    read(θ, q_t, extra) → o_t                   the output at the query
+    token_step(anchor, θ, opt, grad, gates_t, i) → (θ, opt)   inner optimizer + retention
+    chunk_end(anchor, θ, opt, gates_t) → (θ, opt)             what happens when a chunk completes
+    grad_point(anchor, θ, gates_t) → θ'         where the gradient is taken (the chunk's anchor by
+                                                default: "frozen gradients"; chunk 1 = online rule)
+    ``extra`` holds per-head slow tensors ([B, H, ...]); gates_t are [B, H, 1, 1] per token.
+    """
+
+    inner_loss: Callable
+    read: Callable
+    token_step: Callable
+    chunk_size: int = 1
+    chunk_end: Callable = _no_chunk_end
+    grad_point: Callable = _keep_anchor

@@ -9,6 +9,9 @@ from models import MemoryLMConfig, MemoryLMForCausalLM, preset_config
 CONFIGS = {
     "linear": dict(memory_layer="ttt_linear", mini_batch_size=8),
     "mlp_gate_conv_shareqk": dict(memory_layer="ttt_mlp", mini_batch_size=8, pre_conv=True, share_qk=True, use_gate=True),
+    "gated_deltanet": dict(memory_layer="gated_deltanet", deltanet_chunk_size=8),
+    "deltanet_swa_hybrid": dict(memory_layer="deltanet", layer_pattern="M,S", attention_window=6, deltanet_chunk_size=8),
+    "attention_ttt_hybrid": dict(memory_layer="ttt_linear", layer_pattern=["attention", "memory"], mini_batch_size=8),
 }
 
 

@@ -1,0 +1,180 @@
+"""DeltaNet and Gated DeltaNet: the linear special cases of the family (Schlag et al. 2021; Yang et
+al. 2024, arXiv 2406.06484 and 2412.06464).
+
+Per head a matrix memory S ∈ R^{d_k×d_v} (read as q S) takes, for every token, one gradient step
+with learning rate β_t on ℓ_t(S) = ½‖k_t S − v_t‖² after a retention step S ← α_t S:
+
+    S_t = α_t S_{t−1} − β_t k_tᵀ (k_t α_t S_{t−1} − v_t)          o_t = q_t S_t
+        = α_t (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t
+
+(DeltaNet: α ≡ 1; Gated DeltaNet: α_t = exp(−exp(A)·softplus(x_t w_a + b_dt)), Mamba2-style.)
+The update is exact per token, so chunks are only a computation device: within a chunk of C
+tokens with γ_t = Π_{s≤t} α_s (from the chunk start) and Γ_tj = γ_t/γ_j, the pseudo-values
+u_t = β_t (v_t − γ_t k_t S₀ − Σ_{j<t} Γ_tj (k_t·k_j) u_j) solve one unit-lower-triangular system
+(the WY / UT transform):
+
+    (I + L) [U′ | W] = [diag(β) V | diag(βγ) K],   L_tj = β_t Γ_tj k_t·k_j  (j < t)
+    U = U′ − W S₀,   O = diag(γ) Q S₀ + (Q Kᵀ ⊙ Γ)_{j≤t} U,   S_C = γ_C S₀ + (K ⊙ Γ_C·)ᵀ U
+
+Around it (fla's layer): q, k, v projections, short causal depthwise convs + SiLU, L2-normalised
+q and k, q scaled by d_k^{-1/2}, β_t = σ(x_t w_β), a per-head RMSNorm on the output (gated by
+SiLU(x W_g) for Gated DeltaNet), the output projection. Only torch is imported (HF folders).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import CausalConv1d, HeadRMSNorm
+from .parts import Recipe, copy_param, decay, l2_loss, l2_normalize, matrix_memory, sgd_step
+from .reference import memory_scan_reference
+from .state import LayerState
+
+
+def delta_rule_chunked(q, k, v, beta, log_alpha, S, chunk_size: int):
+    """Chunked (WY) delta rule. q, k: [B,H,T,dk]; v: [B,H,T,dv]; beta: [B,H,T];
+    log_alpha: [B,H,T] or None; S: [B,H,dk,dv]. Returns (o [B,H,T,dv], S after the last token)."""
+    B, H, T, dk = k.shape
+    dv = v.shape[-1]
+    C = min(chunk_size, T)
+    pad = (-T) % C
+    if log_alpha is None:
+        log_alpha = torch.zeros_like(beta)
+    if pad:  # padded tokens: β = 0 and α = 1 leave S unchanged and their outputs are dropped
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        beta, log_alpha = F.pad(beta, (0, pad)), F.pad(log_alpha, (0, pad))
+    N = (T + pad) // C
+    q, k, v = (t.unflatten(2, (N, C)) for t in (q, k, v))  # [B,H,N,C,d]
+    beta, log_alpha = beta.unflatten(2, (N, C)), log_alpha.unflatten(2, (N, C))
+
+    G = log_alpha.cumsum(-1)  # log γ_t within each chunk
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))
+    Gamma = diff.exp()  # Γ_tj = γ_t/γ_j for j ≤ t, else 0
+    gamma = G.exp()[..., None]  # [B,H,N,C,1]
+    L = (beta[..., None] * Gamma * (k @ k.transpose(-1, -2))).tril(-1)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([beta[..., None] * v, beta[..., None] * gamma * k], -1)
+    X = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
+    U_v, W = X[..., :dv], X[..., dv:]
+    QK = q @ k.transpose(-1, -2) * Gamma
+    Qg = gamma * q
+    K_end = (G[..., -1:, None] - G[..., :, None]).exp() * k  # Γ_{C,j} k_j
+    g_end = gamma[..., -1:, :]  # [B,H,N,1,1]
+
+    outs = []
+    for n in range(N):
+        U = U_v[:, :, n] - W[:, :, n] @ S
+        outs.append(Qg[:, :, n] @ S + QK[:, :, n] @ U)
+        S = g_end[:, :, n] * S + K_end[:, :, n].transpose(-1, -2) @ U
+    o = torch.stack(outs, 2).flatten(2, 3)[:, :, :T]
+    return o, S
+
+
+def delta_rule_recipe() -> Recipe:
+    """The delta rule in the generic frame: gradient taken after retention (α S), one GD step of β."""
+
+    def inner_loss(theta, k_t, v_t, extra):
+        return l2_loss(matrix_memory(theta, k_t), v_t)
+
+    def read(theta, q_t, extra):
+        return matrix_memory(theta, q_t)
+
+    def grad_point(anchor, theta, gates):
+        return decay(theta, gates["alpha"])
+
+    def token_step(anchor, theta, opt, grad, gates, i):
+        return sgd_step(decay(theta, gates["alpha"]), grad, gates["beta"]), opt
+
+    return Recipe(inner_loss, read, token_step, chunk_size=1, grad_point=grad_point)
+
+
+def delta_rule_reference(q, k, v, beta, log_alpha, S):
+    """Token-by-token delta rule through :func:`reference.memory_scan_reference`."""
+    alpha = torch.ones_like(beta) if log_alpha is None else log_alpha.exp()
+    o, weights, _, _ = memory_scan_reference(delta_rule_recipe(), {"S": S}, None, {}, q, k, v,
+                                             {"alpha": alpha, "beta": beta}, {}, 0)
+    return o, weights["S"]
+
+
+def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class DeltaNetLayer(nn.Module):
+    """DeltaNet (``gated=False``) or Gated DeltaNet (``gated=True``) sequence mixer."""
+
+    def __init__(self, hidden_size: int, num_heads: int, gated: bool = True, chunk_size: int = 64,
+                 conv_kernel: int = 4, norm_eps: float = 1e-6, scan_impl: str = "chunk"):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+        if scan_impl not in ("chunk", "reference"):
+            raise ValueError(f"unknown scan_impl {scan_impl!r}; expected 'chunk' or 'reference'")
+        self.hidden_size, self.num_heads, self.gated = hidden_size, num_heads, gated
+        self.head_dim = hidden_size // num_heads
+        self.chunk_size, self.scan_impl = chunk_size, scan_impl
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.conv_q = CausalConv1d(hidden_size, conv_kernel)
+        self.conv_k = CausalConv1d(hidden_size, conv_kernel)
+        self.conv_v = CausalConv1d(hidden_size, conv_kernel)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if gated:
+            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+            self.A_log = nn.Parameter(torch.zeros(num_heads))
+            self.dt_bias = nn.Parameter(torch.zeros(num_heads))
+            self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_norm = HeadRMSNorm(self.head_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self, init=None) -> None:
+        """Mamba2's gate initialisation: A ~ U(1, 16), dt ~ logU(1e-3, 0.1) (through softplus)."""
+        if not self.gated:
+            return
+        with torch.no_grad():
+            A = torch.empty(self.num_heads).uniform_(1, 16)
+            dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        copy_param(self.A_log, torch.log(A), init)
+        copy_param(self.dt_bias, _inv_softplus(dt.clamp_min(1e-4)), init)
+
+    def init_state(self, batch_size: int) -> LayerState:
+        S = torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=self.q_proj.weight.device)
+        return LayerState(weights={"S": S})
+
+    def _heads(self, t):
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None):
+        """x: [B, T, C] → (y [B, T, C], state: {S}, conv tails, position)."""
+        B, T, _ = x.shape
+        state = state if state is not None else self.init_state(B)
+        conv = {}
+        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
+        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
+        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
+        q, k, v = (self._heads(F.silu(t)) for t in (q, k, v))
+        compute = torch.promote_types(x.dtype, torch.float32)
+        q = l2_normalize(q.to(compute)) * self.head_dim**-0.5
+        k, v = l2_normalize(k.to(compute)), v.to(compute)
+        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2).to(compute)  # [B, H, T]
+        log_alpha = None
+        if self.gated:
+            log_alpha = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2).to(compute)
+        S = state.weights["S"].to(compute)
+        if self.scan_impl == "chunk":
+            o, S = delta_rule_chunked(q, k, v, beta, log_alpha, S, self.chunk_size)
+        else:
+            o, S = delta_rule_reference(q, k, v, beta, log_alpha, S)
+        o = self.o_norm(o.to(x.dtype)).transpose(1, 2)  # [B, T, H, d]
+        if self.gated:
+            o = o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))
+        y = self.o_proj(o.flatten(2))
+        return y, LayerState(weights={"S": S}, conv=conv, position=state.position + T)
