@@ -60,6 +60,20 @@ def _unpack(flat, templates):
     return [p.view(s).to(d).clone() for p, (s, d) in zip(flat.split(sizes), templates)]
 
 
+# (work, buffer) of every isend not yet waited for. Module-level on purpose: a send must outlive
+# the model that issued it (an eval forward has no backward to flush it; if the model is dropped
+# before the neighbour has received, destroying the Work would lose the message and hang it).
+_IN_FLIGHT: list = []
+
+
+def flush_pending() -> None:
+    """Waits for every CP send still in flight (done at each CP forward and after backward)."""
+    works = list(_IN_FLIGHT)
+    _IN_FLIGHT.clear()
+    for work, _ in works:
+        work.wait()
+
+
 class CPComm:
     """The CP point-to-point channel of one model: tags, in-flight sends, end-of-backward flush."""
 
@@ -67,7 +81,6 @@ class CPComm:
         self.dims = dims
         self.group = dims.cp_group
         self.prev, self.next = dims.cp_prev, dims.cp_next
-        self.works: list = []  # (work, buffer): buffers must live until the send completes
         self._dummy = {}
         self._callback_queued = False
         self.trace: list | None = None  # set to [] to record (event, layer, kind, time.perf_counter())
@@ -80,14 +93,13 @@ class CPComm:
     def tag(layer: int, kind: int, backward: bool) -> int:
         return (layer * 4 + kind) * 2 + int(backward)
 
-    def keep(self, work, buf) -> None:
-        self.works.append((work, buf))
+    @staticmethod
+    def keep(work, buf) -> None:
+        _IN_FLIGHT.append((work, buf))
 
-    def flush(self) -> None:
-        """Waits for every send still in flight (called at each forward and after backward)."""
-        works, self.works = self.works, []
-        for work, _ in works:
-            work.wait()
+    @staticmethod
+    def flush() -> None:
+        flush_pending()
 
     def queue_flush(self) -> None:
         if not self._callback_queued:

@@ -99,9 +99,9 @@ def column_parallel(linear: nn.Linear, dims: ParallelDims, input_is_copied: bool
         if linear.bias is not None:
             new.bias.copy_(_shard(linear.bias, dims, 0))
     # megatron sets these only when it initialises the weight itself (perform_initialization)
-    mark_sharded(new.weight, 0)
+    mark_sharded(new.weight, 0).requires_grad_(linear.weight.requires_grad)
     if new.bias is not None:
-        mark_sharded(new.bias, 0)
+        mark_sharded(new.bias, 0).requires_grad_(linear.bias.requires_grad)
     return new.to(linear.weight.device)
 
 
@@ -117,7 +117,7 @@ def row_parallel(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
               input_is_parallel=True, skip_bias_add=False)
     with torch.no_grad():
         new.weight.copy_(_shard(linear.weight, dims, 1))
-    mark_sharded(new.weight, 1)
+    mark_sharded(new.weight, 1).requires_grad_(linear.weight.requires_grad)
     return new.to(linear.weight.device)
 
 
@@ -127,7 +127,7 @@ def vocab_parallel_embedding(emb: nn.Embedding, dims: ParallelDims) -> nn.Module
     new = tpl.VocabParallelEmbedding(V, C, init_method=_no_init, config=_config(dims, emb.weight))
     with torch.no_grad():
         new.weight.copy_(_shard(emb.weight, dims, 0))
-    mark_sharded(new.weight, 0)
+    mark_sharded(new.weight, 0).requires_grad_(emb.weight.requires_grad)
     return new.to(emb.weight.device)
 
 
@@ -178,8 +178,8 @@ class TPLayerNorm(nn.Module):
         super().__init__()
         (self.full_width,) = norm.normalized_shape
         self.eps, self.group = norm.eps, dims.tp_group
-        self.weight = nn.Parameter(_shard(norm.weight, dims, 0))
-        self.bias = nn.Parameter(_shard(norm.bias, dims, 0))
+        self.weight = nn.Parameter(_shard(norm.weight, dims, 0), requires_grad=norm.weight.requires_grad)
+        self.bias = nn.Parameter(_shard(norm.bias, dims, 0), requires_grad=norm.bias.requires_grad)
         mark_sharded(self.weight, 0)
         mark_sharded(self.bias, 0)
 

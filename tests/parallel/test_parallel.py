@@ -21,7 +21,7 @@ EXPECTED = [(tp, cp, v, m, s) for tp, cp in LAYOUTS for v, m, s in CASES
 
 @pytest.fixture(scope="module")
 def suite():
-    results = run_distributed(workers.suite_worker, 4, args=(LAYOUTS, CASES), timeout=400)
+    results = run_distributed(workers.suite_worker, 4, args=(LAYOUTS, CASES), timeout=300)
     return results
 
 
@@ -70,6 +70,17 @@ def test_wavefront_overlaps_ranks(suite):
     got_grad, sent_grad = times(0, "recv_grad"), times(1, "send_grad")
     assert sorted(got_grad) == sorted(sent_grad) == [0, 1, 2, 3]
     assert got_grad[3] < sent_grad[0], "rank 0's backward waited for rank 1's whole backward: no wavefront"
+
+
+@pytest.mark.slow
+def test_eval_frozen_embedding_and_bf16(suite):
+    for res in suite:
+        x = res["extras"]
+        assert x["eval"] <= TOL  # no_grad forward, twice
+        assert x["frozen_embedding"] <= TOL
+        assert x["frozen_stays_frozen"]
+        assert x["bf16_grads_finite"]
+        assert x["bf16_logits"] <= 0.02 * x["bf16_logits_scale"]  # a few bf16 ulps
 
 
 @pytest.mark.slow

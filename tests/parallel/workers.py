@@ -43,7 +43,7 @@ def reference_run(model, ids, tgt):
     loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="sum")
     n = (tgt != -100).sum()
     (loss / n).backward()
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     return logits.detach(), loss.detach(), grads, n
 
 
@@ -207,11 +207,65 @@ def wavefront_worker():
     return dict(trace=model._cp_comm.trace, forward_start=t0, forward_end=t_fwd)
 
 
+def extras_worker():
+    """Eval without backward (twice: the in-flight sends are flushed by the next forward), a
+    frozen embedding (layer-0 activations need no grad: the state exchange must still carry
+    gradients), and bfloat16 (mixed wire dtypes) — TP=2 × CP=2."""
+    import gc
+    import time
+    from parallel import gather_full_grads, init_parallel, parallel_cross_entropy, parallelize
+    from parallel.loss import cp_slice
+
+    dims = init_parallel(tp=2, cp=2)
+    out = {}
+
+    def full_logits(logits):
+        parts = [torch.empty_like(logits) for _ in range(dims.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=dims.tp_group)
+        return torch.cat(parts, -1)
+
+    ref = build_reference("mlp+conv+shareqk+gate")
+    ids, tgt = batch(ref.config, 40)
+    par = parallelize(copy.deepcopy(ref), dims).eval()
+    with torch.no_grad():
+        want = cp_slice(ref(ids).logits, dims)
+        diffs = []
+        for i in range(2):
+            if i == 1 and dims.cp_rank == 1:
+                time.sleep(0.5)  # CP rank 0 finishes its 2nd forward and drops the model meanwhile
+            diffs.append((full_logits(par(cp_slice(ids, dims)).logits) - want).abs().max().item())
+        out["eval"] = max(diffs)
+    del par  # its last sends may still be in flight: they must survive the model
+    gc.collect()
+
+    ref.model.embed_tokens.weight.requires_grad_(False)
+    par = parallelize(copy.deepcopy(ref), dims)
+    _, _, ref_grads, n = reference_run(copy.deepcopy(ref), ids, tgt)
+    loss_sum, _ = parallel_cross_entropy(par(cp_slice(ids, dims)).logits, cp_slice(tgt, dims), dims)
+    (loss_sum / n).backward()
+    grads = gather_full_grads(par, dims)
+    out["frozen_embedding"] = max((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads)
+    out["frozen_stays_frozen"] = not par.model.embed_tokens.weight.requires_grad
+
+    ref = build_reference("mlp+conv+shareqk+gate", dtype=torch.bfloat16)
+    par = parallelize(copy.deepcopy(ref), dims)
+    with torch.no_grad():
+        want = cp_slice(ref(ids).logits, dims)
+    logits = par(cp_slice(ids, dims)).logits
+    loss_sum, _ = parallel_cross_entropy(logits, cp_slice(tgt, dims), dims)
+    (loss_sum / n).backward()
+    out["bf16_logits"] = (full_logits(logits.detach()) - want).abs().max().item()
+    out["bf16_logits_scale"] = want.abs().max().item()
+    out["bf16_grads_finite"] = all(torch.isfinite(p.grad).all().item() for p in par.parameters() if p.grad is not None)
+    return out
+
+
 def suite_worker(layouts, cases):
     """Everything that needs 4 processes, in one spawn (process start-up dominates on 2 cores)."""
     return dict(
         errors=errors_worker(),
         wavefront=wavefront_worker(),
+        extras=extras_worker(),
         prefix={cp: prefix_worker(cp) for cp in (2, 4)},
         equivalence=equivalence_worker(layouts, cases),
         state_dict=state_dict_worker(2, 2),
