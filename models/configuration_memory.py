@@ -91,7 +91,7 @@ class MemoryLMConfig(PretrainedConfig):
         titans_chunk_size: int = 64,
         titans_memory_depth: int = 2,
         titans_memory_expansion: int = 2,
-        titans_base_lr: float = 1.0,
+        titans_base_lr: float = 0.1,
         titans_segment_size: int = 512,
         num_persistent_tokens: int = 4,
         inner_optimizer: str | None = None,

@@ -23,6 +23,7 @@ MODEL_CODE_FILES = [
     "reference.py",
     "scan.py",
     "state.py",
+    "titans.py",
     "ttt.py",
     "ttt_chunk.py",
 ]

@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
 
 
 class HeadRMSNorm(RMSNorm):
-    """RMSNorm over a head's features, computed in at least float32 (float64 stays float64)."""
+    """RMSNorm computed in at least float32 (float64 stays float64): per-head output norms, gates."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

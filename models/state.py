@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 def _map_tree(tree, fn):
     if tree is None:
         return None
+    if isinstance(tree, LayerState):
+        return tree.map(fn)
     if isinstance(tree, dict):
         return {n: _map_tree(t, fn) for n, t in tree.items()}
     return fn(tree)
@@ -17,6 +19,10 @@ def _map_tree(tree, fn):
 
 def _flatten(prefix: str, tree, out: dict) -> None:
     if tree is None:
+        return
+    if isinstance(tree, LayerState):
+        for n, t in tree.tensors().items():
+            out[f"{prefix}.{n}"] = t
         return
     if isinstance(tree, dict):
         for n, t in tree.items():

@@ -1,0 +1,439 @@
+"""Titans neural long-term memory (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663) and its
+MAC / MAG / MAL blocks.
+
+Per head the memory M is an MLP of L layers without biases (GELU between layers; L = 1 is a
+matrix), trained online on ℓ_t(M) = ½‖M(k_t) − v_t‖² with momentum on the "surprise" and a
+forgetting gate, all three rates data-dependent:
+
+    S_t = η_t S_{t−1} − θ_t ∇ℓ_t(M_{t'})          (momentum; ``inner_optimizer="sgd"``: η ≡ 0)
+    M_t = (1 − α_t) M_{t−1} + S_t                   (forgetting)
+    y_t = M_t(q_t)                                  (read after the update, no further change)
+
+θ_t = base_lr·σ(x_t w_θ + b_θ), η_t = σ(x_t w_η + b_η), α_t = σ(x_t w_α + b_α) per head and token.
+t' is the first token of t's chunk (``chunk_size`` b): inside a chunk every gradient is taken at
+the chunk's starting memory ("frozen gradients", the paper's parallel training; b = 1 is the
+online rule). Then M_t is linear in (M_{t'}, S_{t'}, the u_j = ∇ℓ_j):
+
+    M_t = β_t M_{t'} + f_t S_{t'} + Σ_{j≤t} c_tj u_j,     S_t = m_t S_{t'} + Σ_{j≤t} s_tj u_j
+
+and the coefficients come from the two first-order scans themselves, run on unit impulses:
+s_·j = scan(η, −θ_j e_j), c_·j = scan(1 − α, s_·j), m = scan(η, η₀e₀), f = scan(1 − α, m),
+β = scan(1 − α, (1 − α₀)e₀)  (``scan.linear_scan``: accelerated_scan on CUDA, pure torch here).
+Each u_j of layer l is an outer product X_jᵀ δ_j (layer input × backpropagated error at M_{t'}),
+so the read never materialises per-token weights (the TTT "dual form"): for layer l with input H,
+
+    Z = diag(β) H W + diag(f) H S + (C ⊙ H Xᵀ) Δ.
+
+A call may start or end inside a chunk: the state then carries the chunk's anchor M_{t'} (where
+the remaining gradients are taken) beside the current M and S, so one call = any split.
+Only torch is imported (``accelerated_scan`` optionally): this file is copied into HF folders.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionLayer
+from .modules import CausalConv1d, HeadRMSNorm
+from .parts import Recipe, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
+from .reference import memory_scan_reference
+from .scan import linear_scan
+from .state import LayerState
+
+# ------------------------------------------------------------------------------ coefficients
+
+
+def _scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """linear_scan over the last dim for [..., ch, n] tensors with any leading dims."""
+    lead = tokens.shape[:-2]
+    g = gates.expand_as(tokens).reshape(-1, *tokens.shape[-2:])
+    return linear_scan(g.contiguous(), tokens.reshape(-1, *tokens.shape[-2:]).contiguous()).reshape(*lead, *tokens.shape[-2:])
+
+
+def titans_coefficients(lr, eta, alpha):
+    """Coefficients of one segment of n tokens (all inputs [..., n]); see the module docstring.
+
+    Returns c [..., n, n] (row t, column j), s_last [..., n] (= s_{n−1, j}), beta, f, m [..., n].
+    """
+    n = lr.shape[-1]
+    eye = torch.eye(n, dtype=lr.dtype, device=lr.device)
+    keep = 1 - alpha
+    # channels of the momentum scan: u_0..u_{n−1} (impulse −θ_j at t = j), then S_{t'} (η₀ at t = 0)
+    s0_tokens = eta[..., :1] * eye[0]
+    mom_tokens = torch.cat([-(lr[..., None, :] * eye), s0_tokens[..., None, :]], -2)  # [..., n+1, n]: channel j, time t
+    mom = _scan(eta[..., None, :], mom_tokens)
+    m0_tokens = (keep[..., :1] * eye[0])[..., None, :]  # (1 − α₀) at t = 0
+    dec = _scan(keep[..., None, :], torch.cat([mom, m0_tokens], -2))  # [..., n+2, n]
+    c = dec[..., :n, :].transpose(-1, -2)  # [t, j]
+    return c, mom[..., :n, -1], dec[..., n + 1, :], dec[..., n, :], mom[..., n, :]
+
+
+# ------------------------------------------------------------------------------ the chunked scan
+_SQRT_2_PI = (2.0 / 3.141592653589793) ** 0.5
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of the tanh GELU with the exact √(2/π) (parts.gelu_tanh_grad keeps TTT's rounded one)."""
+    u = _SQRT_2_PI * (x + 0.044715 * x**3)
+    t = torch.tanh(u)
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_PI * (1 + 3 * 0.044715 * x * x)
+
+
+
+def _backprop_at(weights: list, k: torch.Tensor, v: torch.Tensor):
+    """Per-token layer inputs X_l and errors Δ_l of ½‖M(k) − v‖² at the given weights."""
+    xs, zs, h = [], [], k
+    L = len(weights)
+    for i, W in enumerate(weights):
+        xs.append(h)
+        z = h @ W
+        zs.append(z)
+        h = gelu_tanh(z) if i < L - 1 else z
+    d = h - v
+    ds = [None] * L
+    for i in range(L - 1, -1, -1):
+        ds[i] = d
+        if i:
+            d = (d @ weights[i].transpose(-1, -2)) * gelu_tanh_grad(zs[i - 1])
+    return xs, ds
+
+
+def _segment(cur: list, anchor: list, mom: list | None, q, k, v, coeffs):
+    """n tokens inside one chunk, from current weights ``cur`` (and momentum ``mom``) with
+    gradients at ``anchor``. Returns (o [.., n, d], weights after, momentum after)."""
+    xs, ds = _backprop_at(anchor, k, v)
+    c, s_last, beta, f, m = coeffs
+    h, L = q, len(cur)
+    for i in range(L):
+        z = beta[..., None] * (h @ cur[i]) + (c * (h @ xs[i].transpose(-1, -2))) @ ds[i]
+        if mom is not None:
+            z = z + f[..., None] * (h @ mom[i])
+        h = gelu_tanh(z) if i < L - 1 else z
+    c_last = c[..., -1, :, None]
+    new_w = [beta[..., -1:, None] * W + (c_last * X).transpose(-1, -2) @ D for W, X, D in zip(cur, xs, ds)]
+    new_m = None
+    if mom is not None:
+        new_w = [W + f[..., -1:, None] * S for W, S in zip(new_w, mom)]
+        new_m = [m[..., -1:, None] * S + (s_last[..., :, None] * X).transpose(-1, -2) @ D for S, X, D in zip(mom, xs, ds)]
+    return h, new_w, new_m
+
+
+def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | None, q, k, v, lr, eta, alpha,
+                        position: int, chunk_size: int):
+    """Chunked Titans memory. q, k, v: [B, H, T, d]; lr, eta, alpha: [B, H, T]; weights/anchor/
+    momentum: {W1..WL}: [B, H, d_in, d_out] (momentum None = plain GD with decay). Returns
+    (o [B, H, T, d], weights, anchor-or-None, momentum-or-None)."""
+    names = sorted(weights, key=lambda n: int(n[1:]))
+    cur = [weights[n] for n in names]
+    anc = cur if anchor is None else [anchor[n] for n in names]
+    mom = None if momentum is None else [momentum[n] for n in names]
+    if mom is None:
+        eta = torch.zeros_like(eta)
+    b, T = chunk_size, q.shape[2]
+    head = min(T, (b - position % b) % b)
+    n_full = (T - head) // b
+    outs = []
+
+    def piece(start, stop):  # a head that finishes a chunk begun earlier, or a tail that starts one
+        nonlocal cur, anc, mom
+        sl = slice(start, stop)
+        coeffs = titans_coefficients(lr[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
+        o, cur, mom = _segment(cur, anc, mom, q[:, :, sl], k[:, :, sl], v[:, :, sl], coeffs)
+        if (position + stop) % b == 0:
+            anc = cur
+        outs.append(o)
+
+    if head:
+        piece(0, head)
+    if n_full:  # what does not depend on the memory is computed for all chunks at once
+        sl = slice(head, head + n_full * b)
+
+        def blocks(x):
+            return x[:, :, sl].unflatten(2, (n_full, b)).movedim(2, 0)  # [N, B, H, b, ...]
+
+        coeffs = [t.unbind(0) for t in titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))]
+        qb, kb, vb = (blocks(t).unbind(0) for t in (q, k, v))
+        for i in range(n_full):
+            o, cur, mom = _segment(cur, cur, mom, qb[i], kb[i], vb[i], [t[i] for t in coeffs])
+            outs.append(o)
+        anc = cur
+    if head + n_full * b < T:
+        piece(head + n_full * b, T)
+    o = torch.cat(outs, 2)
+    at_boundary = (position + T) % b == 0
+    return (o, dict(zip(names, cur)), None if at_boundary else dict(zip(names, anc)),
+            None if mom is None else dict(zip(names, mom)))
+
+
+def titans_recipe(chunk_size: int, use_momentum: bool) -> Recipe:
+    """Titans in the generic frame: L2 on a deep MLP, momentum + forgetting, frozen-gradient chunks."""
+
+    def inner_loss(theta, k_t, v_t, extra):
+        return l2_loss(deep_mlp_memory(theta, k_t), v_t)
+
+    def read(theta, q_t, extra):
+        return deep_mlp_memory(theta, q_t)
+
+    def token_step(anchor, theta, opt, grad, g, i):
+        if not use_momentum:
+            return {n: (1 - g["alpha"]) * theta[n] - g["lr"] * grad[n] for n in theta}, opt
+        theta, mom = momentum_step(theta, opt["momentum"], grad, g["lr"], g["eta"], g["alpha"])
+        return theta, {"momentum": mom}
+
+    return Recipe(inner_loss, read, token_step, chunk_size)
+
+
+def titans_scan_reference(weights, anchor, momentum, q, k, v, lr, eta, alpha, position, chunk_size):
+    """Same contract as :func:`titans_scan_chunked`, token by token through the generic reference."""
+    opt = {} if momentum is None else {"momentum": momentum}
+    o, w, anc, opt = memory_scan_reference(titans_recipe(chunk_size, momentum is not None), weights, anchor, opt,
+                                           q, k, v, {"lr": lr, "eta": eta, "alpha": alpha}, {}, position)
+    return o, w, anc, opt.get("momentum")
+
+
+TITANS_SCANS = {"chunk": titans_scan_chunked, "reference": titans_scan_reference}
+
+
+# ------------------------------------------------------------------------------ the layer
+
+
+class TitansMemory(nn.Module):
+    """The neural long-term memory as a sequence mixer (``titans``, the paper's LMM)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 64, depth: int = 2, expansion: int = 2,
+                 base_lr: float = 0.1, optimizer: str = "momentum", conv_kernel: int = 4, norm_eps: float = 1e-6,
+                 scan_impl: str = "chunk"):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if optimizer not in ("momentum", "sgd"):
+            raise ValueError(f"unknown inner_optimizer {optimizer!r} for titans; expected 'momentum' or 'sgd'")
+        if scan_impl not in TITANS_SCANS:
+            raise ValueError(f"unknown scan_impl {scan_impl!r}; expected one of {sorted(TITANS_SCANS)}")
+        if chunk_size < 1 or depth < 1 or expansion < 1:
+            raise ValueError("chunk_size, depth and expansion must be ≥ 1")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = d = hidden_size // num_heads
+        self.chunk_size, self.depth, self.base_lr = chunk_size, depth, base_lr
+        self.use_momentum, self.scan_impl = optimizer == "momentum", scan_impl
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.conv_q = CausalConv1d(hidden_size, conv_kernel)
+        self.conv_k = CausalConv1d(hidden_size, conv_kernel)
+        self.conv_v = CausalConv1d(hidden_size, conv_kernel)
+        self.gates = nn.Linear(hidden_size, 3 * num_heads, bias=True)  # θ (step), η (momentum), α (forget)
+        dims = [d] + [expansion * d] * (depth - 1) + [d]
+        for i in range(depth):  # the memory's initial weights: slow, per head
+            self.register_parameter(f"W{i + 1}", nn.Parameter(torch.zeros(num_heads, dims[i], dims[i + 1])))
+        self.o_norm = HeadRMSNorm(d, eps=norm_eps)
+        self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.reset_memory_parameters()
+
+    @property
+    def fast_weight_names(self) -> list[str]:
+        return [f"W{i + 1}" for i in range(self.depth)]
+
+    def reset_memory_parameters(self, init=None) -> None:
+        """Memory weights ~ N(0, 1/d_in); gate biases: θ ≈ base_lr/2, η ≈ 0.9, α ≈ 0.02."""
+        init = init or nn.init
+        for n in self.fast_weight_names:
+            p = getattr(self, n)
+            init.normal_(p, mean=0.0, std=p.shape[-2] ** -0.5)
+        H = self.num_heads
+        with torch.no_grad():
+            bias = torch.cat([torch.zeros(H), torch.full((H,), 2.2), torch.full((H,), -4.0)])
+        if hasattr(init, "copy_"):
+            init.copy_(self.gates.bias, bias.to(self.gates.bias.dtype))
+        else:
+            with torch.no_grad():
+                self.gates.bias.copy_(bias)
+
+    def init_state(self, batch_size: int) -> LayerState:
+        weights = {n: getattr(self, n).float().unsqueeze(0).expand(batch_size, *getattr(self, n).shape)
+                   for n in self.fast_weight_names}
+        opt = {"momentum": {n: torch.zeros_like(w) for n, w in weights.items()}} if self.use_momentum else {}
+        return LayerState(weights=weights, opt=opt)
+
+    def _heads(self, t):
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def scan(self, x: torch.Tensor, state: LayerState | None = None):
+        """Projections and the memory scan: x [B, T, C] → (y per head [B, H, T, d], state)."""
+        B, T, _ = x.shape
+        state = state if state is not None else self.init_state(B)
+        conv = {}
+        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
+        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
+        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
+        compute = torch.promote_types(x.dtype, torch.float32)
+        q, k, v = (self._heads(F.silu(t)).to(compute) for t in (q, k, v))
+        q, k = l2_normalize(q), l2_normalize(k)
+        g = self.gates(x).to(compute).transpose(1, 2)  # [B, 3H, T]
+        lr = torch.sigmoid(g[:, : self.num_heads]) * self.base_lr
+        eta, alpha = torch.sigmoid(g[:, self.num_heads : 2 * self.num_heads]), torch.sigmoid(g[:, 2 * self.num_heads :])
+        cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
+        o, weights, anchor, mom = TITANS_SCANS[self.scan_impl](
+            cast(state.weights), cast(state.anchor), cast(state.opt.get("momentum")), q, k, v, lr, eta, alpha,
+            state.position, self.chunk_size)
+        new = LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom}, conv=conv,
+                         position=state.position + T)
+        return o, new
+
+    def read(self, weights: dict, q: torch.Tensor) -> torch.Tensor:
+        """M(q) with the given weights and no update (MAC's retrieval). q: [B, H, T, d]."""
+        return deep_mlp_memory({n: w.to(q.dtype) for n, w in weights.items()}, q)
+
+    def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm, SiLU gate from x, output projection."""
+        o = self.o_norm(o.to(x.dtype)).transpose(1, 2)
+        return self.o_proj((o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))).flatten(2))
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None):
+        o, state = self.scan(x, state)
+        return self.output(x, o), state
+
+
+# ------------------------------------------------------------------------------ the blocks
+
+
+class _Gate(nn.Module):
+    """out = W (RMSNorm(a) ⊙ σ(RMSNorm(m))): the normalised non-linear gating of MAG/MAC."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.norm_a, self.norm_m = HeadRMSNorm(hidden_size, eps), HeadRMSNorm(hidden_size, eps)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, a, m):
+        return self.proj(self.norm_a(a) * torch.sigmoid(self.norm_m(m)))
+
+
+def _sub(state: LayerState | None, name: str):
+    return None if state is None else state.extra.get(name)
+
+
+def _pack(position: int, **parts) -> LayerState:
+    """A composite state: each part's LayerState flattened under ``extra[name]``."""
+    return LayerState(extra={n: p for n, p in parts.items() if p is not None}, position=position)
+
+
+class TitansMAG(nn.Module):
+    """Memory as a gate: sliding-window attention (with persistent tokens) and the memory read the
+    same input in parallel; o = W (norm(attn) ⊙ σ(norm(memory)))."""
+
+    def __init__(self, memory: TitansMemory, attention: AttentionLayer, eps: float = 1e-6):
+        super().__init__()
+        self.memory, self.attention = memory, attention
+        self.gate = _Gate(memory.hidden_size, eps)
+
+    def forward(self, x, state: LayerState | None = None):
+        a, sa = self.attention(x, _sub(state, "attention"))
+        m, sm = self.memory(x, _sub(state, "memory"))
+        return self.gate(a, m), _pack(sm.position, attention=sa, memory=sm)
+
+
+class TitansMAL(nn.Module):
+    """Memory as a layer: the memory first, then sliding-window attention (persistent tokens) on its
+    normalised output."""
+
+    def __init__(self, memory: TitansMemory, attention: AttentionLayer, eps: float = 1e-6):
+        super().__init__()
+        self.memory, self.attention = memory, attention
+        self.norm = HeadRMSNorm(memory.hidden_size, eps)
+
+    def forward(self, x, state: LayerState | None = None):
+        m, sm = self.memory(x, _sub(state, "memory"))
+        a, sa = self.attention(self.norm(m), _sub(state, "attention"))
+        return a, _pack(sm.position, attention=sa, memory=sm)
+
+
+def build_titans_mixer(config, kind: str, rope_theta: float) -> nn.Module:
+    """``titans`` (LMM alone), ``titans_mag``, ``titans_mal`` or ``titans_mac`` from a MemoryLMConfig."""
+    memory = TitansMemory(config.hidden_size, config.num_attention_heads, chunk_size=config.titans_chunk_size,
+                          depth=config.titans_memory_depth, expansion=config.titans_memory_expansion,
+                          base_lr=config.titans_base_lr, optimizer=config.inner_optimizer or "momentum",
+                          conv_kernel=config.conv_kernel, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl)
+    if kind == "titans":
+        return memory
+    if kind == "titans_mac":
+        return TitansMAC(memory, config.num_attention_heads, config.titans_segment_size, config.num_persistent_tokens,
+                         rope_theta, config.rms_norm_eps)
+    attention = AttentionLayer(config.hidden_size, config.num_attention_heads, window=config.attention_window,
+                               rope_theta=rope_theta, num_persistent=config.num_persistent_tokens)
+    return (TitansMAG if kind == "titans_mag" else TitansMAL)(memory, attention, config.rms_norm_eps)
+
+
+class TitansMAC(nn.Module):
+    """Memory as context. The sequence is cut into segments of ``segment_size`` tokens; for segment s
+
+        r = M_{s−1}(q̃)                  retrieve with the memory as it was at the segment's start
+        y = Attn([persistent ‖ r ‖ x])   causal attention inside the segment over retrieved + input tokens
+        m = LMM(y)                        the memory reads y and updates itself on it (per token/chunk)
+        o = W (norm(y) ⊙ σ(norm(m)))
+
+    The state keeps the memory's state, the memory weights at the segment start and the segment's
+    keys/values so far, so a call may end anywhere inside a segment.
+    """
+
+    def __init__(self, memory: TitansMemory, num_heads: int, segment_size: int, num_persistent: int,
+                 rope_theta: float, eps: float = 1e-6):
+        super().__init__()
+        if segment_size % memory.chunk_size:
+            raise ValueError(f"segment_size {segment_size} must be a multiple of the memory chunk_size {memory.chunk_size}")
+        C = memory.hidden_size
+        self.memory, self.segment_size = memory, segment_size
+        self.retrieve_q = nn.Linear(C, C, bias=False)
+        self.retrieve_norm = HeadRMSNorm(memory.head_dim, eps)
+        self.attention = AttentionLayer(C, num_heads, window=None, rope_theta=rope_theta, num_persistent=num_persistent)
+        self.gate = _Gate(C, eps)
+
+    def _retrieve(self, x, weights):
+        q = l2_normalize(self.memory._heads(F.silu(self.retrieve_q(x))).to(next(iter(weights.values())).dtype))
+        r = self.retrieve_norm(self.memory.read(weights, q).to(x.dtype))
+        return r.transpose(1, 2).flatten(2)
+
+    def forward(self, x, state: LayerState | None = None):
+        B, T, _ = x.shape
+        position = 0 if state is None else state.position
+        mem = _sub(state, "memory") or self.memory.init_state(B)
+        seg_w = _sub(state, "segment_weights")
+        cache = _sub(state, "cache") or {}
+        att = self.attention
+        pk, pv = att.prefix(B, x.dtype)
+        ys, outs = [], []
+        start = 0
+        while start < T:
+            pos = position + start
+            stop = min(T, start + self.segment_size - pos % self.segment_size)
+            if pos % self.segment_size == 0:  # a new segment: retrieve with the memory as it is now
+                seg_w, cache = mem.weights, {}
+            xs = x[:, start:stop]
+            r = self._retrieve(xs, seg_w)
+            q, kx, vx = att.project(xs, pos)
+            _, kr, vr = att.project(r, pos)
+            if cache:
+                kr, vr = torch.cat([cache["kr"], kr], 2), torch.cat([cache["vr"], vr], 2)
+                kx, vx = torch.cat([cache["kx"], kx], 2), torch.cat([cache["vx"], vx], 2)
+            cache = {"kr": kr, "vr": vr, "kx": kx, "vx": vx}
+            n_k = kx.shape[2]
+            kpos = torch.arange(pos + stop - start - n_k, pos + stop - start, device=x.device)
+            qpos = torch.arange(pos, pos + stop - start, device=x.device)
+            mask = (kpos[None, :] <= qpos[:, None]).repeat(1, 2)
+            k_all, v_all = torch.cat([kr, kx], 2), torch.cat([vr, vx], 2)
+            if pk is not None:
+                k_all, v_all = torch.cat([pk, k_all], 2), torch.cat([pv, v_all], 2)
+                mask = torch.cat([mask.new_ones(stop - start, pk.shape[2]), mask], 1)
+            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            y = att.o_proj(o.transpose(1, 2).flatten(2))
+            m, mem = self.memory(y, mem)
+            outs.append(self.gate(y, m))
+            start = stop
+        end = position + T
+        mid = end % self.segment_size != 0
+        new = LayerState(extra={"memory": mem}, position=end)
+        if mid:
+            new.extra["segment_weights"], new.extra["cache"] = seg_w, cache
+        return torch.cat(outs, 1), new
