@@ -76,7 +76,7 @@ def worker(args, cp: int):
 
 def scan_fraction(args) -> float:
     """f: share of one block's forward+backward spent in the inner scan (1 thread, full sequence)."""
-    from parallel.context import ttt_epilogue, ttt_prologue, ttt_scan
+    from parallel.context import ttt_prologue, ttt_scan
 
     block = build(args).model.layers[0]
     layer = block.mixer

@@ -111,8 +111,9 @@ class CPComm:
         self.flush()
 
     def dummy(self, device) -> torch.Tensor:
-        """A leaf that requires grad: keeps received tensors in the graph even if the activations
-        do not require grad (a rank that skipped the backward send would hang its neighbour)."""
+        """A leaf that requires grad, given to both exchange functions: their backward runs even
+        where the exchanged tensors need no gradient (frozen layers), so the two sides of every
+        backward exchange always meet (a one-sided send or recv would hang the neighbour)."""
         if device not in self._dummy:
             self._dummy[device] = torch.zeros((), device=device, requires_grad=True)
         d = self._dummy[device]
@@ -127,7 +128,7 @@ class CPComm:
         """Sends ``tensors`` to CP rank r+1 now; returns ``anchor`` (use it in its place)."""
         if self.next is None:
             return anchor
-        return _SendNext.apply(self, self.tag(layer, kind, False), anchor, *tensors)
+        return _SendNext.apply(self, self.tag(layer, kind, False), anchor, self.dummy(anchor.device), *tensors)
 
 
 class _RecvPrev(torch.autograd.Function):
@@ -153,7 +154,7 @@ class _RecvPrev(torch.autograd.Function):
 
 class _SendNext(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, comm, tag, anchor, *tensors):
+    def forward(ctx, comm, tag, anchor, dummy, *tensors):
         ctx.comm, ctx.tag = comm, tag
         ctx.templates = [(t.shape, t.dtype) for t in tensors]
         ctx.wire = _wire_dtype([t.dtype for t in tensors])
@@ -170,7 +171,7 @@ class _SendNext(torch.autograd.Function):
         dist.recv(buf, src=comm.next, group=comm.group, tag=ctx.tag + 1)
         comm.record("recv_grad", ctx.tag)
         comm.queue_flush()
-        return (None, None, g_anchor, *_unpack(buf, ctx.templates))
+        return (None, None, g_anchor, None, *_unpack(buf, ctx.templates))
 
 
 # ------------------------------------------------------------------- TTT layer, split in three

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .context import CPComm, recv_qk_conv_tails, ttt_epilogue, ttt_prologue, ttt_scan, KIND_QK_CONV
+from .context import KIND_QK_CONV, CPComm, recv_qk_conv_tails, ttt_epilogue, ttt_prologue, ttt_scan
 
 
 def _all_to_all(x: torch.Tensor, split_dim: int, cat_dim: int, group, world: int) -> torch.Tensor:
