@@ -1,0 +1,120 @@
+"""plan: a grid of runs (model sizes × token budgets × memory-layer types) written as configs.
+
+    SWEEP/sweep.json                   the manifest: settings + one entry per run (N, D, steps, paths)
+    SWEEP/runs.txt                     run names, one a line; Slurm array task i runs line i+1
+    SWEEP/runs/NAME/config.json        the training program's settings (python -m pretrain.train --config)
+    SWEEP/runs/NAME/model/config.json  the model (a preset's sizes + the memory layer), passed as --model
+
+A size is a preset name (``test``, ``tiny``, ``125m``, …) or ``WIDTHxDEPTH`` (e.g. ``192x3``: hidden 192,
+3 blocks, head dim 64, SwiGLU width 8/3·hidden rounded up to 16; vocabulary and the rest from
+``--base-model``). A token budget D becomes ``steps = ceil(D / (seq_len · micro_batch · grad_accum · DP))``
+and the run's D is the tokens those steps actually see. N counts the parameters outside the embedding
+(and the tied output head): the Kaplan/Chinchilla convention for small models, where embeddings
+dominate the total but not the compute; ``n_params_total`` is kept too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+
+class PlanError(ValueError):
+    pass
+
+
+def model_config(size: str, layer: str, base_model: str = "tiny", **overrides):
+    """MemoryLMConfig for a size spec and a memory-layer type."""
+    from models import MEMORY_LAYERS, PRESETS, preset_config
+
+    if layer not in MEMORY_LAYERS:
+        raise PlanError(f"memory layer {layer!r} is not implemented (yet); available: {sorted(MEMORY_LAYERS)}")
+    m = re.fullmatch(r"(\d+)x(\d+)", size)
+    if size in PRESETS:
+        return preset_config(size, memory_layer=layer, **overrides)
+    if not m:
+        raise PlanError(f"size {size!r}: expected a preset ({', '.join(PRESETS)}) or WIDTHxDEPTH like 192x3")
+    hidden, depth = int(m.group(1)), int(m.group(2))
+    if hidden % 64:
+        raise PlanError(f"size {size!r}: the width must be a multiple of 64 (head dim 64)")
+    inter = -(-int(hidden * 8 / 3) // 16) * 16
+    return preset_config(base_model, hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=hidden // 64,
+                         intermediate_size=inter, memory_layer=layer, **overrides)
+
+
+def count_params(config) -> tuple[int, int]:
+    """(non-embedding parameters, all parameters) of the model, built on the meta device."""
+    import torch
+
+    from models import MemoryLMForCausalLM
+
+    with torch.device("meta"):
+        model = MemoryLMForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())  # tied head counted once
+    emb = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings()
+    untied = head is not None and head.weight is not model.get_input_embeddings().weight
+    return total - emb - (head.weight.numel() if untied else 0), total
+
+
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        return [int(float(t)) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise PlanError(f"--tokens {text!r}: expected numbers like 2e6,4e6") from None
+
+
+def plan(sweep_dir, sizes: list[str], tokens: list[int], layers: list[str], *, data: str = "synthetic",
+         seq_len: int = 128, micro_batch: int = 8, grad_accum: int = 1, nproc: int = 1, lr: float = 1e-3,
+         warmup_fraction: float = 0.05, schedule: str = "cosine", eval_every: int = 0, save_every: int = 0,
+         seed: int = 0, base_model: str = "tiny", base_config: str | None = None, extra: dict | None = None,
+         overwrite: bool = False) -> dict:
+    """Writes the sweep and returns its manifest (see the module docstring)."""
+    sweep = Path(sweep_dir).absolute()
+    if (sweep / "sweep.json").exists() and not overwrite:
+        raise PlanError(f"{sweep}/sweep.json exists (pass --overwrite to re-plan; finished runs are kept)")
+    if not sizes or not tokens or not layers:
+        raise PlanError("need at least one size, one token budget and one memory layer")
+    base = {}
+    if base_config:
+        from pretrain.config import load_config_file
+
+        base = load_config_file(base_config)
+    tokens_per_step = seq_len * micro_batch * grad_accum * nproc
+    runs = []
+    for layer in layers:
+        for size in sizes:
+            cfg = model_config(size, layer, base_model)
+            n, n_total = count_params(cfg)
+            for budget in tokens:
+                steps = max(1, math.ceil(budget / tokens_per_step))
+                name = f"{layer}-{size}-d{budget:.0e}".replace("+", "")
+                run_dir = sweep / "runs" / name
+                (run_dir / "model").mkdir(parents=True, exist_ok=True)
+                cfg.to_json_file(run_dir / "model" / "config.json")
+                train = {**base, **(extra or {}),
+                         "model": str(run_dir / "model"), "data": data, "out": str(run_dir), "steps": steps,
+                         "seq_len": seq_len, "micro_batch": micro_batch, "grad_accum": grad_accum, "lr": lr,
+                         "schedule": schedule, "warmup": max(1, int(warmup_fraction * steps)), "seed": seed,
+                         "eval_every": eval_every or steps, "save_every": save_every or max(1, steps // 4)}
+                (run_dir / "config.json").write_text(json.dumps(train, indent=2) + "\n")
+                runs.append({"name": name, "size": size, "layer": layer, "n_params": n, "n_params_total": n_total,
+                             "tokens_budget": budget, "tokens": steps * tokens_per_step, "steps": steps,
+                             "flops_6nd": 6.0 * n * steps * tokens_per_step,
+                             "dir": str(run_dir), "config": str(run_dir / "config.json")})
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        raise PlanError("two runs got the same name: give distinct sizes and token budgets")
+    manifest = {"version": 1, "nproc": nproc, "tokens_per_step": tokens_per_step, "sizes": sizes, "tokens": tokens,
+                "layers": layers, "runs": runs}
+    (sweep / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (sweep / "runs.txt").write_text("".join(n + "\n" for n in names))
+    return manifest
+
+
+def load_manifest(sweep_dir) -> dict:
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.is_file():
+        raise PlanError(f"{path} does not exist: run `python -m pretrain.sweep plan` first")
+    return json.loads(path.read_text())
