@@ -17,6 +17,7 @@ MODEL_CODE_FILES = [
     "attention.py",
     "configuration_memory.py",
     "deltanet.py",
+    "lact.py",
     "modeling_memory.py",
     "modules.py",
     "parts.py",

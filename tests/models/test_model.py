@@ -13,6 +13,8 @@ CONFIGS = {
     "deltanet_swa_hybrid": dict(memory_layer="deltanet", layer_pattern="M,S", attention_window=6, deltanet_chunk_size=8),
     "attention_ttt_hybrid": dict(memory_layer="ttt_linear", layer_pattern=["attention", "memory"], mini_batch_size=8),
     "titans_mac": dict(memory_layer="titans_mac", titans_chunk_size=4, titans_segment_size=8, num_persistent_tokens=2),
+    "lact_gdn_hybrid": dict(layer_pattern=["lact", "gated_deltanet"], lact_chunk_size=6, attention_window=4,
+                            lact_num_heads=2, deltanet_chunk_size=4),
     "titans_mag_mal": dict(layer_pattern=["titans_mag", "titans_mal"], titans_chunk_size=4, attention_window=5),
 }
 
