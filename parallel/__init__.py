@@ -10,6 +10,7 @@ from .parallelize import (
     gather_full_state_dict,
     load_full_state_dict,
     parallelize,
+    reduce_gradients,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "load_full_state_dict",
     "parallel_cross_entropy",
     "parallelize",
+    "reduce_gradients",
 ]

@@ -109,6 +109,23 @@ def gather_full_grads(model, dims: ParallelDims, reduce_cp: bool = True) -> dict
     return out
 
 
+def reduce_gradients(model, dims: ParallelDims) -> None:
+    """Sums every parameter's gradient over DP × CP (for trainers without DeepSpeed/DDP; with
+    ``global_mean_loss`` the result is the full batch's mean-loss gradient). One flat all-reduce."""
+    if dims.dp * dims.cp == 1:
+        return
+    # every rank must contribute the same list: a parameter this rank did not touch (the initial
+    # fast weights on CP ranks > 0, which start from a received state) counts as a zero gradient
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=dims.dp_cp_group)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p.grad))
+
+
 def load_full_state_dict(model, full: dict, dims: ParallelDims, strict: bool = True) -> None:
     """Loads a single-device state_dict into a parallelized model (keeps this rank's shards)."""
     own = model.state_dict(keep_vars=True)

@@ -79,6 +79,7 @@ def test_eval_frozen_embedding_and_bf16(suite):
         assert x["eval"] <= TOL  # no_grad forward, twice
         assert x["frozen_embedding"] <= TOL
         assert x["frozen_stays_frozen"]
+        assert x["reduce_gradients"] == 0.0
         assert x["bf16_grads_finite"]
         assert x["bf16_logits"] <= 0.02 * x["bf16_logits_scale"]  # a few bf16 ulps
 

@@ -213,7 +213,7 @@ def extras_worker():
     gradients), and bfloat16 (mixed wire dtypes) — TP=2 × CP=2."""
     import gc
     import time
-    from parallel import gather_full_grads, init_parallel, parallel_cross_entropy, parallelize
+    from parallel import gather_full_grads, init_parallel, parallel_cross_entropy, parallelize, reduce_gradients
     from parallel.loss import cp_slice
 
     dims = init_parallel(tp=2, cp=2)
@@ -244,6 +244,9 @@ def extras_worker():
     loss_sum, _ = parallel_cross_entropy(par(cp_slice(ids, dims)).logits, cp_slice(tgt, dims), dims)
     (loss_sum / n).backward()
     grads = gather_full_grads(par, dims)
+    reduce_gradients(par, dims)  # dp = 1 here: the sum over CP
+    reduced = gather_full_grads(par, dims, reduce_cp=False)
+    out["reduce_gradients"] = max((reduced[k] - grads[k]).abs().max().item() for k in grads)
     out["frozen_embedding"] = max((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads)
     out["frozen_stays_frozen"] = not par.model.embed_tokens.weight.requires_grad
 
