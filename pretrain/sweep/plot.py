@@ -72,9 +72,9 @@ def plot_isoflop(df, fits: dict, path, budgets=None, tolerance: float = 1.5) -> 
             near = sub[(sub["flops_6nd"] > C / tolerance) & (sub["flops_6nd"] < C * tolerance)]
             ax.plot(near["n_params"], near["loss"], "o", color=color)
             if fit is not None:
-                n = np.geomspace(n_lo, n_hi, 200)
-                ax.plot(n, fit.loss(n, C / (6 * n)), "-", color=color, label=f"C={C:.2g}")
                 n_opt, d_opt = fit.compute_optimal(C)
+                n = np.geomspace(min(n_lo, n_opt / 4), max(n_hi, n_opt * 4), 200)
+                ax.plot(n, fit.loss(n, C / (6 * n)), "-", color=color, label=f"C={C:.2g}")
                 ax.plot([n_opt], [fit.loss(n_opt, d_opt)], "*", color=color, ms=14, mec="k")
         ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="loss", title=f"{layer}: iso-FLOP")
         ax.grid(True, which="both", alpha=0.3)
