@@ -35,6 +35,7 @@ Rank r's piece starts at position r·T_local: every rank must hold the same numb
 from __future__ import annotations
 
 import functools
+import pickle
 import time
 
 import torch
@@ -43,7 +44,8 @@ import torch.nn.functional as F
 
 from .groups import ParallelDims
 
-KIND_PRE_CONV, KIND_QK_CONV, KIND_STATE = 0, 1, 2
+KIND_PRE_CONV, KIND_QK_CONV, KIND_STATE, KIND_META = 0, 1, 2, 3
+HEADER_BYTES = 1 << 16  # the pickled structure of a generic mixer's state travels in a fixed-size header
 
 
 # ---------------------------------------------------------------------------------- wire format
@@ -292,6 +294,61 @@ class CPBlock:
         return x, new_state
 
 
+class _Spec:
+    """Placeholder for a tensor in a state's pickled structure."""
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+
+
+def _encode(obj) -> torch.Tensor:
+    data = pickle.dumps(obj)
+    if len(data) > HEADER_BYTES - 8:
+        raise ValueError(f"state structure of {len(data)} bytes does not fit the {HEADER_BYTES}-byte CP header")
+    buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    buf[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    buf[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return buf
+
+
+def _decode(buf: torch.Tensor):
+    n = int(buf[:8].view(torch.int64).item())
+    return pickle.loads(bytes(buf[8 : 8 + n].tolist()))
+
+
+class CPGenericMixer:
+    """Mixin for any mixer with the state API ``forward(x, state) -> (y, state)`` (state with
+    ``.map``): DeltaNet, Titans, LaCT, sliding-window and full attention. The whole mixer call is
+    the serial part (the TTT path narrows it to the scan); the state's structure goes ahead in a
+    pickled header (isend, so the sender never waits), then its tensors as one message. For
+    attention the state is the key/value cache, so this is the halo exchange of a sliding window
+    and, for full attention, a pass-along of all earlier keys/values (exact, O(sequence) memory
+    on the last rank)."""
+
+    def forward(self, x: torch.Tensor, state=None):
+        if state is not None:
+            raise ValueError("under context parallelism the memory state comes from the previous CP rank; "
+                             "pass memory_state=None")
+        comm, idx = self._cp_comm, self._cp_layer_idx
+        incoming = None
+        if comm.prev is not None:
+            hdr = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+            dist.recv(hdr, src=comm.prev, group=comm.group, tag=comm.tag(idx, KIND_META, False))
+            spec = _decode(hdr)
+            specs = []
+            spec.map(lambda s: specs.append(s) or s)
+            got = iter(comm.recv_prev([(torch.Size(s.shape), s.dtype) for s in specs], idx, KIND_STATE, x.device))
+            incoming = spec.map(lambda s: next(got))
+        y, new_state = super().forward(x, incoming)
+        if comm.next is not None:
+            tensors = []
+            spec = new_state.map(lambda t: tensors.append(t) or _Spec(t))
+            hdr = _encode(spec)
+            comm.keep(dist.isend(hdr, dst=comm.next, group=comm.group, tag=comm.tag(idx, KIND_META, False)), hdr)
+            y = comm.send_next(y, tensors, idx, KIND_STATE)
+        return y, new_state
+
+
 _SWAPPED: dict = {}
 
 
@@ -307,12 +364,16 @@ def swap_class(module, mixin) -> None:
 
 
 def apply_cp(model, dims: ParallelDims, mixer_mixin=CPPassTTT) -> CPComm:
-    """Makes every block of ``model`` context-parallel, in place; returns the channel."""
+    """Makes every block of ``model`` context-parallel, in place; returns the channel.
+    TTT mixers get ``mixer_mixin`` (scan-level pass or Ulysses), every other mixer the generic
+    state pass."""
+    from models.ttt import TTTLayer
+
     base = model.model if hasattr(model, "model") else model
     comm = CPComm(dims)
     for block in base.layers:
         block._cp_comm = comm
         block.mixer._cp_comm, block.mixer._cp_layer_idx = comm, block.layer_idx
         swap_class(block, CPBlock)
-        swap_class(block.mixer, mixer_mixin)
+        swap_class(block.mixer, mixer_mixin if isinstance(block.mixer, TTTLayer) else CPGenericMixer)
     return comm

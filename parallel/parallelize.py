@@ -34,14 +34,25 @@ CP_MODES = ("pass", "ulysses", "prefix")
 def _check(model, dims: ParallelDims, cp_mode: str) -> None:
     if cp_mode not in CP_MODES:
         raise ValueError(f"unknown cp_mode {cp_mode!r}; expected one of {CP_MODES}")
+    from models.ttt import TTTLayer
+
     config = model.config
+    base = model.model if hasattr(model, "model") else model
+    other = sorted({type(b.mixer).__name__ for b in base.layers if not isinstance(b.mixer, TTTLayer)})
     if dims.tp > 1:
+        if other:
+            raise ValueError(f"tensor parallelism is implemented for TTT mixers only; this model also has {other} "
+                             "(use tp=1: context and data parallelism work for every mixer)")
         check_tp(config, dims)
     if dims.cp > 1:
         if cp_mode == "prefix":
-            raise ValueError(f"cp_mode='prefix' needs a memory layer whose state update is affine in the state; "
-                             f"{config.memory_layer} is not (LayerNorm inside the inner loss): use 'pass' or 'ulysses'")
+            raise ValueError("cp_mode='prefix' (all-gather + prefix combine, parallel/prefix.py) needs a memory layer "
+                             "whose state update is affine in the state and is not wired to any layer yet; TTT is not "
+                             "affine (LayerNorm inside the inner loss): use 'pass' or 'ulysses'")
         if cp_mode == "ulysses":
+            if other:
+                raise ValueError(f"cp_mode='ulysses' is implemented for TTT mixers only; this model also has {other}: "
+                                 "use cp_mode='pass'")
             check_ulysses(config.num_attention_heads // dims.tp, dims.cp)
 
 

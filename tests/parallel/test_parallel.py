@@ -13,10 +13,12 @@ from parallel.launch import run_distributed
 TOL = 1e-5
 LAYOUTS = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]
 SEQ = 40  # mini-batch 8: local lengths 20 (cp=2) and 10 (cp=4) cut mid-mini-batch
-CASES = [(v, m, SEQ) for v, m in itertools.product(workers.VARIANTS, ["pass", "ulysses"])]
+TTT = [v for v in workers.VARIANTS if v not in workers.GENERIC_VARIANTS]
+CASES = [(v, m, SEQ) for v, m in itertools.product(TTT, ["pass", "ulysses"])]
+CASES += [(v, "pass", SEQ) for v in workers.GENERIC_VARIANTS]
 CASES += [("mlp+conv+shareqk+gate", "pass", 32)]  # local lengths 16 and 8: cuts on mini-batch boundaries
 EXPECTED = [(tp, cp, v, m, s) for tp, cp in LAYOUTS for v, m, s in CASES
-            if not (m == "ulysses" and (4 // tp) % cp)]
+            if not (m == "ulysses" and (4 // tp) % cp) and not (v in workers.GENERIC_VARIANTS and tp > 1)]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,11 @@ def suite():
 def test_equals_single_process(suite, key):
     for rank, res in enumerate(suite):
         r = res["equivalence"][key]
+        tol = TOL if r["dtype"] == "torch.float32" else 1e-10
         assert not r["zero_grads"], f"reference grads are zero for {r['zero_grads']}: the test would be blind there"
-        assert r["logits"] <= TOL, (rank, r)
-        assert r["loss"] <= TOL, (rank, r)
-        assert r["grad"] <= TOL, (rank, r)
+        assert r["logits"] <= tol, (rank, r)
+        assert r["loss"] <= tol, (rank, r)
+        assert r["grad"] <= tol, (rank, r)
 
 
 @pytest.mark.slow
@@ -98,6 +101,14 @@ def _model(**kw):
 def test_heads_not_divisible_by_tp():
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor parallel size tp=8"):
         parallelize(_model(), ParallelDims(tp=8))
+
+
+def test_tp_and_ulysses_refused_for_other_mixers():
+    hybrid = workers.build_reference("gated_deltanet+swa")
+    with pytest.raises(ValueError, match="tensor parallelism is implemented for TTT mixers only"):
+        parallelize(hybrid, ParallelDims(tp=2))
+    with pytest.raises(ValueError, match="ulysses"):
+        parallelize(hybrid, ParallelDims(cp=2), cp_mode="ulysses")
 
 
 def test_seq_not_divisible_by_cp():
