@@ -1,6 +1,7 @@
 """Forward+backward throughput and peak memory of each memory layer.
 
     python -m bench.layer                         # every layer, chunked form, default size
+    python -m bench.layer --layers gated_deltanet titans lact swa --seq-len 4096
     python -m bench.layer --layers ttt_linear --seq-len 4096 --reference
     python -m bench.layer --official /path/to/ttt-lm-pytorch/ttt.py   # side by side with the official code
 
@@ -21,7 +22,10 @@ import time
 
 import torch
 
-LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}
+LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}  # TTT layer name → inner model
+# every mixer models.modeling_memory.build_mixer can make (chunk sizes etc. from MemoryLMConfig defaults)
+ALL_LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal",
+              "titans_mac", "lact", "swa", "attention"]
 
 
 def _rss_mb() -> float:
@@ -49,6 +53,8 @@ def build(impl: str, layer: str, args):
                 return self.inner(x, position_ids=pos)
 
         return Official()
+    if layer not in LAYERS:
+        return _generic(impl, layer, args)
     from models.ttt import TTTLayer
 
     ttt = TTTLayer(args.hidden, args.heads, inner=LAYERS[layer], mini_batch_size=args.mini_batch,
@@ -63,6 +69,33 @@ def build(impl: str, layer: str, args):
             return self.inner(x)[0]
 
     module = Ours()
+    return torch.compile(module) if impl == "compiled" else module
+
+
+def _generic(impl: str, layer: str, args):
+    """Any other mixer, built by the model's own factory from a config with this size."""
+    from models.configuration_memory import MemoryLMConfig
+    from models.modeling_memory import build_mixer
+
+    kind = "ttt_linear" if layer in ("swa", "attention") else layer
+    cfg = dict(hidden_size=args.hidden, num_attention_heads=args.heads, num_hidden_layers=1, memory_layer=kind,
+               layer_pattern=[layer], scan_impl="reference" if impl == "reference" else "chunk",
+               attention_window=args.window)
+    if args.chunk:
+        cfg.update(deltanet_chunk_size=args.chunk, titans_chunk_size=args.chunk, lact_chunk_size=args.chunk)
+    if layer == "titans_mac":
+        cfg["titans_segment_size"] = max(cfg.get("titans_chunk_size", 64), args.segment)
+    mixer = build_mixer(MemoryLMConfig(**cfg), 0)
+
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = mixer
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    module = Mixer()
     return torch.compile(module) if impl == "compiled" else module
 
 
@@ -102,7 +135,7 @@ def measure(impl: str, layer: str, args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    p.add_argument("--layers", nargs="+", default=ALL_LAYERS, choices=ALL_LAYERS)
     p.add_argument("--impls", nargs="+", default=["chunked"], choices=["chunked", "compiled", "reference"],
                    help="this project's implementations to time (reference = token-by-token)")
     p.add_argument("--reference", action="store_true", help="also time the token-by-token reference")
@@ -110,6 +143,9 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=0, help="chunk size of DeltaNet/Titans/LaCT (0 = config defaults: 64/64/2048)")
+    p.add_argument("--window", type=int, default=2048, help="sliding-window size (swa, Titans MAG/MAL, LaCT)")
+    p.add_argument("--segment", type=int, default=512, help="Titans MAC segment size")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--reference-seq-len", type=int, default=256, help="sequence length for the (slow) reference")
     p.add_argument("--batch", type=int, default=1)
@@ -132,19 +168,21 @@ def main(argv=None):
     print(f"# {args.device}, {args.dtype}, hidden {args.hidden}, heads {args.heads}, mini-batch {args.mini_batch}, "
           f"batch {args.batch}, seq {args.seq_len} (reference: {args.reference_seq_len}), "
           f"torch threads {torch.get_num_threads()}", flush=True)
-    print(f"{'layer':<12} {'impl':<10} {'seq':>6} {'step s':>9} {'tokens/s':>10} {'peak MB':>9}", flush=True)
+    print(f"{'layer':<14} {'impl':<10} {'seq':>6} {'step s':>9} {'tokens/s':>10} {'peak MB':>9}", flush=True)
     rows = []
     for layer in args.layers:
         for impl in impls:
+            if impl == "official" and layer not in LAYERS:
+                continue
             res = subprocess.run([sys.executable, "-m", "bench.layer", *passthrough, "--_one", impl, layer],
                                  capture_output=True, text=True)
             if res.returncode != 0:
-                print(f"{layer:<12} {impl:<10} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
+                print(f"{layer:<14} {impl:<10} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(r)
             print(json.dumps(r) if args.json else
-                  f"{layer:<12} {impl:<10} {r['seq_len']:>6} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
+                  f"{layer:<14} {impl:<10} {r['seq_len']:>6} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
                   f"{r['peak_mem_mb']:>9.0f}", flush=True)
     if args.official:
         for layer in args.layers:

@@ -1,4 +1,9 @@
-"""Model size presets, as data. The 125m–1b sizes equal the official TTT configurations."""
+"""Model size presets, as data. The 125m–1b sizes equal the official TTT configurations (the
+same 125M/350M/760M/1.3B shapes the DeltaNet, Titans and LaCT papers compare at).
+
+``preset_config(size, memory_layer=...)`` also applies that family's per-size defaults
+(``FAMILY_DEFAULTS``) at the paper sizes; explicit overrides always win.
+"""
 from __future__ import annotations
 
 from .configuration_memory import MemoryLMConfig
@@ -16,10 +21,40 @@ PRESETS: dict[str, dict] = {
     "test": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=128, max_position_embeddings=256),
 }
+PRESETS["1.3b"] = PRESETS["1b"]  # the papers' name for the same shape
+PAPER_SIZES = ("125m", "350m", "760m", "1b", "1.3b")
+
+
+def _heads_of(dim: int):
+    return lambda p: p["hidden_size"] // dim
+
+
+# memory_layer -> fields applied at the paper sizes; callables take the size preset's dict
+FAMILY_DEFAULTS: dict[str, dict] = {
+    # fla's DeltaNet/GDN use large heads (256 for GDN, with v twice as wide); here k = v = head dim: 128
+    "deltanet": dict(num_attention_heads=_heads_of(128), deltanet_chunk_size=64),
+    "gated_deltanet": dict(num_attention_heads=_heads_of(128), deltanet_chunk_size=64),
+    # Titans (no official code; unverified paper details): 64-token chunks, 2-layer memory
+    "titans": dict(num_attention_heads=_heads_of(64), titans_chunk_size=64, titans_memory_depth=2),
+    "titans_mac": dict(num_attention_heads=_heads_of(64), titans_chunk_size=64, titans_memory_depth=2,
+                       titans_segment_size=512, num_persistent_tokens=16),
+    "titans_mag": dict(num_attention_heads=_heads_of(64), titans_chunk_size=64, titans_memory_depth=2,
+                       attention_window=1024, num_persistent_tokens=16),
+    "titans_mal": dict(num_attention_heads=_heads_of(64), titans_chunk_size=64, titans_memory_depth=2,
+                       attention_window=1024, num_persistent_tokens=16),
+    # LaCT's LM configs (lact_llm/configs/760M_*.json): 64-dim attention heads, 4 fast-weight heads,
+    # 2048-token chunks and window, RoPE base 1e6, momentum, Muon variant
+    "lact": dict(num_attention_heads=_heads_of(64), lact_num_heads=4, lact_chunk_size=2048, attention_window=2048,
+                 attention_rope_theta=1e6, lact_base_lr=1e-3, lact_momentum=True, inner_optimizer="muon"),
+}
 
 
 def preset_config(name: str, **overrides) -> MemoryLMConfig:
-    """MemoryLMConfig of a preset, e.g. ``preset_config("125m", memory_layer="ttt_mlp")``."""
+    """MemoryLMConfig of a preset, e.g. ``preset_config("125m", memory_layer="ttt_mlp")`` or
+    ``preset_config("760m", memory_layer="lact")`` (LaCT's per-size defaults applied)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
-    return MemoryLMConfig(**{**PRESETS[name], **overrides})
+    base = dict(PRESETS[name])
+    family = FAMILY_DEFAULTS.get(overrides.get("memory_layer"), {}) if name in PAPER_SIZES else {}
+    base.update({k: (v(base) if callable(v) else v) for k, v in family.items()})
+    return MemoryLMConfig(**{**base, **overrides})

@@ -1,0 +1,77 @@
+"""Every mixer type inside the HF model: an exported folder (model code inside) loads and runs
+without this project installed, presets of the families, and their parameter counts."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import MemoryLMForCausalLM, preset_config
+from models.hf_folder import MODEL_CODE_FILES, save_model_folder
+from tests.models.test_convert_official import REPO, STANDALONE
+
+ALL_TYPES = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal", "titans_mac",
+             "lact", "swa", "attention"]
+
+
+def all_types_model():
+    torch.manual_seed(0)
+    cfg = preset_config("test", num_hidden_layers=len(ALL_TYPES), layer_pattern=ALL_TYPES, mini_batch_size=4,
+                        deltanet_chunk_size=4, titans_chunk_size=4, titans_segment_size=8, lact_chunk_size=6,
+                        lact_num_heads=2, attention_window=5, num_persistent_tokens=2)
+    return MemoryLMForCausalLM(cfg).eval()
+
+
+def test_every_model_file_is_exported():
+    here = REPO / "models"
+    code = {p.name for p in here.glob("*.py")} - {"__init__.py", "presets.py", "convert_official.py", "hf_folder.py"}
+    assert code <= set(MODEL_CODE_FILES), sorted(code - set(MODEL_CODE_FILES))
+
+
+def test_all_layer_types_standalone_remote_code(tmp_path):
+    model = all_types_model()
+    ids = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    dst = tmp_path / "folder"
+    save_model_folder(model, dst)
+    save_file({"input_ids": ids, "logits": out.logits, "loss": out.loss}, tmp_path / "io.safetensors")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    res = subprocess.run([sys.executable, "-c", STANDALONE.replace("REPO_PATH", repr(str(REPO))), str(dst),
+                          str(tmp_path / "io.safetensors")], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logit_err, loss_err = map(float, res.stdout.split()[-2:])
+    assert logit_err <= 1e-5 and loss_err <= 1e-6
+
+
+def test_all_layer_types_save_load_and_cached_generation(tmp_path):
+    model = all_types_model()
+    model.save_pretrained(tmp_path)
+    loaded = MemoryLMForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    gen = loaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    seq = ids
+    for _ in range(8):
+        with torch.no_grad():
+            seq = torch.cat([seq, loaded(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(seq, gen)
+
+
+@pytest.mark.parametrize("layer", ["deltanet", "gated_deltanet", "titans", "titans_mac", "lact"])
+def test_family_presets_at_paper_sizes(layer):
+    expected = {"deltanet": (100e6, 140e6), "gated_deltanet": (100e6, 140e6), "titans": (100e6, 140e6),
+                "titans_mac": (130e6, 180e6), "lact": (100e6, 140e6)}[layer]
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MemoryLMForCausalLM(preset_config("125m", memory_layer=layer)).parameters())
+    assert expected[0] < n < expected[1]
+    assert preset_config("1.3b", memory_layer=layer).hidden_size == 2048
+    lact = preset_config("760m", memory_layer="lact")
+    assert (lact.num_attention_heads, lact.lact_num_heads, lact.lact_chunk_size, lact.attention_window) == (24, 4, 2048, 2048)
+    assert preset_config("760m", memory_layer="lact", lact_chunk_size=512).lact_chunk_size == 512  # overrides win
+    assert preset_config("125m").num_attention_heads == 12  # TTT presets unchanged
