@@ -106,6 +106,19 @@ def test_pretrain_sh_real_training_run_and_requeue(slurm, tmp_path):
     _run_then_requeue(slurm, tmp_path, *REAL, steps=12)
 
 
+def test_pretrain_1b_sh_wrapper(slurm, tmp_path):
+    """The 1B script's defaults pass through pretrain.sh; sbatch options and later flags override
+    them; submitted by full path from another directory (the checkout is found from the script)."""
+    module, args = STANDIN
+    env = {"RUN_DIR": str(tmp_path / "run"), "DATA": "synthetic", "NPROC_PER_NODE": "2", "TRAIN_MODULE": module,
+           "PYTHON": sys.executable}
+    job = slurm.sbatch(["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={tmp_path}/%j.out",
+                        str(REPO / "slurm" / "pretrain_1b.sh"), *args, "--steps", "4"], env=env, cwd=tmp_path)
+    info = slurm.wait(job, timeout=180)
+    assert info["JobState"] == "COMPLETED", _log(tmp_path, job)
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4], _log(tmp_path, job)
+
+
 def test_sweep_job_array(slurm, tmp_path, monkeypatch):
     from pretrain.sweep import __main__ as cli
     from pretrain.sweep.collect import collect
