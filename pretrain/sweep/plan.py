@@ -5,7 +5,9 @@
     SWEEP/runs/NAME/config.json        the training program's settings (python -m pretrain.train --config)
     SWEEP/runs/NAME/model/config.json  the model (a preset's sizes + the memory layer), passed as --model
 
-A size is a preset name (``test``, ``tiny``, ``125m``, …) or ``WIDTHxDEPTH`` (e.g. ``192x3``: hidden 192,
+A layer type is a memory layer of ``models`` (ttt_linear, ttt_mlp, deltanet, gated_deltanet, titans, lact,
+…: ``memory_layer``) or an attention baseline (``attention``, ``swa``: ``layer_pattern``); preset sizes get
+that family's per-size defaults (models.presets.FAMILY_DEFAULTS). A size is a preset name (``test``, ``tiny``, ``125m``, …) or ``WIDTHxDEPTH`` (e.g. ``192x3``: hidden 192,
 3 blocks, head dim 64, SwiGLU width 8/3·hidden rounded up to 16; vocabulary and the rest from
 ``--base-model``). A token budget D becomes ``steps = ceil(D / (seq_len · micro_batch · grad_accum · DP))``
 and the run's D is the tokens those steps actually see. N counts the parameters outside the embedding
@@ -27,12 +29,18 @@ class PlanError(ValueError):
 def model_config(size: str, layer: str, base_model: str = "tiny", **overrides):
     """MemoryLMConfig for a size spec and a memory-layer type."""
     from models import MEMORY_LAYERS, PRESETS, preset_config
+    from models.configuration_memory import ATTENTION_LAYERS
 
-    if layer not in MEMORY_LAYERS:
-        raise PlanError(f"memory layer {layer!r} is not implemented (yet); available: {sorted(MEMORY_LAYERS)}")
+    if layer in ATTENTION_LAYERS:  # the attention baseline: every block's mixer is attention
+        overrides = {"layer_pattern": layer, **overrides}
+    elif layer in MEMORY_LAYERS:
+        overrides = {"memory_layer": layer, **overrides}
+    else:
+        raise PlanError(f"layer type {layer!r} is not implemented (yet); available: "
+                        f"{sorted(MEMORY_LAYERS) + sorted(ATTENTION_LAYERS)}")
     m = re.fullmatch(r"(\d+)x(\d+)", size)
     if size in PRESETS:
-        return preset_config(size, memory_layer=layer, **overrides)
+        return preset_config(size, **overrides)
     if not m:
         raise PlanError(f"size {size!r}: expected a preset ({', '.join(PRESETS)}) or WIDTHxDEPTH like 192x3")
     hidden, depth = int(m.group(1)), int(m.group(2))
@@ -40,7 +48,7 @@ def model_config(size: str, layer: str, base_model: str = "tiny", **overrides):
         raise PlanError(f"size {size!r}: the width must be a multiple of 64 (head dim 64)")
     inter = -(-int(hidden * 8 / 3) // 16) * 16
     return preset_config(base_model, hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=hidden // 64,
-                         intermediate_size=inter, memory_layer=layer, **overrides)
+                         intermediate_size=inter, **overrides)
 
 
 def count_params(config) -> tuple[int, int]:

@@ -74,7 +74,7 @@ def _fake_metrics(manifest, params, noise=0.002, val=True):
 def test_plan_collect_fit_plot(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     assert cli.main(["plan", "--sweep", str(sweep), "--sizes", "64x1,64x2,128x2,128x3,192x3",
-                     "--tokens", "1e4,3e4,1e5", "--layers", "ttt_linear,ttt_mlp", "--seq-len", "64",
+                     "--tokens", "1e4,3e4,1e5", "--layers", "ttt_linear,attention", "--seq-len", "64",
                      "--micro-batch", "4", "--nproc", "2"]) == 0
     manifest = json.loads((sweep / "sweep.json").read_text())
     assert len(manifest["runs"]) == 30 and (sweep / "runs.txt").read_text().count("\n") == 30
@@ -89,6 +89,8 @@ def test_plan_collect_fit_plot(tmp_path, capsys):
     import models  # noqa: F401 - registers memory_lm
 
     assert AutoConfig.from_pretrained(cfg["model"]).memory_layer == "ttt_linear"
+    attn = next(r for r in manifest["runs"] if r["layer"] == "attention")
+    assert AutoConfig.from_pretrained(json.loads(open(attn["config"]).read())["model"]).mixer_types == ["attention"]
     sizes = {r["size"]: r["n_params"] for r in manifest["runs"] if r["layer"] == "ttt_linear"}
     assert sizes["64x1"] < sizes["64x2"] < sizes["128x2"] < sizes["128x3"] < sizes["192x3"]
 
@@ -109,13 +111,13 @@ def test_plan_collect_fit_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ttt_linear: L =" in out and "C=1e+15: N_opt=" in out
     fits = load_fits(sweep / "fit.json")
-    for layer in ("ttt_linear", "ttt_mlp"):
+    for layer in ("ttt_linear", "attention"):
         # the fit reproduces the generating law over the sweep's range
         sub = df[df["layer"] == layer]
         pred = fits[layer].loss(sub["n_params"], sub["tokens"])
         np.testing.assert_allclose(pred, sub["loss"], rtol=2e-3)
     doc = json.loads((sweep / "fit.json").read_text())
-    assert doc["fits"]["ttt_mlp"]["compute_optimal"][0]["N_opt_ci"][0] > 0
+    assert doc["fits"]["attention"]["compute_optimal"][0]["N_opt_ci"][0] > 0
 
     assert cli.main(["plot", "--sweep", str(sweep)]) == 0
     import matplotlib.image as mpimg
