@@ -42,9 +42,12 @@ def ensure_installed() -> None:
         raise SlurmUnavailable("Slurm is not installed and there is no apt-get to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     lock = ["-o", "DPkg::Lock::Timeout=300"]
-    for cmd in (["apt-get", *lock, "update", "-qq"],
-                ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=600)
+    for cmd, limit in ((["apt-get", *lock, "update", "-qq"], 180),
+                       (["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], 420)):
+        try:
+            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise SlurmUnavailable(f"cannot install {' '.join(PACKAGES)}: `{' '.join(cmd)}` took over {limit} s") from None
         if r.returncode:
             tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
             raise SlurmUnavailable(f"cannot install {' '.join(PACKAGES)}: `{' '.join(cmd)}` failed: {' | '.join(tail)}")
@@ -276,6 +279,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 time.sleep(0.05)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+    def running_daemons(self) -> list[str]:
+        """Names of the daemons this object started that are still alive (not zombies)."""
+        return [name for name, pid in self._started.items() if _alive(pid)]
 
     def __enter__(self) -> "LocalSlurm":
         return self

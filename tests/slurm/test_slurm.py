@@ -39,6 +39,7 @@ def slurm():
         yield cluster
     finally:
         cluster.stop()
+    assert not cluster.running_daemons(), f"still running after stop: {cluster.running_daemons()}"
 
 
 def _losses(run_dir: Path) -> dict:
