@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def clean_env(conf: Path | None = None) -> dict:
     """os.environ without inherited SLURM_* variables (and with SLURM_CONF when given)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
@@ -89,6 +94,7 @@ class LocalSlurm:
         self.pidfiles = {name: self.root / "run" / f"{name}.pid" for name in self.DAEMONS}
         self._started: dict[str, int] = {}
         self._stopped = False
+        self._restore_sigterm = False
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -96,6 +102,11 @@ class LocalSlurm:
         ensure_installed()
         self = cls(root)
         atexit.register(self.stop)
+        # A SIGTERM (CI cancelling, `timeout`) would end Python without finally blocks or atexit hooks
+        # and leave the daemons running: turn it into SystemExit while the cluster is up.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self._restore_sigterm = True
         try:
             self._write_config()
             self._start_daemons(timeout)
@@ -253,6 +264,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return
         self._stopped = True
         atexit.unregister(self.stop)
+        if self._restore_sigterm and signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if "slurmctld" in self._started and _alive(self._started["slurmctld"]):
             try:
                 ids = self.run("squeue", "-h", "-o", "%A", check=False).stdout.split()
