@@ -95,10 +95,11 @@ deepspeed)
 esac
 
 got_usr1=0
+srun_pid=
 on_usr1() {
     got_usr1=1
     echo "pretrain.sh: USR1 (time limit near): asking the training processes to save and exit"
-    kill -USR1 "$srun_pid" 2>/dev/null  # srun forwards it to every process of the step
+    [ -n "$srun_pid" ] && kill -USR1 "$srun_pid" 2>/dev/null  # srun forwards it to every process of the step
 }
 trap on_usr1 USR1
 

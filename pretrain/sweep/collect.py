@@ -4,7 +4,8 @@ Columns: name, size, layer, n_params, n_params_total, steps (planned), steps_don
 (seen, from the last metrics line), final_val_loss (the last ``val_loss`` line), smoothed_train_loss
 (mean of the last ``smooth`` fraction of the training losses), loss (the value the fit uses:
 final_val_loss where there is one, else smoothed_train_loss), flops_6nd (6 · n_params · tokens) and
-flops_logged (the training program's own count, ``flops`` in metrics.jsonl, where it logs one).
+flops_logged (the training program's own count where it logs one: cumulative ``flops``, or
+``flops_per_token`` × tokens).
 """
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def summarize_run(run: dict, smooth: float = 0.1) -> dict:
     tokens = next((r["tokens"] for r in reversed(train) if "tokens" in r), None)
     if tokens is None:
         tokens = run["tokens"] * steps_done / run["steps"]
-    flops_logged = next((r["flops"] for r in reversed(lines) if "flops" in r), math.nan)
+    flops_logged = next((r["flops"] for r in reversed(lines) if "flops" in r), None)
+    if flops_logged is None:  # or a per-token count × tokens
+        fpt = next((r["flops_per_token"] for r in reversed(lines) if "flops_per_token" in r), math.nan)
+        flops_logged = fpt * float(tokens)
     return {
         "name": run["name"], "size": run["size"], "layer": run["layer"],
         "n_params": run["n_params"], "n_params_total": run["n_params_total"],
