@@ -68,10 +68,10 @@ if [ -z "${MASTER_ADDR:-}" ]; then
 fi
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT PYTHON TRAIN_MODULE NPROC_PER_NODE NNODES RUN_DIR
-export WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
+WORLD=$((NNODES * NPROC_PER_NODE))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "pretrain.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${HOSTS[*]}: $NNODES node(s) x" \
-     "$NPROC_PER_NODE = $WORLD_SIZE processes, $LAUNCHER, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR"
+     "$NPROC_PER_NODE = $WORLD processes, $LAUNCHER, master $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR"
 
 # ---------------------------------------------------------------- the one step: a launcher per node
 # The launcher (torchrun / deepspeed) ignores USR1 (`trap '' USR1` is inherited through exec), so
