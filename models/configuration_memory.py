@@ -49,6 +49,8 @@ class MemoryLMConfig(PretrainedConfig):
         titans_memory_depth / titans_memory_expansion: layers and hidden width factor of its MLP.
         titans_base_lr: upper bound of the per-token inner step size θ_t.
         titans_segment_size: MAC segment length (a multiple of ``titans_chunk_size``).
+        titans_max_grad_norm: soft clamp τ of each token's inner gradient norm per memory layer
+            (‖g‖ → τ·tanh(‖g‖/τ); None = off), a stability guard against inner-loop divergence.
         num_persistent_tokens: learnable always-visible tokens of the Titans blocks' attention.
         inner_optimizer: Titans ``momentum`` | ``sgd``; LaCT ``muon`` | ``sgd`` (None = the default).
         lact_chunk_size / lact_num_heads / lact_inter_multi / lact_base_lr / lact_momentum: LaCT's
@@ -93,6 +95,7 @@ class MemoryLMConfig(PretrainedConfig):
         titans_memory_expansion: int = 2,
         titans_base_lr: float = 0.1,
         titans_segment_size: int = 512,
+        titans_max_grad_norm: float | None = 1.0,
         num_persistent_tokens: int = 4,
         inner_optimizer: str | None = None,
         lact_chunk_size: int = 2048,
@@ -132,6 +135,7 @@ class MemoryLMConfig(PretrainedConfig):
         self.titans_memory_expansion = titans_memory_expansion
         self.titans_base_lr = titans_base_lr
         self.titans_segment_size = titans_segment_size
+        self.titans_max_grad_norm = titans_max_grad_norm
         self.num_persistent_tokens = num_persistent_tokens
         self.inner_optimizer = inner_optimizer
         self.lact_chunk_size = lact_chunk_size

@@ -81,8 +81,17 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def _backprop_at(weights: list, k: torch.Tensor, v: torch.Tensor):
-    """Per-token layer inputs X_l and errors Δ_l of ½‖M(k) − v‖² at the given weights."""
+def soft_clamp_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor | float:
+    """s(n) = τ·tanh(n/τ)/n: scales a gradient of norm n to norm τ·tanh(n/τ) < τ (1 when τ is None)."""
+    if not max_norm:
+        return 1.0
+    n = norm.clamp_min(1e-12)
+    return max_norm * torch.tanh(n / max_norm) / n
+
+
+def _backprop_at(weights: list, k: torch.Tensor, v: torch.Tensor, max_norm: float | None = None):
+    """Per-token layer inputs X_l and errors Δ_l of ½‖M(k) − v‖² at the given weights; with
+    ``max_norm`` each token's gradient X_lᵀΔ_l (norm ‖X_l‖‖Δ_l‖) is soft-clamped through Δ_l."""
     xs, zs, h = [], [], k
     L = len(weights)
     for i, W in enumerate(weights):
@@ -96,13 +105,16 @@ def _backprop_at(weights: list, k: torch.Tensor, v: torch.Tensor):
         ds[i] = d
         if i:
             d = (d @ weights[i].transpose(-1, -2)) * gelu_tanh_grad(zs[i - 1])
+    if max_norm:
+        ds = [D * soft_clamp_factor(X.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True), max_norm)
+              for X, D in zip(xs, ds)]
     return xs, ds
 
 
-def _segment(cur: list, anchor: list, mom: list | None, q, k, v, coeffs):
+def _segment(cur: list, anchor: list, mom: list | None, q, k, v, coeffs, max_norm=None):
     """n tokens inside one chunk, from current weights ``cur`` (and momentum ``mom``) with
     gradients at ``anchor``. Returns (o [.., n, d], weights after, momentum after)."""
-    xs, ds = _backprop_at(anchor, k, v)
+    xs, ds = _backprop_at(anchor, k, v, max_norm)
     c, s_last, beta, f, m = coeffs
     h, L = q, len(cur)
     for i in range(L):
@@ -120,7 +132,7 @@ def _segment(cur: list, anchor: list, mom: list | None, q, k, v, coeffs):
 
 
 def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | None, q, k, v, lr, eta, alpha,
-                        position: int, chunk_size: int):
+                        position: int, chunk_size: int, max_grad_norm: float | None = None):
     """Chunked Titans memory. q, k, v: [B, H, T, d]; lr, eta, alpha: [B, H, T]; weights/anchor/
     momentum: {W1..WL}: [B, H, d_in, d_out] (momentum None = plain GD with decay). Returns
     (o [B, H, T, d], weights, anchor-or-None, momentum-or-None)."""
@@ -139,7 +151,7 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
         nonlocal cur, anc, mom
         sl = slice(start, stop)
         coeffs = titans_coefficients(lr[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
-        o, cur, mom = _segment(cur, anc, mom, q[:, :, sl], k[:, :, sl], v[:, :, sl], coeffs)
+        o, cur, mom = _segment(cur, anc, mom, q[:, :, sl], k[:, :, sl], v[:, :, sl], coeffs, max_grad_norm)
         if (position + stop) % b == 0:
             anc = cur
         outs.append(o)
@@ -155,7 +167,7 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
         coeffs = [t.unbind(0) for t in titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))]
         qb, kb, vb = (blocks(t).unbind(0) for t in (q, k, v))
         for i in range(n_full):
-            o, cur, mom = _segment(cur, cur, mom, qb[i], kb[i], vb[i], [t[i] for t in coeffs])
+            o, cur, mom = _segment(cur, cur, mom, qb[i], kb[i], vb[i], [t[i] for t in coeffs], max_grad_norm)
             outs.append(o)
         anc = cur
     if head + n_full * b < T:
@@ -166,7 +178,7 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
             None if mom is None else dict(zip(names, mom)))
 
 
-def titans_recipe(chunk_size: int, use_momentum: bool) -> Recipe:
+def titans_recipe(chunk_size: int, use_momentum: bool, max_grad_norm: float | None = None) -> Recipe:
     """Titans in the generic frame: L2 on a deep MLP, momentum + forgetting, frozen-gradient chunks."""
 
     def inner_loss(theta, k_t, v_t, extra):
@@ -176,6 +188,7 @@ def titans_recipe(chunk_size: int, use_momentum: bool) -> Recipe:
         return deep_mlp_memory(theta, q_t)
 
     def token_step(anchor, theta, opt, grad, g, i):
+        grad = {n: t * soft_clamp_factor(t.norm(dim=(-2, -1), keepdim=True), max_grad_norm) for n, t in grad.items()}
         if not use_momentum:
             return {n: (1 - g["alpha"]) * theta[n] - g["lr"] * grad[n] for n in theta}, opt
         theta, mom = momentum_step(theta, opt["momentum"], grad, g["lr"], g["eta"], g["alpha"])
@@ -184,10 +197,11 @@ def titans_recipe(chunk_size: int, use_momentum: bool) -> Recipe:
     return Recipe(inner_loss, read, token_step, chunk_size)
 
 
-def titans_scan_reference(weights, anchor, momentum, q, k, v, lr, eta, alpha, position, chunk_size):
+def titans_scan_reference(weights, anchor, momentum, q, k, v, lr, eta, alpha, position, chunk_size,
+                          max_grad_norm=None):
     """Same contract as :func:`titans_scan_chunked`, token by token through the generic reference."""
     opt = {} if momentum is None else {"momentum": momentum}
-    o, w, anc, opt = memory_scan_reference(titans_recipe(chunk_size, momentum is not None), weights, anchor, opt,
+    o, w, anc, opt = memory_scan_reference(titans_recipe(chunk_size, momentum is not None, max_grad_norm), weights, anchor, opt,
                                            q, k, v, {"lr": lr, "eta": eta, "alpha": alpha}, {}, position)
     return o, w, anc, opt.get("momentum")
 
@@ -203,7 +217,7 @@ class TitansMemory(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 64, depth: int = 2, expansion: int = 2,
                  base_lr: float = 0.1, optimizer: str = "momentum", conv_kernel: int = 4, norm_eps: float = 1e-6,
-                 scan_impl: str = "chunk"):
+                 scan_impl: str = "chunk", max_grad_norm: float | None = 1.0):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -217,6 +231,7 @@ class TitansMemory(nn.Module):
         self.head_dim = d = hidden_size // num_heads
         self.chunk_size, self.depth, self.base_lr = chunk_size, depth, base_lr
         self.use_momentum, self.scan_impl = optimizer == "momentum", scan_impl
+        self.max_grad_norm = max_grad_norm
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -277,7 +292,7 @@ class TitansMemory(nn.Module):
         cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
         o, weights, anchor, mom = TITANS_SCANS[self.scan_impl](
             cast(state.weights), cast(state.anchor), cast(state.opt.get("momentum")), q, k, v, lr, eta, alpha,
-            state.position, self.chunk_size)
+            state.position, self.chunk_size, self.max_grad_norm)
         new = LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom}, conv=conv,
                          position=state.position + T)
         return o, new
@@ -355,7 +370,8 @@ def build_titans_mixer(config, kind: str, rope_theta: float) -> nn.Module:
     memory = TitansMemory(config.hidden_size, config.num_attention_heads, chunk_size=config.titans_chunk_size,
                           depth=config.titans_memory_depth, expansion=config.titans_memory_expansion,
                           base_lr=config.titans_base_lr, optimizer=config.inner_optimizer or "momentum",
-                          conv_kernel=config.conv_kernel, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl)
+                          conv_kernel=config.conv_kernel, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl,
+                          max_grad_norm=config.titans_max_grad_norm)
     if kind == "titans":
         return memory
     if kind == "titans_mac":
@@ -371,7 +387,7 @@ class TitansMAC(nn.Module):
 
         r = M_{s−1}(q̃)                  retrieve with the memory as it was at the segment's start
         y = Attn([persistent ‖ r ‖ x])   causal attention inside the segment over retrieved + input tokens
-        m = LMM(y)                        the memory reads y and updates itself on it (per token/chunk)
+        m = LMM(RMSNorm(y))               the memory reads y and updates itself on it (per token/chunk)
         o = W (norm(y) ⊙ σ(norm(m)))
 
     The state keeps the memory's state, the memory weights at the segment start and the segment's
@@ -388,6 +404,7 @@ class TitansMAC(nn.Module):
         self.retrieve_q = nn.Linear(C, C, bias=False)
         self.retrieve_norm = HeadRMSNorm(memory.head_dim, eps)
         self.attention = AttentionLayer(C, num_heads, window=None, rope_theta=rope_theta, num_persistent=num_persistent)
+        self.memory_norm = HeadRMSNorm(C, eps)  # y enters the memory at unit scale, as x does in MAG/MAL
         self.gate = _Gate(C, eps)
 
     def _retrieve(self, x, weights):
@@ -428,7 +445,7 @@ class TitansMAC(nn.Module):
                 mask = torch.cat([mask.new_ones(stop - start, pk.shape[2]), mask], 1)
             o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
             y = att.o_proj(o.transpose(1, 2).flatten(2))
-            m, mem = self.memory(y, mem)
+            m, mem = self.memory(self.memory_norm(y), mem)
             outs.append(self.gate(y, m))
             start = stop
         end = position + T
