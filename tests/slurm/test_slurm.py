@@ -141,6 +141,8 @@ def test_sweep_job_array(slurm, tmp_path, monkeypatch):
     records = info.get("records", [info])
     logs = "\n".join(p.read_text() for p in (sweep / "logs").glob("*.out"))
     assert len(records) == 2 and all(r["JobState"] == "COMPLETED" for r in records), logs
+    first, second = sorted(records, key=lambda r: r["StartTime"])
+    assert second["StartTime"] >= first["EndTime"], records  # --max-concurrent 1: one after the other
     df = collect(sweep)
     assert df["complete"].all(), df.to_string()
     assert list(df["steps_done"]) == [16, 32]  # 2e3 / (32·2·2) → 16 steps; 4e3 → 32
