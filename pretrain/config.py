@@ -1,0 +1,187 @@
+"""The training configuration: one dataclass, loaded from a file in ``configs/`` plus CLI overrides.
+
+Precedence (later wins): the dataclass defaults < ``--config FILE`` (YAML or JSON, keys are the
+field names) < command-line flags. Every field is a flag: ``seq_len`` ↔ ``--seq-len``; booleans
+also take ``--no-<name>``. ``python -m pretrain.train --help`` lists them all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A setting (or a combination of settings) that cannot work; printed as one ``error:`` line."""
+
+
+def _f(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # ------------------------------------------------------------------ what to train, on what
+    model: str = _f("tiny", "model preset (test, tiny, 125m, 350m, 760m, 1b) or a Hugging Face folder of this project's model")
+    data: str = _f("synthetic", "prepared data folder (data_pipeline.prepare), 'default' (embedded corpus) or 'synthetic'")
+    out: str = _f("runs/default", "run directory: metrics.jsonl, tensorboard/, checkpoints/ (re-running resumes from it)")
+    # ------------------------------------------------------------------ sizes
+    steps: int = _f(1000, "optimizer steps to train for (in total, counting steps before a resume)")
+    seq_len: int = _f(512, "tokens per sequence")
+    micro_batch: int = _f(8, "sequences per micro-batch per data-parallel rank")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = micro_batch × grad_accum × DP)")
+    # ------------------------------------------------------------------ parallelism
+    tp: int = _f(1, "tensor-parallel size (must divide the number of heads)")
+    cp: int = _f(1, "context-parallel size (must divide seq_len); DP = world / (TP × CP)")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0 = replicated optimizer, DDP-equivalent)", [0, 1, 2, 3])
+    offload: bool = _f(False, "offload optimizer states (and ZeRO-3 parameters) to CPU memory")
+    deepspeed_config: str = _f("", "DeepSpeed JSON to use instead of configs/deepspeed/zero<stage>[_offload].json")
+    # ------------------------------------------------------------------ numerics
+    precision: str = _f("bf16", "fp32; bf16 autocast; or fp8 (Transformer Engine / torchao) for dense projections",
+                        ["fp32", "bf16", "fp8"])
+    fp8_backend: str = _f("te", "FP8 implementation: te (Transformer Engine) or torchao", ["te", "torchao"])
+    fp8_recipe: str = _f("delayed", "FP8 scaling recipe: delayed or current (tensor-wise) scaling", ["delayed", "current"])
+    activation_checkpointing: bool = _f(False, "recompute each block in backward instead of storing its activations")
+    scan_checkpoint_group: int = _f(-1, "mini-batches per recomputed group inside the memory-layer scan (-1 = model's value, 0 = off)")
+    # ------------------------------------------------------------------ optimizer and schedule
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr")
+    schedule: str = _f("cosine", "learning-rate schedule after warmup", ["cosine", "wsd"])
+    warmup: int = _f(100, "linear warmup steps")
+    decay_fraction: float = _f(0.2, "WSD: fraction of the steps spent in the final (linear) decay")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices of projections/MLPs only; see docs/training.md)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = _f(0, "seed of the model initialisation, the data order and every RNG")
+    # ------------------------------------------------------------------ logging, evaluation, checkpoints
+    log_every: int = _f(10, "console line every N steps (metrics.jsonl gets every step)")
+    eval_every: int = _f(0, "validation loss every N steps (0 = off)")
+    eval_batches: int = _f(4, "micro-batches per validation")
+    save_every: int = _f(500, "checkpoint every N steps (also at the end and on SIGTERM/SIGUSR1)")
+    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep (0 = all)")
+    tensorboard: bool = _f(True, "write tensorboard events to RUN_DIR/tensorboard")
+    peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU, in TFLOP/s (0 = GPU table or measured CPU GEMM)")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    def validate(self) -> None:
+        """Checks that need no model, data or processes (those come in train.py)."""
+        positive = ("steps", "seq_len", "micro_batch", "grad_accum", "tp", "cp", "save_every", "log_every",
+                    "eval_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.seq_len % self.cp:
+            raise ConfigError(f"--cp {self.cp} does not fit the sequence: --seq-len {self.seq_len} is not divisible by it")
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"--deepspeed-config {self.deepspeed_config} does not exist")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _convert(f, value):
+    """A value from a config file, checked against the field's type."""
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {f.name!r} must be true or false, got {value!r}")
+        return value
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is str and isinstance(value, (str, int, float)):
+        return str(value)
+    raise ConfigError(f"config key {f.name!r} must be {typ.__name__}, got {value!r}")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """A YAML/JSON mapping of field names → values (a name given relative to configs/ also works)."""
+    p = Path(path)
+    if not p.is_file() and (CONFIG_DIR / p).is_file():
+        p = CONFIG_DIR / p
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"cannot parse config file {p}: {exc}".splitlines()[0]) from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings, got {type(data).__name__}")
+    known = {f.name: f for f in fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {p}: unknown setting {key!r}")
+        out[name] = _convert(known[name], value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.train",
+        description="Pretrain a memory-layer language model (DeepSpeed ZeRO, TP × CP × DP, bf16/fp8). "
+        "Re-running the same command resumes from RUN_DIR/checkpoints/latest.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (see configs/runs/); flags override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(dest=f.name, default=None, help=f.metadata["help"] + f" (default: {f.default!r})")
+        typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            choices = f.metadata.get("choices")
+            metavar = None if choices else f.name.upper()
+            parser.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
+    # the deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """defaults < --config FILE < flags; validated."""
+    args = build_parser().parse_args(argv)
+    values = load_config_file(args.config) if args.config else {}
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,295 @@
+"""Pretrain a memory-layer language model: build → parallelize → deepspeed.initialize → steps.
+
+    python -m pretrain.train --model tiny --data default --out runs/tiny --steps 200
+    torchrun --nproc-per-node 4 -m pretrain.train --tp 2 --cp 2 ...
+    deepspeed pretrain/train.py --zero-stage 3 ...
+
+Re-running the same command resumes from ``RUN_DIR/checkpoints/latest``. SIGTERM/SIGUSR1 save
+a checkpoint and exit 0 (Slurm's pre-timeout signal). Every step appends one JSON line to
+``RUN_DIR/metrics.jsonl``; tensorboard events go to ``RUN_DIR/tensorboard``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed pretrain/train.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint, fp8
+from pretrain.config import CONFIG_DIR, ConfigError, TrainConfig, parse_config
+from pretrain.distributed import DeepSpeedMPU, ensure_env
+from pretrain.metrics import MetricsLogger, flops_per_token, info, memory_stats, peak_flops
+from pretrain.optim import LRSchedule, build_optimizer, build_scheduler, set_schedule
+
+
+VOCAB_MULTIPLE = 128  # embedding rows are padded to this (vocab-parallel shards stay equal for TP ≤ 128)
+
+
+# ----------------------------------------------------------------------------------- building
+def build_model_config(cfg: TrainConfig):
+    """The model's configuration from a preset name or an HF folder (checked before any process starts)."""
+    import models  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoConfig
+
+    from models import PRESETS, preset_config
+
+    try:
+        if cfg.model in PRESETS:
+            mcfg = preset_config(cfg.model)
+        elif Path(cfg.model).is_dir():
+            mcfg = AutoConfig.from_pretrained(cfg.model)
+        else:
+            raise ConfigError(f"--model {cfg.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder")
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot read the model configuration of {cfg.model}: {str(exc).splitlines()[0]}") from None
+    if mcfg.num_attention_heads % cfg.tp:
+        raise ConfigError(f"--tp {cfg.tp} does not divide the model's {mcfg.num_attention_heads} heads")
+    if cfg.scan_checkpoint_group >= 0:
+        mcfg.scan_checkpoint_group_size = cfg.scan_checkpoint_group
+    mcfg.use_cache = False
+    return mcfg
+
+
+def build_model(cfg: TrainConfig, mcfg):
+    from models import MemoryLMForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    if Path(cfg.model).is_dir():  # continued pretraining / fine-tuning from an exported or converted folder
+        model = MemoryLMForCausalLM.from_pretrained(cfg.model, config=mcfg, torch_dtype=torch.float32)
+    else:
+        model = MemoryLMForCausalLM(mcfg)
+    model.model.gradient_checkpointing = cfg.activation_checkpointing
+    return model.float().train()
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else \
+        CONFIG_DIR / "deepspeed" / f"zero{cfg.zero_stage}{'_offload' if cfg.offload and cfg.zero_stage else ''}.json"
+    ds = json.loads(path.read_text())
+    ds.pop("_comment", None)
+    ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
+              gradient_clipping=cfg.grad_clip)
+    # parameters and optimizer stay float32; bf16/fp8 are autocast around the forward pass
+    ds.setdefault("bf16", {"enabled": False})
+    ds.setdefault("fp16", {"enabled": False})
+    return ds
+
+
+def autocast(cfg: TrainConfig):
+    if cfg.precision == "fp8":
+        return fp8.autocast(cfg.fp8_backend, cfg.fp8_recipe)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def data_config(cfg: TrainConfig, dp: int):
+    from data_pipeline.loader import DataLoaderConfig
+
+    # one loader step = one micro-batch of every DP rank; grad_accum loader steps per optimizer step
+    return DataLoaderConfig(data=cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.micro_batch * dp,
+                            seed=cfg.seed, val_batches=cfg.eval_batches)
+
+
+# ------------------------------------------------------------------------------------ the loss
+def local_loss(logits, labels, dims):
+    """(sum of token losses, token count) of this rank's piece; vocab-parallel under TP."""
+    if dims.tp > 1:
+        from parallel.loss import parallel_cross_entropy
+
+        return parallel_cross_entropy(logits, labels, dims)
+    flat = labels.reshape(-1)
+    total = torch.nn.functional.cross_entropy(logits.float().reshape(flat.numel(), -1), flat, ignore_index=-100,
+                                              reduction="sum")
+    return total, (flat != -100).sum()
+
+
+def gradient_norm(model, dims) -> float:
+    """Global L2 norm of the gradients (ZeRO-0 path; ZeRO optimizers report their own): parameters
+    sharded by TP add their squares over the TP group, replicas count once."""
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if getattr(p, "tensor_model_parallel", False):
+                sharded += sq
+            else:
+                replicated += sq
+    if dims.tp > 1:
+        dist.all_reduce(sharded, group=dims.tp_group)
+    return float((sharded + replicated).sqrt())
+
+
+def touch_all_parameters(loss, model):
+    """Adds 0·Σp for every parameter so each one gets a (zero) gradient on every rank: under CP the
+    initial fast weights are used only on CP rank 0, and DeepSpeed reduces gradients bucket by bucket."""
+    return loss + sum(p.reshape(-1)[:1].sum() * 0.0 for p in model.parameters() if p.requires_grad and p.numel())
+
+
+# ---------------------------------------------------------------------------------- the program
+class StopRequested:
+    """SIGTERM / SIGUSR1 → finish the current step, save, exit 0."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, group=None) -> bool:
+        """Every rank stops at the same step if any rank was signalled."""
+        flag = torch.tensor([1.0 if self.signal else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+
+def train(cfg: TrainConfig) -> int:
+    rank, local_rank, world = ensure_env()
+    mcfg = build_model_config(cfg)  # errors before any process group or file exists
+    if world % (cfg.tp * cfg.cp):
+        raise ConfigError(f"{world} processes cannot be split into --tp {cfg.tp} × --cp {cfg.cp}")
+    if cfg.precision == "fp8":
+        fp8.check_available(cfg.fp8_backend, cfg.tp)
+    resume = checkpoint.find_resume(cfg.out)
+    stop = StopRequested()
+
+    import deepspeed
+
+    from parallel import init_parallel, parallelize
+
+    dims = init_parallel(cfg.tp, cfg.cp)
+    loader_cfg = data_config(cfg, dims.dp)
+    from data_pipeline.loader import build_train_loader, build_val_loader
+
+    loader = build_train_loader(loader_cfg, dims.dp_rank, dims.dp, dims.cp_rank, dims.cp)
+    if not Path(cfg.model).is_dir():  # a new model takes the data's vocabulary, padded so any TP size divides it
+        mcfg.vocab_size = -(-loader.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif loader.vocab_size > mcfg.vocab_size:
+        raise ConfigError(f"the data's vocabulary ({loader.vocab_size}) is larger than the model's ({mcfg.vocab_size})")
+    val_loader = build_val_loader(loader_cfg, dims.dp_rank, dims.dp, dims.cp_rank, dims.cp) if cfg.eval_every else None
+
+    model = build_model(cfg, mcfg)
+    if cfg.precision == "fp8":
+        fp8.convert(model, cfg.fp8_backend)
+    if cfg.tp > 1 or cfg.cp > 1:
+        parallelize(model, dims, cp_mode="pass")
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    schedule = LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.decay_fraction)
+    scheduler = build_scheduler(optimizer, schedule)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           mpu=DeepSpeedMPU(dims), config=deepspeed_config(cfg))
+    start_step, tokens_seen = 0, 0
+    if resume is not None:
+        state = checkpoint.load(engine, *resume)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        loader.load_state_dict(state["data"])
+        set_schedule(scheduler, schedule)
+        info(f"resumed from {resume[0]} at step {start_step}")
+
+    tokens_per_step = cfg.micro_batch * cfg.grad_accum * dims.dp * cfg.seq_len
+    flops = flops_per_token(mcfg, cfg.seq_len)["total"]
+    peak, _ = peak_flops(cfg.precision, cfg.peak_tflops)
+    logger = MetricsLogger(cfg.run_dir, rank == 0, cfg.tensorboard, start_step, cfg.steps, cfg.log_every)
+    if rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        n_params = sum(p.numel() for p in model.parameters())
+        info(f"training {cfg.model} ({n_params / 1e6:.1f}M params on this rank) on {cfg.data} | world {world} = "
+             f"TP {dims.tp} × CP {dims.cp} × DP {dims.dp} | ZeRO {cfg.zero_stage} | {cfg.precision} | "
+             f"{tokens_per_step:,} tokens/step | steps {start_step + 1}..{cfg.steps}")
+
+    def save(step):
+        trainer_state = {"step": step, "tokens": tokens_seen, "data": loader.state_dict(), "config": cfg.to_dict()}
+        folder = checkpoint.save(engine, cfg.out, step, trainer_state, cfg.keep_checkpoints, local_rank)
+        if rank == 0:
+            info(f"saved {folder}")
+
+    step = start_step
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        loss_total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(loader)
+            with autocast(cfg):
+                logits = engine(batch["input_ids"]).logits
+            loss_sum, count = local_loss(logits, batch["labels"], dims)
+            global_count = count.detach().float().clone()
+            dist.all_reduce(global_count, group=dims.dp_cp_group)
+            # DeepSpeed averages over its data-parallel group (DP × CP): undo it, so gradients are
+            # those of the token mean over the whole global batch (and over grad_accum micro-batches).
+            loss = loss_sum / global_count.clamp_min(1)
+            reported = loss.detach().clone()
+            dist.all_reduce(reported, group=dims.dp_cp_group)
+            loss_total += reported.item() / cfg.grad_accum
+            engine.backward(touch_all_parameters(loss * dims.dp * dims.cp, engine.module))
+            if engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0:
+                grad_norm = gradient_norm(engine.module, dims)  # DeepSpeed has reduced the gradients here
+            engine.step()
+        step += 1
+        tokens_seen += tokens_per_step
+        dt = time.perf_counter() - t0
+        if cfg.zero_stage > 0:
+            grad_norm = engine.get_global_grad_norm()
+        record = {"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
+                  "mfu": flops * tokens_per_step / dt / (peak * world) if peak else math.nan,
+                  "step_time_s": dt, "flops_per_token": flops, **memory_stats()}
+        logger.log(record)
+        if val_loader is not None and step % cfg.eval_every == 0:
+            logger.log({"step": step, **evaluate(engine, val_loader, dims, cfg)})
+        stopping = stop.agreed()
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            save(step)
+        if stopping:
+            info(f"{stop.signal or 'a stop signal on another rank'}: saved step {step}, exiting")
+            break
+    loader.close()
+    logger.close()
+    return 0
+
+
+@torch.no_grad()
+def evaluate(engine, val_loader, dims, cfg) -> dict:
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in val_loader:
+        with autocast(cfg):
+            logits = engine(batch["input_ids"]).logits
+        loss_sum, count = local_loss(logits, batch["labels"], dims)
+        total += torch.stack([loss_sum.double().detach().cpu(), count.double().cpu()])
+    dist.all_reduce(total, group=dims.dp_cp_group)
+    engine.train()
+    val = (total[0] / total[1].clamp_min(1)).item()
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+
+
+def main(argv=None) -> int:
+    from data_pipeline.errors import DataError
+
+    try:
+        return train(parse_config(argv))
+    except (ConfigError, checkpoint.CheckpointError, DataError, fp8.FP8Unavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
