@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -207,6 +208,9 @@ def train(cfg: TrainConfig) -> int:
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        mcfg.to_json_file(cfg.run_dir / "model_config.json")  # what an exporter rebuilds the model from
+        if loader.tokenizer_path is not None:
+            shutil.copyfile(loader.tokenizer_path, cfg.run_dir / "tokenizer.model")
         n_params = sum(p.numel() for p in model.parameters())
         info(f"training {cfg.model} ({n_params / 1e6:.1f}M params on this rank) on {cfg.data} | world {world} = "
              f"TP {dims.tp} × CP {dims.cp} × DP {dims.dp} | ZeRO {cfg.zero_stage} | {cfg.precision} | "
