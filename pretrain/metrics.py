@@ -3,20 +3,26 @@
 FLOP count (model FLOPs, the PaLM/Megatron convention: a multiply-add is 2 FLOPs; training is
 forward + backward = 3 × forward; recomputation by activation/scan checkpointing is *not* counted,
 so MFU does not reward recomputing). Per token, with hidden size C, heads H, head dim d = C/H,
-MLP width I, vocabulary V, inner mini-batch b, TTT-MLP inner width m = e·d:
+vocabulary V, sequence length T:
 
-    dense projections  forward 2 × (weights of every Linear): per block q,k,v,o (4C², 3C² with
-                       share_qk), gate C² (use_gate), lr gate C·H, MLP 3·C·I; the LM head C·V.
-    causal convs       forward 2·C·K per conv (pre_conv: 1, share_qk: 2)
-    TTT-Linear scan    forward per head 6d² + 4bd  (dual form per mini-batch of b tokens:
-                       K̃W and Q̃W 4bd², the update (ηK̃)ᵀG 2bd², QKᵀ 2b²d, mask·G 2b²d)
-    TTT-MLP scan       forward per head 14dm + 4b(d+m)  (the same identity on both inner layers)
+    dense              2 × (in·out of every nn.Linear of the model, counted on a meta-device copy:
+                       all projections, gates, MLPs of every mixer type) + the LM head 2·C·V
+    causal convs       2·C·K per conv
+    sequence mixing    per layer type (forward, per token):
+      TTT-Linear       H (6d² + 4bd)        dual form per mini-batch b: K̃W, Q̃W 4bd², (ηK̃)ᵀG 2bd², QKᵀ, mask·G 4b²d
+      TTT-MLP          H (14dm + 4b(d+m))   the same identity on both inner layers, m = inner width
+      (Gated) DeltaNet H (6d² + 4cd)        chunk c: q·h, W·h, state update 6d²; intra-chunk 4cd
+      Titans           H · 12P (+ attention for MAC/MAG/MAL)   P = memory-MLP parameters per head:
+                       forward at the chunk's weights 2P, gradient 4P, read 2P, momentum/decay scans 4P
+      LaCT             heads · 18·d·d_h (the authors' count: apply to keys 4, gradient 8, apply to
+                       queries 6) + its sliding-window attention
+      attention        4·C·T̄, T̄ the mean number of keys a causal query sees (window or full)
     embedding, norms, elementwise ops: not counted (a lookup; O(C) per token)
 
-so training FLOPs per token = 3 × (2·N_linear + convs + H·scan). MFU = achieved model FLOP/s
-÷ the device's peak (GPU: dense bf16/fp8 tensor-core peak from a table, per GPU; CPU: the
-measured float32 GEMM rate of this process, so the CPU "MFU" is relative to what a large matmul
-achieves here; override either with --peak-tflops).
+so training FLOPs per token = 3 × forward. MFU = achieved model FLOP/s ÷ the device's peak (GPU:
+dense bf16/fp8 tensor-core peak from a table, per GPU; CPU: the measured float32 GEMM rate of
+this process, so the CPU "MFU" is relative to what a large matmul achieves here; override either
+with --peak-tflops).
 """
 from __future__ import annotations
 
@@ -40,27 +46,67 @@ _GPU_PEAKS = {  # substring of torch.cuda.get_device_name() → {precision: peak
 }
 
 
+def _mean_context(seq_len: int, window: int | None) -> float:
+    """Average number of keys a causal query sees: mean over t = 1..T of min(t, window)."""
+    T = seq_len
+    w = T if window is None else min(window, T)
+    return (w * (w + 1) / 2 + (T - w) * w) / T
+
+
+def _scan_flops(config, kind: str, seq_len: int) -> float:
+    """Forward FLOPs per token of one layer's sequence mixing (everything but its Linear layers)."""
+    C, H = config.hidden_size, config.num_attention_heads
+    d = C // H
+    attention = 4 * C  # QKᵀ and AV per key seen
+    if kind == "ttt_linear":
+        b = min(config.mini_batch_size, seq_len)
+        return H * (6 * d * d + 4 * b * d)
+    if kind == "ttt_mlp":
+        b, m = min(config.mini_batch_size, seq_len), config.inner_expansion * d
+        return H * (14 * d * m + 4 * b * (d + m))
+    if kind in ("deltanet", "gated_deltanet"):
+        c = min(config.deltanet_chunk_size, seq_len)
+        return H * (6 * d * d + 4 * c * d)  # q·h, W·h, the state update; intra-chunk QKᵀ and A(U − Wh)
+    if kind.startswith("titans"):
+        e, depth = config.titans_memory_expansion * d, config.titans_memory_depth
+        params = d * d if depth == 1 else 2 * d * e + (depth - 2) * e * e
+        # memory forward at the chunk's weights (2P), its gradient (4P), the read (2P), momentum/decay scans (4P)
+        mem = H * 12 * params
+        window = config.titans_segment_size + config.num_persistent_tokens if kind == "titans_mac" else config.attention_window
+        return mem + (0 if kind == "titans" else attention * _mean_context(seq_len, window))
+    if kind == "lact":
+        dl = C // config.lact_num_heads
+        dh = dl * config.lact_inter_multi
+        # LaCT's own count per fast-weight head: 4 (apply to keys) + 8 (gradient) + 6 (apply to queries) × d·d_h
+        return config.lact_num_heads * 18 * dl * dh + attention * _mean_context(seq_len, config.attention_window)
+    if kind == "swa":
+        return attention * _mean_context(seq_len, config.attention_window)
+    if kind == "attention":
+        return attention * _mean_context(seq_len, None)
+    raise ValueError(f"no FLOP model for layer type {kind!r}")
+
+
 def flops_per_token(config, seq_len: int | None = None) -> dict:
-    """Training FLOPs per token by layer type (see the module docstring); ``total`` is the sum."""
-    C, H, I, V, L = (config.hidden_size, config.num_attention_heads, config.intermediate_size,
-                     config.vocab_size, config.num_hidden_layers)
-    d, b = C // H, config.mini_batch_size
-    if seq_len is not None:
-        b = min(b, seq_len)
-    proj = (3 if config.share_qk else 4) * C * C + (C * C if config.use_gate else 0) + C * H
-    mlp = 3 * C * I
-    convs = (1 if config.pre_conv else 0) + (2 if config.share_qk else 0)
-    if config.memory_layer == "ttt_mlp":
-        m = config.inner_expansion * d
-        scan = 14 * d * m + 4 * b * (d + m)
-    else:
-        scan = 6 * d * d + 4 * b * d
+    """Training FLOPs per token by part (see the module docstring); ``total`` is the sum.
+
+    The dense part is counted from the model itself (every ``nn.Linear`` of a copy built on the
+    meta device), so every mixer's projections are included; the sequence-mixing part follows
+    each layer type's formula in :func:`_scan_flops`.
+    """
+    from models import MemoryLMForCausalLM
+    from models.modules import CausalConv1d
+
+    seq_len = seq_len or config.max_position_embeddings
+    with torch.device("meta"):
+        model = MemoryLMForCausalLM(config)
+    dense = sum(m.in_features * m.out_features for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    conv = sum(m.weight.shape[0] * m.weight.shape[-1] for m in model.modules() if isinstance(m, CausalConv1d))
     out = {
-        "projections": 3 * 2 * proj * L,
-        "mlp": 3 * 2 * mlp * L,
-        "conv": 3 * 2 * C * config.conv_kernel * convs * L,
-        "memory_scan": 3 * H * scan * L,
-        "lm_head": 3 * 2 * C * V,
+        "dense": 3 * 2 * dense,
+        "conv": 3 * 2 * conv,
+        "sequence_mixing": 3 * sum(_scan_flops(config, kind, seq_len) for kind in config.mixer_types),
+        "lm_head": 3 * 2 * config.hidden_size * config.vocab_size,
     }
     out["total"] = sum(out.values())
     return out
