@@ -34,9 +34,9 @@ from .reference import memory_scan_reference
 from .state import LayerState
 
 
-def delta_rule_chunked(q, k, v, beta, log_alpha, S, chunk_size: int):
-    """Chunked (WY) delta rule. q, k: [B,H,T,dk]; v: [B,H,T,dv]; beta: [B,H,T];
-    log_alpha: [B,H,T] or None; S: [B,H,dk,dv]. Returns (o [B,H,T,dv], S after the last token)."""
+def delta_rule_prepare(q, k, v, beta, log_alpha, chunk_size: int) -> dict:
+    """The state-independent part of the chunked (WY) delta rule (see :func:`delta_rule_chunked`):
+    per chunk the pseudo-values U′, W and the decay-weighted Q, Kᵀ-at-the-end tensors."""
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     C = min(chunk_size, T)
@@ -64,14 +64,41 @@ def delta_rule_chunked(q, k, v, beta, log_alpha, S, chunk_size: int):
     Qg = gamma * q
     K_end = (G[..., -1:, None] - G[..., :, None]).exp() * k  # Γ_{C,j} k_j
     g_end = gamma[..., -1:, :]  # [B,H,N,1,1]
+    return dict(U_v=U_v, W=W, QK=QK, Qg=Qg, K_end=K_end, g_end=g_end, T=T, N=N)
 
+
+def delta_rule_run(prep: dict, S):
+    """The chunk loop of :func:`delta_rule_chunked` from state S [B,H,dk,dv]; returns (o, S)."""
+    U_v, W, QK, Qg, K_end, g_end = (prep[n] for n in ("U_v", "W", "QK", "Qg", "K_end", "g_end"))
     outs = []
-    for n in range(N):
+    for n in range(prep["N"]):
         U = U_v[:, :, n] - W[:, :, n] @ S
         outs.append(Qg[:, :, n] @ S + QK[:, :, n] @ U)
         S = g_end[:, :, n] * S + K_end[:, :, n].transpose(-1, -2) @ U
-    o = torch.stack(outs, 2).flatten(2, 3)[:, :, :T]
+    o = torch.stack(outs, 2).flatten(2, 3)[:, :, : prep["T"]]
     return o, S
+
+
+def delta_rule_summary(prep: dict):
+    """The piece as an affine map of its incoming state: S_out = A S_in + B, with
+    A [B,H,dk,dk] and B [B,H,dk,dv]. Per chunk S ← (γ_C I − K_endᵀ W) S + K_endᵀ U′; the chunks
+    are composed in order (for context parallelism by prefix combine, parallel/prefix.py)."""
+    U_v, W, K_end, g_end = prep["U_v"], prep["W"], prep["K_end"], prep["g_end"]
+    dk = W.shape[-1]
+    eye = torch.eye(dk, dtype=W.dtype, device=W.device)
+    Kt = K_end.transpose(-1, -2)
+    A_n = g_end * eye - Kt @ W  # [B,H,N,dk,dk]
+    B_n = Kt @ U_v  # [B,H,N,dk,dv]
+    A, Bm = A_n[:, :, 0], B_n[:, :, 0]
+    for n in range(1, prep["N"]):
+        A, Bm = A_n[:, :, n] @ A, A_n[:, :, n] @ Bm + B_n[:, :, n]
+    return A, Bm
+
+
+def delta_rule_chunked(q, k, v, beta, log_alpha, S, chunk_size: int):
+    """Chunked (WY) delta rule. q, k: [B,H,T,dk]; v: [B,H,T,dv]; beta: [B,H,T];
+    log_alpha: [B,H,T] or None; S: [B,H,dk,dv]. Returns (o [B,H,T,dv], S after the last token)."""
+    return delta_rule_run(delta_rule_prepare(q, k, v, beta, log_alpha, chunk_size), S)
 
 
 def delta_rule_recipe() -> Recipe:
@@ -152,10 +179,9 @@ class DeltaNetLayer(nn.Module):
     def _heads(self, t):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state: {S}, conv tails, position)."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
+    def prepare(self, x: torch.Tensor, state: LayerState):
+        """Step 1 of :meth:`forward`: q, k, v [B, H, T, d], β, log α [B, H, T] (None for DeltaNet)
+        in the compute dtype (≥ float32), and the new conv tails."""
         conv = {}
         q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
         k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
@@ -168,13 +194,29 @@ class DeltaNetLayer(nn.Module):
         log_alpha = None
         if self.gated:
             log_alpha = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2).to(compute)
-        S = state.weights["S"].to(compute)
+        return q, k, v, beta, log_alpha, conv
+
+    def scan(self, q, k, v, beta, log_alpha, S):
+        """Step 2 of :meth:`forward`: the delta rule from state S; returns (o [B, H, T, d], S)."""
         if self.scan_impl == "chunk":
-            o, S = delta_rule_chunked(q, k, v, beta, log_alpha, S, self.chunk_size)
-        else:
-            o, S = delta_rule_reference(q, k, v, beta, log_alpha, S)
+            return delta_rule_chunked(q, k, v, beta, log_alpha, S, self.chunk_size)
+        return delta_rule_reference(q, k, v, beta, log_alpha, S)
+
+    def summary(self, q, k, v, beta, log_alpha):
+        """(A, B) of a piece from its own tokens (chunk form): S_out = A S_in + B."""
+        return delta_rule_summary(delta_rule_prepare(q, k, v, beta, log_alpha, self.chunk_size))
+
+    def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Step 3 of :meth:`forward`: per-head RMSNorm, [SiLU gate], output projection."""
         o = self.o_norm(o.to(x.dtype)).transpose(1, 2)  # [B, T, H, d]
         if self.gated:
             o = o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))
-        y = self.o_proj(o.flatten(2))
-        return y, LayerState(weights={"S": S}, conv=conv, position=state.position + T)
+        return self.o_proj(o.flatten(2))
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None):
+        """x: [B, T, C] → (y [B, T, C], state: {S}, conv tails, position): prepare → scan → output."""
+        B, T, _ = x.shape
+        state = state if state is not None else self.init_state(B)
+        q, k, v, beta, log_alpha, conv = self.prepare(x, state)
+        o, S = self.scan(q, k, v, beta, log_alpha, state.weights["S"].to(q.dtype))
+        return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=state.position + T)

@@ -124,10 +124,10 @@ class TTTLayer(nn.Module):
 
     def init_state(self, batch_size: int) -> TTTState:
         """The state before the first token: θ₀ tiled over the batch (kept differentiable)."""
-        weights = {
-            n: getattr(self, n).float().unsqueeze(0).expand(batch_size, *getattr(self, n).shape)
-            for n in self.fast_weight_names
-        }
+        weights = {}
+        for n in self.fast_weight_names:  # float32, or float64 in a float64 model
+            p = getattr(self, n)
+            weights[n] = p.to(torch.promote_types(p.dtype, torch.float32)).unsqueeze(0).expand(batch_size, *p.shape)
         return TTTState(weights=weights)
 
     # -------------------------------------------------------------------------------- forward
@@ -144,10 +144,11 @@ class TTTLayer(nn.Module):
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: TTTState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state after the last token)."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
+    def prepare(self, x: torch.Tensor, state: TTTState):
+        """Step 1 of :meth:`forward`, everything before the scan: q, k, v [B, H, T, d] (RoPE'd) and
+        the inner learning rate lr [B, H, T], all in the compute dtype (≥ float32), and the new
+        q/k conv tails. (Public so that parallel/ can act between the steps.)"""
+        T = x.shape[1]
         q, k, v, new_conv = self._qkv(x, state)
         q, k, v = (self._split_heads(t) for t in (q, k, v))
 
@@ -159,20 +160,38 @@ class TTTLayer(nn.Module):
         # The inner loop runs in (at least) float32 whatever the activation dtype.
         compute = torch.promote_types(x.dtype, torch.float32)
         q, k, v, lr = (t.to(compute) for t in (q, k, v, lr))
-        out, weights, pending = SCAN_IMPLS[self.scan_impl](
+        return q, k, v, lr, new_conv
+
+    def scan(self, weights: dict, pending: dict | None, q, k, v, lr, position: int, heads: slice = slice(None)):
+        """Step 2 of :meth:`forward`: the inner loop from fast weights ``weights`` (+ ``pending``)
+        at ``position``. ``heads``: which of this layer's heads q, k, v hold (default all).
+        Returns (out [B, H, T, d], weights, pending-or-None)."""
+        compute = q.dtype
+        return SCAN_IMPLS[self.scan_impl](
             self.inner,
-            {n: t.to(compute) for n, t in state.weights.items()},
-            None if state.pending is None else {n: t.to(compute) for n, t in state.pending.items()},
+            {n: t.to(compute) for n, t in weights.items()},
+            None if pending is None else {n: t.to(compute) for n, t in pending.items()},
             q, k, v, lr,
             self.token_idx_offset.to(compute),
-            self.ttt_norm_weight.to(compute),
-            self.ttt_norm_bias.to(compute),
-            state.position,
+            self.ttt_norm_weight[heads].to(compute),
+            self.ttt_norm_bias[heads].to(compute),
+            position,
             self.mini_batch_size,
             self.scan_checkpoint_group_size if self.training else 0,
         )
+
+    def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Step 3 of :meth:`forward`: post-norm over all heads, optional gate, output projection."""
         out = self.post_norm(out.to(x.dtype).transpose(1, 2).flatten(2))
         if self.use_gate:
             out = F.gelu(self.g_proj(x), approximate="tanh") * out
+        return self.o_proj(out)
+
+    def forward(self, x: torch.Tensor, state: TTTState | None = None):
+        """x: [B, T, C] → (y [B, T, C], state after the last token): prepare → scan → output."""
+        B, T, _ = x.shape
+        state = state if state is not None else self.init_state(B)
+        q, k, v, lr, new_conv = self.prepare(x, state)
+        out, weights, pending = self.scan(state.weights, state.pending, q, k, v, lr, state.position)
         new_state = TTTState(weights=weights, pending=pending, position=state.position + T, conv=new_conv)
-        return self.o_proj(out), new_state
+        return self.output(x, out), new_state
