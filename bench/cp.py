@@ -76,8 +76,6 @@ def worker(args, cp: int):
 
 def scan_fraction(args) -> float:
     """f: share of one block's forward+backward spent in the inner scan (1 thread, full sequence)."""
-    from parallel.context import ttt_prologue, ttt_scan
-
     block = build(args).model.layers[0]
     layer = block.mixer
     x = torch.randn(1, args.seq, args.hidden, requires_grad=True)
@@ -86,11 +84,11 @@ def scan_fraction(args) -> float:
         y, _ = block(x)
         y.sum().backward()
 
-    q, k, v, lr, _ = ttt_prologue(layer, x.detach(), {}, 0)
+    q, k, v, lr, _ = layer.prepare(x.detach(), layer.init_state(1))
     q, k, v, lr = (t.detach().requires_grad_() for t in (q, k, v, lr))
 
     def scan():
-        out, _, _ = ttt_scan(layer, layer.init_state(1).weights, None, q, k, v, lr, 0)
+        out, _, _ = layer.scan(layer.init_state(1).weights, None, q, k, v, lr, 0)
         out.sum().backward()
 
     return min(_steps(scan, args.steps)) / min(_steps(whole, args.steps))

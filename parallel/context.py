@@ -176,53 +176,9 @@ class _SendNext(torch.autograd.Function):
         return (None, None, g_anchor, None, *_unpack(buf, ctx.templates))
 
 
-# ------------------------------------------------------------------- TTT layer, split in three
-# The single-device TTTLayer.forward is prologue → scan → epilogue in one function; CP needs to
-# act between them (receive the state just before the scan, send it right after), so the two
-# halves are restated here on the same module. tests/parallel checks them against the original.
-def ttt_prologue(layer, x: torch.Tensor, conv: dict, position: int):
-    """Projections, RoPE and the inner learning rate: everything before the scan.
-
-    Returns q, k, v [B, H, T, d] and lr [B, H, T] in the compute dtype, and the q/k conv tails."""
-    from models.modules import apply_interleaved_rope, rope_cos_sin
-    from models.ttt import TTTState
-
-    T = x.shape[1]
-    q, k, v, new_conv = layer._qkv(x, TTTState(weights={}, conv=conv, position=position))
-    q, k, v = (layer._split_heads(t) for t in (q, k, v))
-    positions = torch.arange(position, position + T, device=x.device)
-    cos, sin = rope_cos_sin(positions % layer.mini_batch_size, layer.head_dim, layer.rope_theta, q.dtype)
-    q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
-    lr = torch.sigmoid(layer.lr_gate(x)).transpose(1, 2) * (layer.base_lr / layer.head_dim)
-    compute = torch.promote_types(x.dtype, torch.float32)
-    q, k, v, lr = (t.to(compute) for t in (q, k, v, lr))
-    return q, k, v, lr, new_conv
-
-
-def ttt_scan(layer, weights: dict, pending, q, k, v, lr, position: int, head_slice=slice(None)):
-    from models.ttt import SCAN_IMPLS
-
-    compute = q.dtype
-    return SCAN_IMPLS[layer.scan_impl](
-        layer.inner,
-        {n: t.to(compute) for n, t in weights.items()},
-        None if pending is None else {n: t.to(compute) for n, t in pending.items()},
-        q, k, v, lr,
-        layer.token_idx_offset.to(compute),
-        layer.ttt_norm_weight[head_slice].to(compute),
-        layer.ttt_norm_bias[head_slice].to(compute),
-        position,
-        layer.mini_batch_size,
-        layer.scan_checkpoint_group_size if layer.training else 0,
-    )
-
-
-def ttt_epilogue(layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Post-norm over all heads, optional gate, output projection."""
-    out = layer.post_norm(out.to(x.dtype).transpose(1, 2).flatten(2))
-    if layer.use_gate:
-        out = F.gelu(layer.g_proj(x), approximate="tanh") * out
-    return layer.o_proj(out)
+# ------------------------------------------------------------------- TTT layer, in three steps
+# TTTLayer.forward is prepare → scan → output (public steps of models/ttt.py); CP acts between
+# them: the state is received just before the scan and sent right after it.
 
 
 def _state_templates(layer, batch: int, position: int, dtype):
@@ -253,7 +209,7 @@ class CPPassTTT:
         B, T, _ = x.shape
         position = comm.dims.cp_rank * T
         conv = recv_qk_conv_tails(self, comm, x, idx)
-        q, k, v, lr, new_conv = ttt_prologue(self, x, conv, position)
+        q, k, v, lr, new_conv = self.prepare(x, TTTState(weights={}, conv=conv, position=position))
         if new_conv:
             q = comm.send_next(q, [new_conv["q"], new_conv["k"]], idx, KIND_QK_CONV)
         names = self.fast_weight_names
@@ -263,10 +219,10 @@ class CPPassTTT:
             got = comm.recv_prev(_state_templates(self, B, position, q.dtype), idx, KIND_STATE, x.device)
             weights = dict(zip(names, got[: len(names)]))
             pending = dict(zip(names, got[len(names):])) if len(got) > len(names) else None
-        out, weights, pending = ttt_scan(self, weights, pending, q, k, v, lr, position)
+        out, weights, pending = self.scan(weights, pending, q, k, v, lr, position)
         sent = [weights[n] for n in names] + ([pending[n] for n in names] if pending is not None else [])
         out = comm.send_next(out, sent, idx, KIND_STATE)
-        y = ttt_epilogue(self, x, out)
+        y = self.output(x, out)
         return y, TTTState(weights=weights, pending=pending, position=position + T, conv=new_conv)
 
 
@@ -363,17 +319,142 @@ def swap_class(module, mixin) -> None:
     module.__class__ = _SWAPPED[key]
 
 
-def apply_cp(model, dims: ParallelDims, mixer_mixin=CPPassTTT) -> CPComm:
+class _AllGatherSeq(torch.autograd.Function):
+    """[B, H, T/P, d] pieces → [B, H, T, d] over the CP group. Backward: the gradient of the whole
+    is summed over ranks and each keeps its slice (a reduce-scatter; gloo has none, so all-reduce +
+    slice). ``dummy`` (requires grad) makes every rank run the backward collective."""
+
+    @staticmethod
+    def forward(ctx, x, dummy, dims):
+        ctx.dims = dims
+        parts = [torch.empty_like(x) for _ in range(dims.cp)]
+        dist.all_gather(parts, x.detach().contiguous(), group=dims.cp_group)
+        return torch.cat(parts, 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        dims = ctx.dims
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=dims.cp_group)
+        return g.chunk(dims.cp, 2)[dims.cp_rank], None, None
+
+
+def all_gather_seq(x: torch.Tensor, comm: CPComm) -> torch.Tensor:
+    return _AllGatherSeq.apply(x, comm.dummy(x.device), comm.dims)
+
+
+class CPAttention:
+    """Mixin for AttentionLayer under CP — no serial chain:
+
+    * full attention (window None, or window − 1 longer than a piece): keys/values of every rank
+      all-gathered (one collective, k and v packed), queries of rank r attend causally over
+      positions < (r+1)·T; backward: the gathered gradient is summed and sliced (reduce-scatter).
+    * sliding window w with w − 1 ≤ T: the halo — the last w − 1 keys/values (after RoPE) go to
+      rank r+1 as soon as they are projected (isend); rank r receives the previous rank's.
+    """
+
+    def forward(self, x: torch.Tensor, state=None):
+        from models.attention import windowed_attention
+        from models.state import LayerState
+
+        if state is not None:
+            raise ValueError("under context parallelism pass memory_state=None")
+        comm, idx = self._cp_comm, self._cp_layer_idx
+        r = comm.dims.cp_rank
+        B, T, _ = x.shape
+        position = r * T
+        q, k, v = self.project(x, position)
+        pk, pv = self.prefix(B, q.dtype)
+        w = self.window
+        if w is None or w - 1 > T:
+            d = k.shape[-1]
+            kv = all_gather_seq(torch.cat([k, v], -1), comm)[:, :, : (r + 1) * T]
+            k_ctx, v_ctx = kv[..., :d], kv[..., d:]
+            k_start = 0
+        else:
+            halo = w - 1
+            k_ctx, v_ctx, k_start = k, v, position
+            if halo and comm.prev is not None:
+                tmpl = [(torch.Size((B, k.shape[1], halo, k.shape[-1])), k.dtype)] * 2
+                hk, hv = comm.recv_prev(tmpl, idx, KIND_STATE, x.device)
+                k_ctx, v_ctx, k_start = torch.cat([hk, k], 2), torch.cat([hv, v], 2), position - halo
+            if halo and comm.next is not None:
+                # anchored on q: in backward the rank waits for r+1's halo gradient only after its
+                # own attention backward
+                q = comm.send_next(q, [k[:, :, T - halo:], v[:, :, T - halo:]], idx, KIND_STATE)
+        o = windowed_attention(q, k_ctx, v_ctx, position, k_start, w, pk, pv, self.block_size)
+        keep = k_ctx.shape[2] if w is None else min(k_ctx.shape[2], w - 1)
+        cache = {"k": k_ctx[:, :, k_ctx.shape[2] - keep:], "v": v_ctx[:, :, v_ctx.shape[2] - keep:]}
+        y = self.o_proj(o.transpose(1, 2).flatten(2))
+        return y, LayerState(cache=cache, position=position + T)
+
+
+class CPPrefixDeltaNet:
+    """Mixin for DeltaNetLayer under cp_mode="prefix": no serial chain.
+
+    Rank r projects its piece (the short convs' K−1-token tails are a halo from r−1), summarises
+    it as S_out = A_r S_in + B_r from its own tokens (fp32, the WY chunk form:
+    ``DeltaNetLayer.summary``), all-gathers the summaries, folds those of ranks < r into its
+    incoming state (parallel/prefix.py) and runs its piece from there. Backward: autograd through
+    the fold; the gathered summaries' gradients are summed over CP (prefix.py)."""
+
+    def forward(self, x: torch.Tensor, state=None):
+        from models.state import LayerState
+
+        from .prefix import prefix_state
+
+        if state is not None:
+            raise ValueError("under context parallelism pass memory_state=None")
+        comm, idx, dims = self._cp_comm, self._cp_layer_idx, self._cp_comm.dims
+        B, T, _ = x.shape
+        position = dims.cp_rank * T
+        conv_in = {}
+        if comm.prev is not None:
+            width, K = self.conv_q.weight.shape[0], self.conv_q.kernel_size
+            got = comm.recv_prev([(torch.Size((B, width, K - 1)), x.dtype)] * 3, idx, KIND_QK_CONV, x.device)
+            conv_in = dict(zip("qkv", got))
+        q, k, v, beta, log_alpha, conv = self.prepare(x, LayerState(conv=conv_in, position=position))
+        H, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+        if comm.next is None:  # nobody folds the last piece: its summary is not computed
+            A, Bm = q.new_zeros(B, H, dk, dk), q.new_zeros(B, H, dk, dv)
+        else:
+            A, Bm = self.summary(q, k, v, beta, log_alpha)
+            # the conv halo is anchored on A: in backward this rank waits for r+1's conv-tail
+            # gradient only after the (collective) prefix backward, as rank r+1 does
+            A = comm.send_next(A, [conv["q"], conv["k"], conv["v"]], idx, KIND_QK_CONV)
+        S0 = q.new_zeros(B, H, dk, dv)
+        # prefix.py composes S·A + B (row convention); here S_out = A S + B: transpose
+        S_in = prefix_state(A.mT, Bm.mT, S0.mT, dims).mT
+        o, S = self.scan(q, k, v, beta, log_alpha, S_in)
+        return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=position + T)
+
+
+def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
     """Makes every block of ``model`` context-parallel, in place; returns the channel.
-    TTT mixers get ``mixer_mixin`` (scan-level pass or Ulysses), every other mixer the generic
-    state pass."""
+
+    TTT mixers: the scan-level state pass (``"pass"``) or Ulysses; DeltaNet layers: the prefix
+    combine under ``"prefix"``, else the generic state pass; attention layers: all-gather (full)
+    or halo (sliding window) attention; every other mixer: the generic state pass."""
+    from models.attention import AttentionLayer
+    from models.deltanet import DeltaNetLayer
     from models.ttt import TTTLayer
+
+    from .ulysses import UlyssesTTT
 
     base = model.model if hasattr(model, "model") else model
     comm = CPComm(dims)
     for block in base.layers:
         block._cp_comm = comm
-        block.mixer._cp_comm, block.mixer._cp_layer_idx = comm, block.layer_idx
+        m = block.mixer
+        m._cp_comm, m._cp_layer_idx = comm, block.layer_idx
         swap_class(block, CPBlock)
-        swap_class(block.mixer, mixer_mixin if isinstance(block.mixer, TTTLayer) else CPGenericMixer)
+        if isinstance(m, TTTLayer):
+            mixin = UlyssesTTT if cp_mode == "ulysses" else CPPassTTT
+        elif isinstance(m, AttentionLayer):
+            mixin = CPAttention
+        elif isinstance(m, DeltaNetLayer) and cp_mode == "prefix":
+            mixin = CPPrefixDeltaNet
+        else:
+            mixin = CPGenericMixer
+        swap_class(m, mixin)
     return comm

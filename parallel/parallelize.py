@@ -11,8 +11,10 @@
 cp_mode: ``"pass"`` — the state-passing wavefront (parallel/context.py, any CP size);
 ``"ulysses"`` — head all-to-all (parallel/ulysses.py, CP must divide heads/TP);
 ``"prefix"`` — all-gather + prefix combine, only for memory layers whose update is affine in the
-state (DeltaNet family); TTT-Linear/MLP are not (the LayerNorm in the inner loss), so it is
-refused for them. See parallel/prefix.py for the combine primitive.
+state (DeltaNet, Gated DeltaNet; attention layers beside them use all-gather / halo attention);
+TTT, Titans and LaCT are not affine in their state, so it is refused for them (parallel/prefix.py).
+Full-attention layers use all-gather attention in every mode, sliding windows a halo exchange
+(parallel/context.py: ``CPAttention``).
 
 Every rank builds the same full model (same seed or the same checkpoint) before the call;
 parallelize keeps this rank's shards. ``gather_full_state_dict`` / ``load_full_state_dict`` go
@@ -23,37 +25,49 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .context import CPPassTTT, apply_cp
+from .context import apply_cp
 from .groups import ParallelDims
-from .tensor import apply_tp, check_tp
-from .ulysses import UlyssesTTT, check_ulysses
+from .tensor import apply_tp, check_tp, shard_of, unshard
+from .ulysses import check_ulysses
 
 CP_MODES = ("pass", "ulysses", "prefix")
+
+
+def _mixer_kinds(model):
+    from models.attention import AttentionLayer
+    from models.deltanet import DeltaNetLayer
+    from models.ttt import TTTLayer
+
+    base = model.model if hasattr(model, "model") else model
+    kinds = {}
+    for b in base.layers:
+        m = b.mixer
+        kind = ("ttt" if isinstance(m, TTTLayer) else "affine" if isinstance(m, DeltaNetLayer)
+                else "attention" if isinstance(m, AttentionLayer) else "other")
+        kinds.setdefault(kind, set()).add(type(m).__name__)
+    return kinds
 
 
 def _check(model, dims: ParallelDims, cp_mode: str) -> None:
     if cp_mode not in CP_MODES:
         raise ValueError(f"unknown cp_mode {cp_mode!r}; expected one of {CP_MODES}")
-    from models.ttt import TTTLayer
-
-    config = model.config
-    base = model.model if hasattr(model, "model") else model
-    other = sorted({type(b.mixer).__name__ for b in base.layers if not isinstance(b.mixer, TTTLayer)})
+    kinds = _mixer_kinds(model)
     if dims.tp > 1:
-        if other:
-            raise ValueError(f"tensor parallelism is implemented for TTT mixers only; this model also has {other} "
-                             "(use tp=1: context and data parallelism work for every mixer)")
-        check_tp(config, dims)
+        check_tp(model.config, dims)
     if dims.cp > 1:
         if cp_mode == "prefix":
-            raise ValueError("cp_mode='prefix' (all-gather + prefix combine, parallel/prefix.py) needs a memory layer "
-                             "whose state update is affine in the state and is not wired to any layer yet; TTT is not "
-                             "affine (LayerNorm inside the inner loss): use 'pass' or 'ulysses'")
+            bad = sorted(kinds.get("ttt", set()) | kinds.get("other", set()))
+            if bad:
+                raise ValueError(f"cp_mode='prefix' (all-gather + prefix combine) needs memory layers whose state update is "
+                                 f"affine in the state (DeltaNet, Gated DeltaNet); {bad} are not (TTT: LayerNorm in the "
+                                 "inner loss; Titans: the MLP memory's gradient; LaCT: Newton–Schulz and weight norm): "
+                                 "use cp_mode='pass'")
         if cp_mode == "ulysses":
+            other = sorted(set().union(*(v for k, v in kinds.items() if k != "ttt")))
             if other:
                 raise ValueError(f"cp_mode='ulysses' is implemented for TTT mixers only; this model also has {other}: "
                                  "use cp_mode='pass'")
-            check_ulysses(config.num_attention_heads // dims.tp, dims.cp)
+            check_ulysses(model.config.num_attention_heads // dims.tp, dims.cp)
 
 
 def _pre_forward_check(module, args, kwargs):
@@ -80,7 +94,7 @@ def parallelize(model, dims: ParallelDims, cp_mode: str = "pass"):
     if dims.tp > 1:
         apply_tp(model, dims)
     if dims.cp > 1:
-        model._cp_comm = apply_cp(model, dims, CPPassTTT if cp_mode == "pass" else UlyssesTTT)
+        model._cp_comm = apply_cp(model, dims, cp_mode)
     model._parallel_dims, model._cp_mode = dims, cp_mode
     model.register_forward_pre_hook(_pre_forward_check, with_kwargs=True)
     return model
@@ -92,7 +106,7 @@ def _gather_tp(t: torch.Tensor, like: torch.Tensor, dims: ParallelDims) -> torch
         return t.detach().clone()
     parts = [torch.empty_like(t) for _ in range(dims.tp)]
     dist.all_gather(parts, t.detach().contiguous(), group=dims.tp_group)
-    return torch.cat(parts, dim=like.partition_dim)
+    return unshard(parts, like.partition_dim, getattr(like, "partition_stride", 1))
 
 
 def gather_full_state_dict(model, dims: ParallelDims) -> dict:
@@ -150,7 +164,7 @@ def load_full_state_dict(model, full: dict, dims: ParallelDims, strict: bool = T
             continue
         src = full[name]
         if dims.tp > 1 and getattr(t, "tensor_model_parallel", False):
-            src = src.chunk(dims.tp, dim=t.partition_dim)[dims.tp_rank]
+            src = shard_of(src, dims.tp, dims.tp_rank, t.partition_dim, getattr(t, "partition_stride", 1))
         if src.shape != t.shape:
             raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit {tuple(t.shape)}")
         sharded[name] = src

@@ -11,9 +11,10 @@ rank r folds the ones before it into its incoming state (P−1 small matmuls):
     S_in(r) = (…((S_0 · A_0 + B_0) · A_1 + B_1) …) · A_{r−1} + B_{r−1}
 
 then runs (or corrects) its piece from S_in(r). Rank-to-rank latency is one all-gather instead of
-P−1 hops. TTT-Linear/MLP are not affine (the LayerNorm in the inner loss), so ``parallelize``
-refuses cp_mode="prefix" for them; this module is the primitive for the affine layers to come,
-tested on a reference DeltaNet recurrence in tests/parallel.
+P−1 hops. Used by ``parallel.context.CPPrefixDeltaNet`` (cp_mode="prefix") for DeltaNet and
+Gated DeltaNet, whose summaries come from their WY chunk form (models/deltanet.py
+``delta_rule_summary``); TTT, Titans and LaCT are not affine, so ``parallelize`` refuses
+cp_mode="prefix" for them. Also tested on a token-loop DeltaNet in tests/parallel.
 
 Shapes: A [..., dk, dk], B [..., dv, dk], S_0 [..., dv, dk] (any leading batch/head dims).
 Gradients flow to every rank's (A, B) and to S_0 (the all-gather's backward is an all-reduce +
@@ -50,7 +51,7 @@ class _PrefixState(torch.autograd.Function):
     (One Function, so that rank 0 — whose fold uses no summary — still joins the all-reduce.)"""
 
     @staticmethod
-    def forward(ctx, A, B, S0, dims):
+    def forward(ctx, A, B, S0, dummy, dims):
         As, Bs = _gather(A, dims), _gather(B, dims)
         ctx.save_for_backward(As, Bs, S0)
         ctx.dims = dims
@@ -70,7 +71,7 @@ class _PrefixState(torch.autograd.Function):
         dist.all_reduce(flat, group=dims.cp_group)
         gA, gB = flat.split([gA.numel(), gB.numel()])
         r = dims.cp_rank
-        return gA.view_as(As)[r], gB.view_as(Bs)[r], gS0, None
+        return gA.view_as(As)[r], gB.view_as(Bs)[r], gS0, None, None
 
 
 def prefix_state(A: torch.Tensor, B: torch.Tensor, S0: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
@@ -78,4 +79,7 @@ def prefix_state(A: torch.Tensor, B: torch.Tensor, S0: torch.Tensor, dims: Paral
     Collective over the CP group in forward and in backward."""
     if dims.cp == 1:
         return S0
-    return _PrefixState.apply(A, B, S0, dims)
+    # a leaf that requires grad: every rank's output is in the graph, so every rank joins the
+    # backward all-reduce even where its own (A, B, S0) need no gradient (frozen, last rank)
+    dummy = torch.zeros((), device=A.device, requires_grad=torch.is_grad_enabled())
+    return _PrefixState.apply(A, B, S0, dummy, dims)

@@ -46,12 +46,28 @@ def _config(dims: ParallelDims, like: torch.Tensor):
     )
 
 
-def _shard(t: torch.Tensor, dims: ParallelDims, dim: int) -> torch.Tensor:
-    return t.detach().chunk(dims.tp, dim=dim)[dims.tp_rank].clone()
+def shard_of(t: torch.Tensor, tp: int, rank: int, dim: int, stride: int = 1) -> torch.Tensor:
+    """This rank's shard of a full tensor. ``stride`` s > 1: the dimension is s blocks laid end to
+    end (e.g. [q | k | v] rows, or [θ | η | α] gate rows), each cut in tp pieces; the shard is
+    rank r's piece of every block, concatenated (megatron's ``partition_stride``)."""
+    blocks = t.chunk(stride, dim=dim)
+    return torch.cat([b.chunk(tp, dim=dim)[rank] for b in blocks], dim=dim)
 
 
-def mark_sharded(p: torch.Tensor, dim: int) -> torch.Tensor:
-    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+def unshard(parts: list, dim: int, stride: int = 1) -> torch.Tensor:
+    """Inverse of :func:`shard_of`: the full tensor from every rank's shard, in rank order."""
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+
+
+def _shard(t: torch.Tensor, dims: ParallelDims, dim: int, stride: int = 1) -> torch.Tensor:
+    return shard_of(t.detach(), dims.tp, dims.tp_rank, dim, stride).clone()
+
+
+def mark_sharded(p: torch.Tensor, dim: int, stride: int = 1) -> torch.Tensor:
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, stride
     return p
 
 
@@ -85,22 +101,24 @@ def _classes():
     return _CLASSES["col"], _CLASSES["row"]
 
 
-def column_parallel(linear: nn.Linear, dims: ParallelDims, input_is_copied: bool = True) -> nn.Module:
-    """nn.Linear → megatron ColumnParallelLinear holding this rank's rows of the weight."""
+def column_parallel(linear: nn.Linear, dims: ParallelDims, input_is_copied: bool = True, stride: int = 1) -> nn.Module:
+    """nn.Linear → megatron ColumnParallelLinear holding this rank's rows of the weight
+    (``stride``: rows made of that many blocks, each split by rank — see :func:`shard_of`)."""
     col, _ = _classes()
     out_f, in_f = linear.weight.shape
-    if out_f % dims.tp:
-        raise ValueError(f"output features {out_f} are not divisible by tensor parallel size {dims.tp}")
+    if out_f % (dims.tp * stride):
+        raise ValueError(f"output features {out_f} are not divisible by tensor parallel size {dims.tp}"
+                         + (f" × {stride} blocks" if stride > 1 else ""))
     new = col(in_f, out_f, config=_config(dims, linear.weight), init_method=_no_init,
               bias=linear.bias is not None, gather_output=False, disable_grad_reduce=input_is_copied)
     with torch.no_grad():
-        new.weight.copy_(_shard(linear.weight, dims, 0))
+        new.weight.copy_(_shard(linear.weight, dims, 0, stride))
         if linear.bias is not None:
-            new.bias.copy_(_shard(linear.bias, dims, 0))
+            new.bias.copy_(_shard(linear.bias, dims, 0, stride))
     # megatron sets these only when it initialises the weight itself (perform_initialization)
-    mark_sharded(new.weight, 0).requires_grad_(linear.weight.requires_grad)
+    mark_sharded(new.weight, 0, stride).requires_grad_(linear.weight.requires_grad)
     if new.bias is not None:
-        mark_sharded(new.bias, 0).requires_grad_(linear.bias.requires_grad)
+        mark_sharded(new.bias, 0, stride).requires_grad_(linear.bias.requires_grad)
     return new.to(linear.weight.device)
 
 
@@ -166,6 +184,52 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return _AllReduceSum.apply(x, group)
 
 
+def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, -1)
+
+
+def _split_last(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), -1)[dist.get_rank(group)].contiguous()
+
+
+class _GatherLast(torch.autograd.Function):
+    """All-gather along the last dim (backward: keep this rank's slice) — megatron's
+    gather_from_tensor_model_parallel_region, which allocates on CUDA, written device-agnostic."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split_last(g, ctx.group), None
+
+
+class _ScatterLast(torch.autograd.Function):
+    """Keep this rank's slice of the last dim (backward: all-gather) — megatron's
+    scatter_to_tensor_model_parallel_region, device-agnostic."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_last(g, ctx.group), None
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherLast.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _ScatterLast.apply(x, group)
+
+
 class TPLayerNorm(nn.Module):
     """LayerNorm over a feature dimension that is sharded across TP ranks — exact.
 
@@ -225,41 +289,229 @@ def check_tp(config, dims: ParallelDims) -> None:
         ("vocab_size", config.vocab_size),
         ("intermediate_size", config.intermediate_size),
     ]
+    if "lact" in getattr(config, "mixer_types", ()):
+        checks.append(("lact_num_heads", config.lact_num_heads))
     for name, value in checks:
         if value % tp:
             raise ValueError(f"{name}={value} is not divisible by tensor parallel size tp={tp}")
 
 
-def tp_ttt_layer(layer: nn.Module, dims: ParallelDims) -> None:
+def _check_heads(what: str, heads: int, dims: ParallelDims) -> None:
+    if heads % dims.tp:
+        raise ValueError(f"{what}={heads} is not divisible by tensor parallel size tp={dims.tp}")
+
+
+def _replicated_in_sharded(p: nn.Parameter, dims: ParallelDims) -> None:
+    """A replicated parameter used inside the head-sharded computation: each TP rank computes
+    its heads' share of the gradient, so the gradient is summed over TP."""
+    if p.requires_grad and not getattr(p, "tp_grad_summed", False):
+        p.register_hook(_grad_sum_hook(dims.tp_group))
+        p.tp_grad_summed = True
+
+
+def _copy_input(module: nn.Module, dims: ParallelDims) -> None:
+    """copy_to_tp on the module's (replicated) input: identity forward, all-reduce backward. Exactly
+    once per replicated → column-parallel edge."""
+    module._tp_group = dims.tp_group
+    module.register_forward_pre_hook(_copy_input_hook, with_kwargs=True)
+
+
+def _shard_conv(conv: nn.Module, dims: ParallelDims) -> None:
+    _shard_param(conv, "weight", dims, 0)
+    _shard_param(conv, "bias", dims, 0)
+
+
+def tp_ttt_layer(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
     """Shards a models.ttt.TTTLayer by heads, in place."""
     H, tp = layer.num_heads, dims.tp
-    if H % tp:
-        raise ValueError(f"num_heads={H} is not divisible by tensor parallel size tp={tp}")
+    _check_heads("num_heads", H, dims)
     for name in ("q_proj", "k_proj", "v_proj", "g_proj", "lr_gate"):
         if hasattr(layer, name):
             setattr(layer, name, column_parallel(getattr(layer, name), dims))
     layer.o_proj = row_parallel(layer.o_proj, dims)
     for conv in ("conv_q", "conv_k"):
         if hasattr(layer, conv):
-            _shard_param(getattr(layer, conv), "weight", dims, 0)
-            _shard_param(getattr(layer, conv), "bias", dims, 0)
+            _shard_conv(getattr(layer, conv), dims)
     for name in [*layer.fast_weight_names, "ttt_norm_weight", "ttt_norm_bias"]:
         _shard_param(layer, name, dims, 0)
-    layer.token_idx_offset.register_hook(_grad_sum_hook(dims.tp_group))  # shared by all heads
-    layer.token_idx_offset.tp_grad_summed = True
-    layer.post_norm = TPLayerNorm(layer.post_norm, dims)
+    _replicated_in_sharded(layer.token_idx_offset, dims)  # one vector shared by all heads
+    layer.post_norm = TPLayerNorm(layer.post_norm, dims)  # LayerNorm over ALL heads: exact statistics
     layer.num_heads = H // tp
     layer.hidden_size = layer.num_heads * layer.head_dim  # local width
-    layer._tp_group = dims.tp_group
-    layer.register_forward_pre_hook(_copy_input_hook, with_kwargs=True)
+    if copy_input:
+        _copy_input(layer, dims)
+
+
+def tp_deltanet(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
+    """models.deltanet.DeltaNetLayer (plain or gated) by heads: q/k/v/β/α/gate projections
+    column-parallel, the short convs' channels, A_log/dt_bias by head; the per-head output RMSNorm
+    shares one weight over heads (gradient summed over TP); o_proj row-parallel."""
+    _check_heads("num_heads", layer.num_heads, dims)
+    for name in ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj"):
+        if hasattr(layer, name):
+            setattr(layer, name, column_parallel(getattr(layer, name), dims))
+    for conv in ("conv_q", "conv_k", "conv_v"):
+        _shard_conv(getattr(layer, conv), dims)
+    if layer.gated:
+        _shard_param(layer, "A_log", dims, 0)
+        _shard_param(layer, "dt_bias", dims, 0)
+    _replicated_in_sharded(layer.o_norm.weight, dims)
+    layer.o_proj = row_parallel(layer.o_proj, dims)
+    layer.num_heads //= dims.tp
+    layer.hidden_size = layer.num_heads * layer.head_dim
+    if copy_input:
+        _copy_input(layer, dims)
+
+
+def tp_attention(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
+    """models.attention.AttentionLayer by heads (q/k/v column-, o row-parallel). The persistent
+    tokens and the q/k RMSNorm weights are shared by all heads: gradients summed over TP."""
+    _check_heads("num_heads", layer.num_heads, dims)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(layer, name, column_parallel(getattr(layer, name), dims))
+    layer.o_proj = row_parallel(layer.o_proj, dims)
+    if layer.qk_norm:
+        _replicated_in_sharded(layer.q_norm.weight, dims)
+        _replicated_in_sharded(layer.k_norm.weight, dims)
+    if layer.num_persistent:
+        _replicated_in_sharded(layer.persistent, dims)  # projected by the column-parallel k/v
+    layer.num_heads //= dims.tp
+    layer.hidden_size = layer.num_heads * layer.head_dim
+    if copy_input:
+        _copy_input(layer, dims)
+
+
+def tp_titans_memory(mem: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
+    """models.titans.TitansMemory by heads. ``gates`` is [θ | η | α] × heads: sharded with stride 3
+    (each rank keeps its heads' rows of all three). Memory weights W1..WL by head."""
+    _check_heads("num_heads", mem.num_heads, dims)
+    for name in ("q_proj", "k_proj", "v_proj", "g_proj"):
+        setattr(mem, name, column_parallel(getattr(mem, name), dims))
+    mem.gates = column_parallel(mem.gates, dims, stride=3)
+    for conv in ("conv_q", "conv_k", "conv_v"):
+        _shard_conv(getattr(mem, conv), dims)
+    for name in mem.fast_weight_names:
+        _shard_param(mem, name, dims, 0)
+    _replicated_in_sharded(mem.o_norm.weight, dims)
+    mem.o_proj = row_parallel(mem.o_proj, dims)
+    mem.num_heads //= dims.tp
+    mem.hidden_size = mem.num_heads * mem.head_dim
+    if copy_input:
+        _copy_input(mem, dims)
+
+
+class TPGate:
+    """Mixin for Titans' ``_Gate``: W (norm(a) ⊙ σ(norm(m))) with a, m replicated (outputs of
+    row-parallel layers). The two RMSNorms run over the full width on every rank (exact; their
+    gradients are whole on every rank), the product is split by channel (megatron's scatter:
+    backward all-gathers) into a row-parallel W."""
+
+    def forward(self, a, m):
+        z = self.norm_a(a) * torch.sigmoid(self.norm_m(m))
+        return self.proj(scatter_to_tp(z, self._tp_group))
+
+
+def tp_gate(gate: nn.Module, dims: ParallelDims) -> None:
+    from .context import swap_class
+
+    gate.proj = row_parallel(gate.proj, dims)
+    gate._tp_group = dims.tp_group
+    swap_class(gate, TPGate)
+
+
+class TPTitansMAC:
+    """Mixin for TitansMAC: the retrieved tokens r (this rank's heads of M(q̃)) are all-gathered
+    over TP (backward: split) because the attention projects them like input tokens, then copied
+    into the column-parallel q/k/v (backward: all-reduce of the heads' partial gradients)."""
+
+    def _retrieve(self, x, weights):
+        tpl, _ = _megatron()
+        r = super()._retrieve(x, weights)
+        r = gather_from_tp(r, self._tp_group)
+        return tpl.copy_to_tensor_model_parallel_region(r, group=self._tp_group)
+
+
+def tp_titans_block(block: nn.Module, dims: ParallelDims) -> None:
+    """TitansMAG / TitansMAL / TitansMAC (models/titans.py): memory and attention by heads, the
+    full-width norms and gates exact (they act on all-reduced, replicated tensors)."""
+    from models.titans import TitansMAC, TitansMAG, TitansMAL
+
+    from .context import swap_class
+
+    if isinstance(block, TitansMAG):  # both read x: one copy_to_tp for the pair
+        tp_attention(block.attention, dims, copy_input=False)
+        tp_titans_memory(block.memory, dims, copy_input=False)
+        tp_gate(block.gate, dims)
+        _copy_input(block, dims)
+    elif isinstance(block, TitansMAL):  # memory(x), then attention(norm(m)): two replicated inputs
+        tp_titans_memory(block.memory, dims)
+        tp_attention(block.attention, dims)
+    elif isinstance(block, TitansMAC):
+        tp_titans_memory(block.memory, dims)  # reads RMSNorm(y): y replicated
+        tp_attention(block.attention, dims, copy_input=False)  # reads x (copied below) and r (gathered)
+        block.retrieve_q = column_parallel(block.retrieve_q, dims)
+        _replicated_in_sharded(block.retrieve_norm.weight, dims)
+        tp_gate(block.gate, dims)
+        block._tp_group = dims.tp_group
+        swap_class(block, TPTitansMAC)
+        _copy_input(block, dims)
+    else:  # pragma: no cover
+        raise ValueError(f"no tensor-parallel plan for {type(block).__name__}")
+
+
+def tp_lact(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
+    """models.lact.LaCTLayer by heads. The shared [q | k | v] projection is sharded with stride 3;
+    rank r's channels are attention heads r·nh/tp.. and fast-weight heads r·nl/tp.. at once (both
+    must be divisible by tp). Per-channel q/k scale/offset by channel, W0/W1/W2 by fast head,
+    per-head gates column-parallel; the fast-weight RMSNorm's weight is shared (gradient summed)."""
+    _check_heads("num_attn_heads", layer.num_heads, dims)
+    _check_heads("lact_num_heads", layer.num_lact_heads, dims)
+    layer.qkv = column_parallel(layer.qkv, dims, stride=3)
+    for name in ("lr_proj", "momentum_proj", "scale_proj"):
+        if hasattr(layer, name):
+            setattr(layer, name, column_parallel(getattr(layer, name), dims))
+    _shard_param(layer, "qk_scale", dims, 1)
+    _shard_param(layer, "qk_offset", dims, 1)
+    for name in ("W0", "W1", "W2"):
+        _shard_param(layer, name, dims, 0)
+    _replicated_in_sharded(layer.ttt_norm.weight, dims)
+    layer.o_proj = row_parallel(layer.o_proj, dims)
+    layer.num_heads //= dims.tp
+    layer.num_lact_heads //= dims.tp
+    layer.hidden_size //= dims.tp
+    if copy_input:
+        _copy_input(layer, dims)
+
+
+def tp_mixer(mixer: nn.Module, dims: ParallelDims) -> None:
+    """The TP plan of any mixer built by models.modeling_memory.build_mixer."""
+    from models.attention import AttentionLayer
+    from models.deltanet import DeltaNetLayer
+    from models.lact import LaCTLayer
+    from models.titans import TitansMAC, TitansMAG, TitansMAL, TitansMemory
+    from models.ttt import TTTLayer
+
+    if isinstance(mixer, TTTLayer):
+        tp_ttt_layer(mixer, dims)
+    elif isinstance(mixer, DeltaNetLayer):
+        tp_deltanet(mixer, dims)
+    elif isinstance(mixer, AttentionLayer):
+        tp_attention(mixer, dims)
+    elif isinstance(mixer, TitansMemory):
+        tp_titans_memory(mixer, dims)
+    elif isinstance(mixer, (TitansMAG, TitansMAL, TitansMAC)):
+        tp_titans_block(mixer, dims)
+    elif isinstance(mixer, LaCTLayer):
+        tp_lact(mixer, dims)
+    else:
+        raise ValueError(f"no tensor-parallel plan for mixer {type(mixer).__name__}")
 
 
 def tp_swiglu(mlp: nn.Module, dims: ParallelDims) -> None:
     mlp.gate_proj = column_parallel(mlp.gate_proj, dims)
     mlp.up_proj = column_parallel(mlp.up_proj, dims)
     mlp.down_proj = row_parallel(mlp.down_proj, dims)
-    mlp._tp_group = dims.tp_group
-    mlp.register_forward_pre_hook(_copy_input_hook, with_kwargs=True)
+    _copy_input(mlp, dims)
 
 
 def apply_tp(model: nn.Module, dims: ParallelDims) -> None:
@@ -272,5 +524,5 @@ def apply_tp(model: nn.Module, dims: ParallelDims) -> None:
     if head is not None:
         model.lm_head = vocab_parallel_head(head, dims, base.embed_tokens if tied else None)
     for block in base.layers:
-        tp_ttt_layer(block.mixer, dims)
+        tp_mixer(block.mixer, dims)
         tp_swiglu(block.mlp, dims)

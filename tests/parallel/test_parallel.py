@@ -16,9 +16,9 @@ SEQ = 40  # mini-batch 8: local lengths 20 (cp=2) and 10 (cp=4) cut mid-mini-bat
 TTT = [v for v in workers.VARIANTS if v not in workers.GENERIC_VARIANTS]
 CASES = [(v, m, SEQ) for v, m in itertools.product(TTT, ["pass", "ulysses"])]
 CASES += [(v, "pass", SEQ) for v in workers.GENERIC_VARIANTS]
+CASES += [(v, "prefix", SEQ) for v in workers.PREFIX_VARIANTS]
 CASES += [("mlp+conv+shareqk+gate", "pass", 32)]  # local lengths 16 and 8: cuts on mini-batch boundaries
-EXPECTED = [(tp, cp, v, m, s) for tp, cp in LAYOUTS for v, m, s in CASES
-            if not (m == "ulysses" and (4 // tp) % cp) and not (v in workers.GENERIC_VARIANTS and tp > 1)]
+EXPECTED = [(tp, cp, v, m, s) for tp, cp in LAYOUTS for v, m, s in CASES if workers.supported(tp, cp, v, m)]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,10 @@ def test_equals_single_process(suite, key):
 
 
 @pytest.mark.slow
-def test_state_dict_gather_and_load(suite):
+@pytest.mark.parametrize("variant", workers.STATE_DICT_VARIANTS)
+def test_state_dict_gather_and_load(suite, variant):
     for res in suite:
-        sd = res["state_dict"]
+        sd = res["state_dict"][variant]
         assert sd["shapes_ok"]
         assert sd["max_diff"] == 0.0
         assert sd["round_trip"] == 0.0
@@ -103,12 +104,31 @@ def test_heads_not_divisible_by_tp():
         parallelize(_model(), ParallelDims(tp=8))
 
 
-def test_tp_and_ulysses_refused_for_other_mixers():
+def test_ulysses_refused_for_other_mixers():
     hybrid = workers.build_reference("gated_deltanet+swa")
-    with pytest.raises(ValueError, match="tensor parallelism is implemented for TTT mixers only"):
-        parallelize(hybrid, ParallelDims(tp=2))
     with pytest.raises(ValueError, match="ulysses"):
         parallelize(hybrid, ParallelDims(cp=2), cp_mode="ulysses")
+
+
+@pytest.mark.parametrize("variant", ["gated_deltanet+swa", "titans_mac", "titans_mag", "titans_mal", "lact"])
+def test_heads_not_divisible_by_tp_every_mixer(variant):
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor parallel size tp=8"):
+        parallelize(workers.build_reference(variant), ParallelDims(tp=8))
+
+
+def test_lact_heads_not_divisible_by_tp():
+    with pytest.raises(ValueError, match="lact_num_heads=1 is not divisible by tensor parallel size tp=2"):
+        parallelize(workers.build_reference("lact", lact_num_heads=1), ParallelDims(tp=2))
+
+
+def test_strided_shard_round_trip():
+    from parallel.tensor import shard_of, unshard
+
+    t = torch.arange(24.0).view(12, 2)
+    for stride in (1, 3):
+        parts = [shard_of(t, 2, r, 0, stride) for r in range(2)]
+        assert torch.equal(unshard(parts, 0, stride), t)
+    assert shard_of(t, 2, 1, 0, 3)[:, 0].tolist() == [4, 6, 12, 14, 20, 22]  # rank 1's half of each block
 
 
 def test_seq_not_divisible_by_cp():
@@ -125,6 +145,9 @@ def test_ulysses_needs_cp_dividing_heads():
 def test_prefix_refused_for_nonaffine_layers():
     with pytest.raises(ValueError, match="affine"):
         parallelize(_model(), ParallelDims(cp=2), cp_mode="prefix")
+    for variant in ("titans_mag", "lact"):
+        with pytest.raises(ValueError, match="affine"):
+            parallelize(workers.build_reference(variant), ParallelDims(cp=2), cp_mode="prefix")
     with pytest.raises(ValueError, match="unknown cp_mode"):
         parallelize(_model(), ParallelDims(cp=2), cp_mode="ring")
 
@@ -137,3 +160,16 @@ def test_single_process_parallelize_is_identity():
     torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="parallel_cross_entropy"):
         model(ids, labels=ids)
+
+
+def test_cp_plan_per_mixer():
+    """Which CP scheme each mixer gets (no process group needed to build the plan)."""
+    def kinds(variant, mode):
+        m = parallelize(workers.build_reference(variant), ParallelDims(cp=2, cp_rank=1), cp_mode=mode)
+        return [type(b.mixer).__mro__[1].__name__ for b in m.model.layers]
+
+    assert kinds("deltanet+attention", "pass") == ["CPGenericMixer", "CPAttention"]
+    assert kinds("deltanet+attention", "prefix") == ["CPPrefixDeltaNet", "CPAttention"]
+    assert kinds("gated_deltanet+swa", "prefix") == ["CPPrefixDeltaNet", "CPAttention"]
+    assert kinds("linear", "pass") == ["CPPassTTT", "CPPassTTT"]
+    assert kinds("titans_mag", "pass") == ["CPGenericMixer", "CPGenericMixer"]

@@ -13,19 +13,33 @@ VARIANTS = {
     "linear+conv+shareqk+gate": dict(memory_layer="ttt_linear", pre_conv=True, share_qk=True, use_gate=True),
     "mlp+conv+shareqk+gate": dict(memory_layer="ttt_mlp", pre_conv=True, share_qk=True, use_gate=True),
 }
-# other mixers: context parallelism through the generic state pass (TP is TTT-only)
+# every other mixer (TP by heads; CP: generic state pass, prefix combine for the DeltaNet family,
+# all-gather / halo attention). SWA window 16: a halo from one rank at cp=2 (pieces of 20), the
+# windowed all-gather at cp=4 (pieces of 10 < 15).
 GENERIC_VARIANTS = {
     "gated_deltanet+swa": dict(memory_layer="gated_deltanet", layer_pattern="M,S", attention_window=16,
                                deltanet_chunk_size=8, pre_conv=True),
     "deltanet+attention": dict(memory_layer="deltanet", layer_pattern="M,A", deltanet_chunk_size=8),
     "titans_mac": dict(memory_layer="titans_mac", titans_chunk_size=4, titans_segment_size=8),
     "titans_mag": dict(memory_layer="titans_mag", titans_chunk_size=8, attention_window=8),
+    "titans_mal": dict(memory_layer="titans_mal", titans_chunk_size=8, attention_window=8),
+    "titans+swa": dict(memory_layer="titans", layer_pattern="M,S", titans_chunk_size=8, attention_window=4),
     "lact": dict(memory_layer="lact", lact_chunk_size=16, attention_window=8),
 }
+PREFIX_VARIANTS = ("gated_deltanet+swa", "deltanet+attention")
 VARIANTS.update(GENERIC_VARIANTS)
 # LaCT's Newton–Schulz/Muon step amplifies float32 rounding: the CP=4 gradients differ by 1.7e-5
 # in float32 but by 5e-15 in float64, so its exactness is checked in float64.
 DTYPES = {"lact": torch.float64}
+
+
+def supported(tp: int, cp: int, variant: str, mode: str) -> bool:
+    """Which (layout, variant, mode) combinations the suite runs (4 heads in every variant)."""
+    if mode == "ulysses":
+        return variant not in GENERIC_VARIANTS and (4 // tp) % cp == 0
+    if mode == "prefix":
+        return variant in PREFIX_VARIANTS
+    return True
 
 
 def build_reference(variant: str, seed: int = 0, dtype=torch.float32, **overrides):
@@ -95,9 +109,7 @@ def equivalence_worker(layouts, cases):
     for tp, cp in layouts:
         dims = init_parallel(tp=tp, cp=cp)
         for variant, mode, seq in cases:
-            if mode == "ulysses" and (4 // tp) % cp:
-                continue
-            if variant in GENERIC_VARIANTS and (tp > 1 or mode != "pass"):
+            if not supported(tp, cp, variant, mode):
                 continue
             model, ids, tgt, ref_logits, ref_loss, ref_grads, n = refs[variant, seq]
             par, logits, loss, count, grads = parallel_run(model, dims, mode, ids, tgt, n)
@@ -118,12 +130,22 @@ def equivalence_worker(layouts, cases):
     return out
 
 
+# strided shards (Titans' [θ|η|α] gates, LaCT's [q|k|v]) and every other TP plan
+STATE_DICT_VARIANTS = ("mlp+conv+shareqk+gate", "titans_mac", "titans_mag", "lact", "gated_deltanet+swa")
+
+
 def state_dict_worker(tp: int, cp: int):
-    """gather_full_state_dict == the single-device state_dict; load_full_state_dict round-trips."""
-    from parallel import gather_full_state_dict, init_parallel, load_full_state_dict, parallelize
+    from parallel import init_parallel
 
     dims = init_parallel(tp=tp, cp=cp)
-    ref = build_reference("mlp+conv+shareqk+gate")
+    return {v: _state_dict_check(v, dims) for v in STATE_DICT_VARIANTS}
+
+
+def _state_dict_check(variant, dims):
+    """gather_full_state_dict == the single-device state_dict; load_full_state_dict round-trips."""
+    from parallel import gather_full_state_dict, load_full_state_dict, parallelize
+
+    ref = build_reference(variant)
     full = ref.state_dict()
     par = parallelize(copy.deepcopy(ref), dims)
     got = gather_full_state_dict(par, dims)
@@ -131,7 +153,7 @@ def state_dict_worker(tp: int, cp: int):
     diffs = {k: (got[k] - full[k]).abs().max().item() for k in full if got[k].shape == full[k].shape}
     shapes_ok = all(got[k].shape == full[k].shape for k in full)
     # load a different full state into the sharded model and gather it back
-    other = build_reference("mlp+conv+shareqk+gate", seed=5).state_dict()
+    other = build_reference(variant, seed=5).state_dict()
     load_full_state_dict(par, other, dims)
     back = gather_full_state_dict(par, dims)
     round_trip = max((back[k] - other[k]).abs().max().item() for k in other)
