@@ -1,6 +1,7 @@
 """Context-parallel step time: CP=1 vs CP=2 (the state-passing wavefront), and the model of it.
 
     python -m bench.cp [--layers 4] [--seq 8192] [--hidden 128] [--heads 4] [--steps 5] [--json out.json]
+    python -m bench.cp --layer gated_deltanet --mode prefix     # the all-gather + prefix-combine scheme
 
 A training step is forward + backward of the whole LM (mean cross-entropy) on one sequence of
 ``--seq`` tokens. CP=1 runs the plain single-device model in one process; CP=2 runs
@@ -28,7 +29,7 @@ def build(args):
     cfg = preset_config("test", hidden_size=args.hidden, num_attention_heads=args.heads,
                         intermediate_size=int(args.hidden * 8 / 3) // 8 * 8, num_hidden_layers=args.layers,
                         vocab_size=args.vocab, max_position_embeddings=args.seq,
-                        mini_batch_size=args.mini_batch, memory_layer=args.layer)
+                        mini_batch_size=args.mini_batch, memory_layer=args.layer, deltanet_chunk_size=64)
     torch.manual_seed(0)
     return MemoryLMForCausalLM(cfg)
 
@@ -61,7 +62,7 @@ def worker(args, cp: int):
     import torch.distributed as dist
 
     dims = init_parallel(tp=1, cp=cp)
-    parallelize(model, dims, cp_mode="pass")
+    parallelize(model, dims, cp_mode=args.mode)
     ids_l, tgt_l = cp_slice(ids, dims), cp_slice(tgt, dims)
 
     def step():
@@ -75,7 +76,8 @@ def worker(args, cp: int):
 
 
 def scan_fraction(args) -> float:
-    """f: share of one block's forward+backward spent in the inner scan (1 thread, full sequence)."""
+    """f: share of one block's forward+backward spent in the serial part (1 thread, full
+    sequence): the inner scan for TTT, the whole mixer for the generic state pass."""
     block = build(args).model.layers[0]
     layer = block.mixer
     x = torch.randn(1, args.seq, args.hidden, requires_grad=True)
@@ -83,6 +85,13 @@ def scan_fraction(args) -> float:
     def whole():
         y, _ = block(x)
         y.sum().backward()
+
+    if not args.layer.startswith("ttt"):
+        def mixer():
+            y, _ = layer(x)
+            y.sum().backward()
+
+        return min(_steps(mixer, args.steps)) / min(_steps(whole, args.steps))
 
     q, k, v, lr, _ = layer.prepare(x.detach(), layer.init_state(1))
     q, k, v, lr = (t.detach().requires_grad_() for t in (q, k, v, lr))
@@ -106,14 +115,15 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--mini-batch", type=int, default=16)
-    p.add_argument("--layer", default="ttt_linear", choices=["ttt_linear", "ttt_mlp"])
+    p.add_argument("--layer", default="ttt_linear", choices=["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet"])
+    p.add_argument("--mode", default="pass", choices=["pass", "prefix"], help="CP scheme (prefix: DeltaNet family)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     from parallel.launch import run_distributed
 
-    print(f"model: {args.layer}, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
+    print(f"model: {args.layer} (cp_mode={args.mode}), {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
           f"mini-batch {args.mini_batch}, vocab {args.vocab}; one sequence of {args.seq} tokens; float32")
     print("torch threads: 1 per rank in every CP run (plus CP=1 with 2 threads for reference)")
     # best of --steps (the machine is shared: the minimum is the least disturbed measurement)

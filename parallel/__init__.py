@@ -1,6 +1,7 @@
-"""Distributed training of memory-layer models: tensor parallelism by heads, context parallelism
-that passes the memory state rank to rank (a wavefront), Ulysses head all-to-all, and helpers for
-the loss and single-device checkpoints. See docs/parallelism.md.
+"""Distributed training of memory-layer models: tensor parallelism by heads (every mixer),
+context parallelism that passes the memory state rank to rank (a wavefront), the all-gather +
+prefix combine for the affine DeltaNet family, all-gather / halo attention, Ulysses head
+all-to-all (TTT), and helpers for the loss and single-device checkpoints. See docs/parallelism.md.
 """
 from .groups import ParallelDims, destroy_parallel, init_parallel
 from .loss import causal_targets, cp_slice, global_mean_loss, parallel_cross_entropy
