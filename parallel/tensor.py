@@ -22,6 +22,8 @@ attributes, which :func:`parallel.parallelize.gather_full_state_dict` reads.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -75,6 +77,26 @@ def _no_init(_w):
     return None
 
 
+_LAYOUT_ONLY = [False]  # tp_layout: plain nn.Linear/nn.Embedding shards instead of megatron layers
+
+
+@contextlib.contextmanager
+def _layout_only():
+    _LAYOUT_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _LAYOUT_ONLY[0] = False
+
+
+def _plain(kind: str, in_f: int, out_f: int, bias: bool, like: torch.Tensor) -> nn.Module:
+    """Layout-only stand-in of a megatron layer: the same parameter names and (sharded) shapes."""
+    kw = {"device": like.device, "dtype": like.dtype}
+    if kind == "emb":
+        return nn.Embedding(in_f, out_f, **kw)
+    return nn.Linear(in_f, out_f, bias=bias, **kw)
+
+
 # ----------------------------------------------------------------------------- megatron layers
 def _layer_classes():
     tpl, _ = _megatron()
@@ -104,13 +126,16 @@ def _classes():
 def column_parallel(linear: nn.Linear, dims: ParallelDims, input_is_copied: bool = True, stride: int = 1) -> nn.Module:
     """nn.Linear → megatron ColumnParallelLinear holding this rank's rows of the weight
     (``stride``: rows made of that many blocks, each split by rank — see :func:`shard_of`)."""
-    col, _ = _classes()
     out_f, in_f = linear.weight.shape
     if out_f % (dims.tp * stride):
         raise ValueError(f"output features {out_f} are not divisible by tensor parallel size {dims.tp}"
                          + (f" × {stride} blocks" if stride > 1 else ""))
-    new = col(in_f, out_f, config=_config(dims, linear.weight), init_method=_no_init,
-              bias=linear.bias is not None, gather_output=False, disable_grad_reduce=input_is_copied)
+    if _LAYOUT_ONLY[0]:
+        new = _plain("col", in_f, out_f // dims.tp, linear.bias is not None, linear.weight)
+    else:
+        col, _ = _classes()
+        new = col(in_f, out_f, config=_config(dims, linear.weight), init_method=_no_init,
+                  bias=linear.bias is not None, gather_output=False, disable_grad_reduce=input_is_copied)
     with torch.no_grad():
         new.weight.copy_(_shard(linear.weight, dims, 0, stride))
         if linear.bias is not None:
@@ -124,14 +149,17 @@ def column_parallel(linear: nn.Linear, dims: ParallelDims, input_is_copied: bool
 
 def row_parallel(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
     """nn.Linear → megatron RowParallelLinear (input sharded, output all-reduced)."""
-    _, row = _classes()
     out_f, in_f = linear.weight.shape
     if in_f % dims.tp:
         raise ValueError(f"input features {in_f} are not divisible by tensor parallel size {dims.tp}")
     if linear.bias is not None:
         raise ValueError("row-parallel layers with a bias are not supported (the model has none)")
-    new = row(in_f, out_f, config=_config(dims, linear.weight), init_method=_no_init, bias=False,
-              input_is_parallel=True, skip_bias_add=False)
+    if _LAYOUT_ONLY[0]:
+        new = _plain("row", in_f // dims.tp, out_f, False, linear.weight)
+    else:
+        _, row = _classes()
+        new = row(in_f, out_f, config=_config(dims, linear.weight), init_method=_no_init, bias=False,
+                  input_is_parallel=True, skip_bias_add=False)
     with torch.no_grad():
         new.weight.copy_(_shard(linear.weight, dims, 1))
     mark_sharded(new.weight, 1).requires_grad_(linear.weight.requires_grad)
@@ -139,9 +167,12 @@ def row_parallel(linear: nn.Linear, dims: ParallelDims) -> nn.Module:
 
 
 def vocab_parallel_embedding(emb: nn.Embedding, dims: ParallelDims) -> nn.Module:
-    tpl, _ = _megatron()
     V, C = emb.weight.shape
-    new = tpl.VocabParallelEmbedding(V, C, init_method=_no_init, config=_config(dims, emb.weight))
+    if _LAYOUT_ONLY[0]:
+        new = _plain("emb", V // dims.tp, C, False, emb.weight)
+    else:
+        tpl, _ = _megatron()
+        new = tpl.VocabParallelEmbedding(V, C, init_method=_no_init, config=_config(dims, emb.weight))
     with torch.no_grad():
         new.weight.copy_(_shard(emb.weight, dims, 0))
     mark_sharded(new.weight, 0).requires_grad_(emb.weight.requires_grad)
@@ -151,12 +182,15 @@ def vocab_parallel_embedding(emb: nn.Embedding, dims: ParallelDims) -> nn.Module
 def vocab_parallel_head(head: nn.Linear, dims: ParallelDims, tied_embedding: nn.Module | None) -> nn.Module:
     """lm_head → ColumnParallel over the vocabulary; with tied weights it reuses the embedding's
     vocab shard (megatron's ``skip_weight_param_allocation`` + shared weight, as in GPTModel)."""
-    col, _ = _classes()
     V, C = head.weight.shape
     if tied_embedding is None:
         return column_parallel(head, dims, input_is_copied=False)
-    new = col(C, V, config=_config(dims, head.weight), init_method=_no_init, bias=False,
-              gather_output=False, skip_weight_param_allocation=True)
+    if _LAYOUT_ONLY[0]:
+        new = _plain("col", C, 1, False, head.weight)
+    else:
+        col, _ = _classes()
+        new = col(C, V, config=_config(dims, head.weight), init_method=_no_init, bias=False,
+                  gather_output=False, skip_weight_param_allocation=True)
     new.weight = tied_embedding.weight  # the same Parameter: gradients of both uses accumulate
     return new
 
@@ -526,3 +560,14 @@ def apply_tp(model: nn.Module, dims: ParallelDims) -> None:
     for block in base.layers:
         tp_mixer(block.mixer, dims)
         tp_swiglu(block.mlp, dims)
+
+
+def tp_layout(model: nn.Module, tp: int) -> dict:
+    """``{single-device state_dict name: (partition_dim, partition_stride)}`` of every tensor that
+    the plan above shards over ``tp`` ranks — offline, without a process group (for merging the
+    per-rank shards of a TP checkpoint with :func:`unshard`). Consumes ``model``: pass a fresh
+    single-device model, ideally built on the meta device (only names and shapes are used)."""
+    with _layout_only():
+        apply_tp(model, ParallelDims(tp=tp))
+    return {name: (t.partition_dim, getattr(t, "partition_stride", 1))
+            for name, t in model.state_dict(keep_vars=True).items() if getattr(t, "tensor_model_parallel", False)}

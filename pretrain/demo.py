@@ -19,21 +19,10 @@ import torch
 
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:
-    """The run's latest (single-process) checkpoint → a self-contained HF folder."""
-    from models import MemoryLMConfig, MemoryLMForCausalLM
-    from models.hf_folder import atomic_output_dir, save_model_folder
-    from pretrain import checkpoint
+    """The run's latest checkpoint → a self-contained HF folder (pretrain.export, any layout)."""
+    from pretrain.export import export
 
-    from data_pipeline.tokenizer import to_hf_tokenizer
-
-    folder, _ = checkpoint.find_resume(run_dir)
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    model = MemoryLMForCausalLM(MemoryLMConfig.from_json_file(run_dir / "model_config.json"))
-    model.load_state_dict(states["module"], strict=True)
-    model.config.use_cache = True
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        save_model_folder(model.eval(), tmp)
-        to_hf_tokenizer(run_dir / "tokenizer.model", tmp)
+    export(run_dir, out_dir, overwrite=True)
     return out_dir
 
 
