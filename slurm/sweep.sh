@@ -17,4 +17,4 @@ REPO=${REPO:-$SLURM_SUBMIT_DIR}
 NAME=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$SWEEP_DIR/runs.txt")
 [ -n "$NAME" ] || { echo "sweep.sh: no line $((SLURM_ARRAY_TASK_ID + 1)) in $SWEEP_DIR/runs.txt" >&2; exit 2; }
 export REPO RUN_DIR=$SWEEP_DIR/runs/$NAME
-exec bash "$REPO/slurm/pretrain.sh" --config "$RUN_DIR/config.json"
+exec bash "$REPO/slurm/pretrain.sh" --config "$RUN_DIR/train_config.json"

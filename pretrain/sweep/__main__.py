@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     pp.add_argument("--save-every", type=int, default=0, help="0 = a quarter of the run")
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--base-model", default="tiny", help="preset giving vocabulary etc. to WIDTHxDEPTH sizes")
+    pp.add_argument("--vocab-size", type=int, default=0, help="model vocabulary (default: --base-model's); ≥ the data's")
     pp.add_argument("--base-config", help="training settings file every run starts from")
     pp.add_argument("--overwrite", action="store_true")
 
@@ -99,7 +100,7 @@ def _run(args) -> int:
         m = plan(sweep, args.sizes, _parse_tokens(args.tokens), args.layers, data=args.data, seq_len=args.seq_len,
                  micro_batch=args.micro_batch, grad_accum=args.grad_accum, nproc=args.nproc, lr=args.lr,
                  schedule=args.schedule, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                 base_model=args.base_model, base_config=args.base_config, overwrite=args.overwrite)
+                 base_model=args.base_model, vocab_size=args.vocab_size, base_config=args.base_config, overwrite=args.overwrite)
         for r in m["runs"]:
             print(f"{r['name']:<36} N={r['n_params']:>12,}  D={r['tokens']:>14,}  steps={r['steps']:>7}  "
                   f"C=6ND={r['flops_6nd']:.3g}")

@@ -107,6 +107,8 @@ class ScalingFit:
 def compute_optimal(params, C):
     E, A, B, alpha, beta = params
     C = np.asarray(C, float)
+    if min(A, B, alpha, beta) <= 0:  # no finite optimum (a degenerate fit, e.g. of a bootstrap resample)
+        return np.full_like(C, np.nan), np.full_like(C, np.nan)
     G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     N = G * (C / 6.0) ** (beta / (alpha + beta))
     return N, C / (6.0 * N)
@@ -151,8 +153,8 @@ def fit_chinchilla(N, D, L, *, delta: float = HUBER_DELTA, grid: dict | None = N
                 row[f"N_opt@{C:g}"], row[f"D_opt@{C:g}"] = float(n_opt), float(d_opt)
             samples.append(row)
         lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
-        out.ci = {k: [float(np.percentile([s[k] for s in samples], lo)), float(np.percentile([s[k] for s in samples], hi))]
-                  for k in samples[0]}
+        out.ci = {k: [float(np.nanpercentile([s[k] for s in samples], lo)),
+                      float(np.nanpercentile([s[k] for s in samples], hi))] for k in samples[0]}
         out.bootstrap = bootstrap
     return out
 

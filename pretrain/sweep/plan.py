@@ -2,8 +2,9 @@
 
     SWEEP/sweep.json                   the manifest: settings + one entry per run (N, D, steps, paths)
     SWEEP/runs.txt                     run names, one a line; Slurm array task i runs line i+1
-    SWEEP/runs/NAME/config.json        the training program's settings (python -m pretrain.train --config)
-    SWEEP/runs/NAME/model/config.json  the model (a preset's sizes + the memory layer), passed as --model
+    SWEEP/runs/NAME/train_config.json  the training program's settings (python -m pretrain.train --config)
+    SWEEP/models/LAYER-SIZE/           the model (a preset's sizes + the layer type, initialised with the
+                                       seed) as an HF folder, passed as --model; shared by the budgets
 
 A layer type is a memory layer of ``models`` (ttt_linear, ttt_mlp, deltanet, gated_deltanet, titans, lact,
 …: ``memory_layer``) or an attention baseline (``attention``, ``swa``: ``layer_pattern``); preset sizes get
@@ -51,14 +52,28 @@ def model_config(size: str, layer: str, base_model: str = "tiny", **overrides):
                          intermediate_size=inter, **overrides)
 
 
-def count_params(config) -> tuple[int, int]:
-    """(non-embedding parameters, all parameters) of the model, built on the meta device."""
+def write_model(config, folder: Path, seed: int) -> tuple[int, int]:
+    """Writes the freshly initialised model (seeded) as an HF folder for ``--model``; returns
+    (non-embedding parameters, all parameters).
+
+    (pretrain.train loads an HF folder's weights; until it also accepts a folder holding only
+    config.json as a new model, the sweep writes the initial weights itself.)
+    """
     import torch
 
     from models import MemoryLMForCausalLM
 
-    with torch.device("meta"):
-        model = MemoryLMForCausalLM(config)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = MemoryLMForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return count_params(model)
+
+
+def count_params(model) -> tuple[int, int]:
+    """(non-embedding parameters, all parameters) of a model."""
     total = sum(p.numel() for p in model.parameters())  # tied head counted once
     emb = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings()
@@ -76,7 +91,7 @@ def _parse_tokens(text: str) -> list[int]:
 def plan(sweep_dir, sizes: list[str], tokens: list[int], layers: list[str], *, data: str = "synthetic",
          seq_len: int = 128, micro_batch: int = 8, grad_accum: int = 1, nproc: int = 1, lr: float = 1e-3,
          warmup_fraction: float = 0.05, schedule: str = "cosine", eval_every: int = 0, save_every: int = 0,
-         seed: int = 0, base_model: str = "tiny", base_config: str | None = None, extra: dict | None = None,
+         seed: int = 0, base_model: str = "tiny", vocab_size: int = 0, base_config: str | None = None, extra: dict | None = None,
          overwrite: bool = False) -> dict:
     """Writes the sweep and returns its manifest (see the module docstring)."""
     sweep = Path(sweep_dir).absolute()
@@ -93,24 +108,24 @@ def plan(sweep_dir, sizes: list[str], tokens: list[int], layers: list[str], *, d
     runs = []
     for layer in layers:
         for size in sizes:
-            cfg = model_config(size, layer, base_model)
-            n, n_total = count_params(cfg)
+            cfg = model_config(size, layer, base_model, **({"vocab_size": vocab_size} if vocab_size else {}))
+            model_dir = sweep / "models" / f"{layer}-{size}"  # one initialisation shared by the budgets
+            n, n_total = write_model(cfg, model_dir, seed)
             for budget in tokens:
                 steps = max(1, math.ceil(budget / tokens_per_step))
                 name = f"{layer}-{size}-d{budget:.0e}".replace("+", "")
                 run_dir = sweep / "runs" / name
-                (run_dir / "model").mkdir(parents=True, exist_ok=True)
-                cfg.to_json_file(run_dir / "model" / "config.json")
+                run_dir.mkdir(parents=True, exist_ok=True)
                 train = {**base, **(extra or {}),
-                         "model": str(run_dir / "model"), "data": data, "out": str(run_dir), "steps": steps,
+                         "model": str(model_dir), "data": data, "out": str(run_dir), "steps": steps,
                          "seq_len": seq_len, "micro_batch": micro_batch, "grad_accum": grad_accum, "lr": lr,
                          "schedule": schedule, "warmup": max(1, int(warmup_fraction * steps)), "seed": seed,
                          "eval_every": eval_every or steps, "save_every": save_every or max(1, steps // 4)}
-                (run_dir / "config.json").write_text(json.dumps(train, indent=2) + "\n")
+                (run_dir / "train_config.json").write_text(json.dumps(train, indent=2) + "\n")
                 runs.append({"name": name, "size": size, "layer": layer, "n_params": n, "n_params_total": n_total,
                              "tokens_budget": budget, "tokens": steps * tokens_per_step, "steps": steps,
                              "flops_6nd": 6.0 * n * steps * tokens_per_step,
-                             "dir": str(run_dir), "config": str(run_dir / "config.json")})
+                             "dir": str(run_dir), "config": str(run_dir / "train_config.json")})
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise PlanError("two runs got the same name: give distinct sizes and token budgets")
