@@ -399,6 +399,7 @@ class CPPrefixDeltaNet:
     the fold; the gathered summaries' gradients are summed over CP (prefix.py)."""
 
     def forward(self, x: torch.Tensor, state=None):
+        from models.deltanet import delta_rule_prepare, delta_rule_run, delta_rule_summary
         from models.state import LayerState
 
         from .prefix import prefix_state
@@ -415,17 +416,19 @@ class CPPrefixDeltaNet:
             conv_in = dict(zip("qkv", got))
         q, k, v, beta, log_alpha, conv = self.prepare(x, LayerState(conv=conv_in, position=position))
         H, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+        # the WY chunk tensors (the triangular solves) serve both the summary and the run
+        prep = delta_rule_prepare(q, k, v, beta, log_alpha, self.chunk_size) if self.scan_impl == "chunk" else None
         if comm.next is None:  # nobody folds the last piece: its summary is not computed
             A, Bm = q.new_zeros(B, H, dk, dk), q.new_zeros(B, H, dk, dv)
         else:
-            A, Bm = self.summary(q, k, v, beta, log_alpha)
+            A, Bm = delta_rule_summary(prep) if prep is not None else self.summary(q, k, v, beta, log_alpha)
             # the conv halo is anchored on A: in backward this rank waits for r+1's conv-tail
             # gradient only after the (collective) prefix backward, as rank r+1 does
             A = comm.send_next(A, [conv["q"], conv["k"], conv["v"]], idx, KIND_QK_CONV)
         S0 = q.new_zeros(B, H, dk, dv)
         # prefix.py composes S·A + B (row convention); here S_out = A S + B: transpose
         S_in = prefix_state(A.mT, Bm.mT, S0.mT, dims).mT
-        o, S = self.scan(q, k, v, beta, log_alpha, S_in)
+        o, S = delta_rule_run(prep, S_in) if prep is not None else self.scan(q, k, v, beta, log_alpha, S_in)
         return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=position + T)
 
 
