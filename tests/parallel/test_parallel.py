@@ -77,6 +77,17 @@ def test_wavefront_overlaps_ranks(suite):
 
 
 @pytest.mark.slow
+def test_prefix_and_attention_pass_no_state(suite):
+    """cp_mode='prefix' on DeltaNet + full attention: the only point-to-point traffic is the short
+    convs' K−1-token halo of the DeltaNet layer (the state comes from the all-gathered summaries,
+    the attention's keys/values from an all-gather): no serial chain."""
+    from parallel.context import KIND_QK_CONV
+
+    assert suite[0]["wavefront"]["prefix_p2p"] == [("recv_grad", 0, KIND_QK_CONV), ("send", 0, KIND_QK_CONV)]
+    assert suite[1]["wavefront"]["prefix_p2p"] == [("recv", 0, KIND_QK_CONV), ("send_grad", 0, KIND_QK_CONV)]
+
+
+@pytest.mark.slow
 def test_eval_frozen_embedding_and_bf16(suite):
     for res in suite:
         x = res["extras"]

@@ -242,7 +242,15 @@ def wavefront_worker():
     loss.backward()
     dist.barrier()
     # perf_counter is CLOCK_MONOTONIC: one clock for all processes of the machine
-    return dict(trace=model._cp_comm.trace, forward_start=t0, forward_end=t_fwd)
+    out = dict(trace=model._cp_comm.trace, forward_start=t0, forward_end=t_fwd)
+    # prefix mode + all-gather attention: what crosses ranks point to point (no state pass)
+    model = parallelize(build_reference("deltanet+attention"), dims, cp_mode="prefix")
+    model._cp_comm.trace = []
+    ids = ids[:, :64]
+    loss, _ = parallel_cross_entropy(model(cp_slice(ids, dims)).logits, cp_slice(causal_targets(ids), dims), dims)
+    loss.backward()
+    out["prefix_p2p"] = sorted({(e, layer, kind) for e, layer, kind, _ in model._cp_comm.trace})
+    return out
 
 
 def extras_worker():
