@@ -184,3 +184,17 @@ def test_cp_plan_per_mixer():
     assert kinds("gated_deltanet+swa", "prefix") == ["CPPrefixDeltaNet", "CPAttention"]
     assert kinds("linear", "pass") == ["CPPassTTT", "CPPassTTT"]
     assert kinds("titans_mag", "pass") == ["CPGenericMixer", "CPGenericMixer"]
+
+
+def test_ttt_hooks_keep_float64_and_equal_forward():
+    """The models/ hooks parallel/ relies on: TTTLayer.forward = prepare → scan → output, and
+    init_state keeps float64 in a float64 model."""
+    model = workers.build_reference("mlp+conv+shareqk+gate", dtype=torch.float64)
+    layer = model.model.layers[0].mixer
+    assert layer.init_state(2).weights["W1"].dtype == torch.float64
+    x = torch.randn(2, 12, 64, dtype=torch.float64)
+    y, _ = layer(x)
+    st = layer.init_state(2)
+    q, k, v, lr, _ = layer.prepare(x, st)
+    out, _, _ = layer.scan(st.weights, None, q, k, v, lr, 0)
+    torch.testing.assert_close(layer.output(x, out), y, rtol=0, atol=0)
