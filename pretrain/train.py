@@ -10,6 +10,7 @@ a checkpoint and exit 0 (Slurm's pre-timeout signal). Every step appends one JSO
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `deepspeed pretrain/train.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # `deepspeed pretrain/train.py`: import the package, not its files as top-level modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 import torch.distributed as dist
@@ -82,16 +83,29 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
               gradient_clipping=cfg.grad_clip)
     # parameters and optimizer stay float32; bf16/fp8 are autocast around the forward pass
-    ds.setdefault("bf16", {"enabled": False})
-    ds.setdefault("fp16", {"enabled": False})
+    ds["bf16"] = {"enabled": False}
+    ds["fp16"] = {"enabled": False}
     return ds
 
 
 def autocast(cfg: TrainConfig):
-    if cfg.precision == "fp8":
-        return fp8.autocast(cfg.fp8_backend, cfg.fp8_recipe)
+    """bf16 autocast for bf16 and fp8 (the FP8 layers inside it run their GEMMs in FP8); nothing for fp32."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    bf16 = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.precision != "fp32")
+    if cfg.precision != "fp8":
+        return bf16
+    stack = contextlib.ExitStack()
+    stack.enter_context(bf16)
+    stack.enter_context(fp8.autocast(cfg.fp8_backend, cfg.fp8_recipe))
+    return stack
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Missing or damaged data fails here, before any process group exists (the default corpus is
+    prepared here on first use; every rank opening the memory maps is cheap)."""
+    from data_pipeline.loader import resolve_dataset
+
+    resolve_dataset(data_config(cfg, 1), "train")
 
 
 def data_config(cfg: TrainConfig, dp: int):
@@ -118,11 +132,12 @@ def local_loss(logits, labels, dims):
 def gradient_norm(model, dims) -> float:
     """Global L2 norm of the gradients (ZeRO-0 path; ZeRO optimizers report their own): parameters
     sharded by TP add their squares over the TP group, replicas count once."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
     for p in model.parameters():
         if p.grad is not None:
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            sq = p.grad.detach().double().pow(2).sum()
             if getattr(p, "tensor_model_parallel", False):
                 sharded += sq
             else:
@@ -150,9 +165,9 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
 
-    def agreed(self, group=None) -> bool:
+    def agreed(self, device, group=None) -> bool:
         """Every rank stops at the same step if any rank was signalled."""
-        flag = torch.tensor([1.0 if self.signal else 0.0])
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
@@ -165,14 +180,17 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError(f"{world} processes cannot be split into --tp {cfg.tp} × --cp {cfg.cp}")
     if cfg.precision == "fp8":
         fp8.check_available(cfg.fp8_backend, cfg.tp)
+    check_data(cfg)
     resume = checkpoint.find_resume(cfg.out)
-    stop = StopRequested()
 
     import deepspeed
 
     from parallel import init_parallel, parallelize
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
     dims = init_parallel(cfg.tp, cfg.cp)
+    stop = StopRequested()
     loader_cfg = data_config(cfg, dims.dp)
     from data_pipeline.loader import build_train_loader, build_val_loader
 
@@ -226,8 +244,9 @@ def train(cfg: TrainConfig) -> int:
     while step < cfg.steps:
         t0 = time.perf_counter()
         loss_total = 0.0
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         for _ in range(cfg.grad_accum):
-            batch = next(loader)
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(loader).items()}
             with autocast(cfg):
                 logits = engine(batch["input_ids"]).logits
             loss_sum, count = local_loss(logits, batch["labels"], dims)
@@ -248,7 +267,7 @@ def train(cfg: TrainConfig) -> int:
         dt = time.perf_counter() - t0
         if cfg.zero_stage > 0:
             grad_norm = engine.get_global_grad_norm()
-        record = {"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "loss": loss_total, "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                   "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                   "mfu": flops * tokens_per_step / dt / (peak * world) if peak else math.nan,
@@ -256,7 +275,7 @@ def train(cfg: TrainConfig) -> int:
         logger.log(record)
         if val_loader is not None and step % cfg.eval_every == 0:
             logger.log({"step": step, **evaluate(engine, val_loader, dims, cfg)})
-        stopping = stop.agreed()
+        stopping = stop.agreed(engine.device)
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:
             save(step)
         if stopping:
@@ -271,11 +290,13 @@ def train(cfg: TrainConfig) -> int:
 def evaluate(engine, val_loader, dims, cfg) -> dict:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
+    total = total.to(engine.device)
     for batch in val_loader:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
         with autocast(cfg):
             logits = engine(batch["input_ids"]).logits
         loss_sum, count = local_loss(logits, batch["labels"], dims)
-        total += torch.stack([loss_sum.double().detach().cpu(), count.double().cpu()])
+        total += torch.stack([loss_sum.double().detach(), count.double()])
     dist.all_reduce(total, group=dims.dp_cp_group)
     engine.train()
     val = (total[0] / total[1].clamp_min(1)).item()

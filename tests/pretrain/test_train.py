@@ -84,11 +84,16 @@ def _interrupt(tmp_path, sig):
     return proc.returncode, output
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory):
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    assert run(reference, "--steps", 15, "--micro-batch", 4, "--save-every", 5).returncode == 0
+    return losses(reference)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_interrupted_run_resumes_exactly(tmp_path, sig):
-    reference = tmp_path / "uninterrupted"
-    assert run(reference, "--steps", 15, "--micro-batch", 4, "--save-every", 5).returncode == 0
+def test_interrupted_run_resumes_exactly(tmp_path, sig, uninterrupted_losses):
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     code, output = _interrupt(interrupted, sig)
@@ -100,7 +105,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, sig):
     res = run(interrupted, "--steps", 15, "--micro-batch", 4, "--save-every", 5)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
-    assert losses(interrupted) == losses(reference)  # bitwise: same floats, same 15 steps
+    assert losses(interrupted) == uninterrupted_losses  # bitwise: same floats, same 15 steps
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -123,18 +128,39 @@ def _bad(args, out):
     return err[0]
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_ARGUMENTS = [
     (("--data", "/nonexistent/data"), "not found"),
     (("--tp", 3), "does not divide"),
     (("--cp", 3), "does not fit the sequence"),
     (("--model", "nonexistent-preset"), "neither a preset"),
     (("--precision", "fp8"), "FP8"),
     (("--steps", 0), "--steps"),
-])
-def test_bad_arguments_are_one_clear_error(tmp_path, args, message):
-    err = _bad(["--steps", 2, *args], tmp_path / "run")
-    assert message in err, err
-    assert not (tmp_path / "run" / "checkpoints").exists()
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_ARGUMENTS, ids=[m for _, m in BAD_ARGUMENTS])
+def test_bad_arguments_are_one_clear_error(tmp_path, monkeypatch, capsys, args, message):
+    """In process (each is refused before any process group exists): one error line, status 2."""
+    from pretrain.train import main
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu").items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    argv = [*BASE, "--out", str(out), "--steps", "2", *map(str, args)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    assert not out.exists()  # nothing written
+
+
+def test_bad_argument_from_the_command_line(tmp_path):
+    """The real program: exit status 2 and exactly one error line, even with the launcher's imports."""
+    err = _bad(["--steps", 2, "--tp", 3], tmp_path / "run")
+    assert "--tp 3 does not divide" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("damage", ["corrupt_file", "missing_manifest", "bad_latest"])
