@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed pretrain/train.py`: import the package, not its files as top-level modules
@@ -305,6 +306,9 @@ def evaluate(engine, val_loader, dims, cfg) -> dict:
 
 def main(argv=None) -> int:
     from data_pipeline.errors import DataError
+
+    # DeepSpeed's ZeRO calls these torch.distributed names on every step; keep the console to one line a step
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
     try:
         return train(parse_config(argv))

@@ -68,8 +68,9 @@ def test_two_process_losses_equal_single_process(single_process_losses, tmp_path
     assert single_process_losses[-1] < single_process_losses[0]  # and it is learning
 
 
-def _interrupt(tmp_path, sig):
-    proc = subprocess.Popen(command(tmp_path, "--steps", 15, "--micro-batch", 4, "--save-every", 5), cwd=REPO,
+def _interrupt(tmp_path, sig, *args, nproc=1):
+    args = args or ("--micro-batch", 4)
+    proc = subprocess.Popen(command(tmp_path, "--steps", 15, "--save-every", 5, *args, nproc=nproc), cwd=REPO,
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
@@ -106,6 +107,27 @@ def test_interrupted_run_resumes_exactly(tmp_path, sig, uninterrupted_losses):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
     assert losses(interrupted) == uninterrupted_losses  # bitwise: same floats, same 15 steps
+
+
+@pytest.mark.slow
+def test_two_process_zero3_run_resumes_exactly_after_sigterm_to_torchrun(tmp_path):
+    """SIGTERM to the torchrun agent (what Slurm signals): it forwards SIGTERM to both ranks, which
+    agree on a step, save the ZeRO-3 partitions and exit 0 (torchrun itself then exits 1 with its
+    own SignalException); the re-run continues bitwise like an uninterrupted two-process run."""
+    layout = ("--micro-batch", 2, "--zero-stage", 3)
+    reference = tmp_path / "uninterrupted"
+    res = run(reference, "--steps", 15, "--save-every", 5, *layout, nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    _code, output = _interrupt(interrupted, signal.SIGTERM, *layout, nproc=2)
+    assert output.count("SIGTERM: saved step") == 2, output[-3000:]  # both ranks, one checkpoint
+    stopped = len(losses(interrupted))
+    assert 7 <= stopped < 15
+    assert (interrupted / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    res = run(interrupted, "--steps", 15, "--save-every", 5, *layout, nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert losses(interrupted) == losses(reference)
 
 
 # ------------------------------------------------------------------------------------ bad input
