@@ -7,6 +7,7 @@ import torch
 from models.reference import ttt_scan_reference
 from models.ttt import TTTLayer
 from models.ttt_chunk import ttt_scan_chunked
+from tests.models.helpers import max_state_diff, run_pieces
 
 INNERS = ["linear", "mlp"]
 OPTIONS = [dict(), dict(share_qk=True, use_gate=True, conv_kernel=3)]
@@ -18,22 +19,6 @@ def make_layer(inner, mini_batch=8, hidden=32, heads=4, dtype=torch.float64, **k
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return layer
-
-
-def run_pieces(layer, x, cuts):
-    state, ys = None, []
-    bounds = [0, *cuts, x.shape[1]]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        y, state = layer(x[:, a:b], state)
-        ys.append(y)
-    return torch.cat(ys, 1), state
-
-
-def max_state_diff(s1, s2):
-    t1, t2 = s1.tensors(), s2.tensors()
-    assert t1.keys() == t2.keys()
-    assert s1.position == s2.position
-    return max((t1[k] - t2[k]).abs().max().item() for k in t1)
 
 
 @pytest.mark.parametrize("inner,opts", list(itertools.product(INNERS, OPTIONS)))
