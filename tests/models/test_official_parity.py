@@ -38,19 +38,24 @@ GRID = [
 LENGTHS = [1, 7, 16, 45]  # shorter than a mini-batch, exact multiple, and with a remainder
 
 
-@pytest.mark.parametrize("cfg", GRID, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_logits_match_official(official, cfg, tmp_path: Path):
+def official_and_ours(official, folder: Path, **cfg):
+    """A perturbed official model (every term exercised) and our conversion of it."""
     torch.manual_seed(0)
     config = official.TTTConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=3, ttt_base_lr=0.7, rope_theta=500.0, **cfg)
+                                num_attention_heads=3, **cfg)
     ref = official.TTTForCausalLM(config).eval()
-    with torch.no_grad():  # move every parameter off its init so that every term is exercised
+    with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    config.save_pretrained(tmp_path)
+    config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"},
-              tmp_path / "model.safetensors")
-    ours = build_model(tmp_path)
+              folder / "model.safetensors")
+    return ref, build_model(folder)
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_logits_match_official(official, cfg, tmp_path: Path):
+    ref, ours = official_and_ours(official, tmp_path, ttt_base_lr=0.7, rope_theta=500.0, **cfg)
     for T in LENGTHS:
         ids = torch.randint(0, 101, (2, T))
         with torch.no_grad():
@@ -64,17 +69,7 @@ def test_logits_match_official(official, cfg, tmp_path: Path):
 @pytest.mark.parametrize("extra", [{}, dict(pre_conv=True, share_qk=True, use_gate=True)], ids=["plain", "conv_qk_gate"])
 def test_decoding_matches_official_cache(official, layer, extra, tmp_path: Path):
     """Prefill + token-by-token decoding with our state = the official TTTCache decode."""
-    torch.manual_seed(0)
-    config = official.TTTConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=3, mini_batch_size=8, ttt_layer_type=layer, use_cache=True, **extra)
-    ref = official.TTTForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    config.save_pretrained(tmp_path)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"},
-              tmp_path / "model.safetensors")
-    ours = build_model(tmp_path)
+    ref, ours = official_and_ours(official, tmp_path, mini_batch_size=8, ttt_layer_type=layer, use_cache=True, **extra)
     ids = torch.randint(0, 101, (2, 30))
     with torch.no_grad():
         cache = official.TTTCache(ref.model, 2)  # the official prefill must end on a mini-batch boundary
