@@ -27,6 +27,7 @@ MODEL_CODE_FILES = [
     "titans.py",
     "ttt.py",
     "ttt_chunk.py",
+    "varlen.py",
 ]
 AUTO_MAP = {
     "AutoConfig": "configuration_memory.MemoryLMConfig",

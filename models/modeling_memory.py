@@ -24,6 +24,7 @@ from .configuration_memory import MEMORY_LAYERS, MemoryLMConfig
 from .deltanet import DeltaNetLayer
 from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
 from .ttt import TTTLayer, TTTState
+from .varlen import RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, map_tree, needs_segments, run_segments
 
 try:  # transformers ≥ 5: initialisers that leave loaded weights alone
     from transformers import initialization as init
@@ -35,16 +36,15 @@ _TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 @dataclass
 class MemoryState:
-    """The model's cache: one dict per block (``mixer``: the layer state, ``pre_conv``: conv tail)."""
+    """The model's cache: one dict per block (``mixer``: the layer state, ``pre_conv``: conv tail),
+    or a :class:`RowStates` of such dicts when a document reset left the rows at different positions.
+    ``position``: tokens fed so far (what generation has consumed of ``input_ids``)."""
 
     layers: list
     position: int = 0
 
     def map(self, fn) -> "MemoryState":
-        def apply(block):
-            return {k: (v.map(fn) if hasattr(v, "map") else fn(v)) for k, v in block.items()}
-
-        return MemoryState(layers=[apply(b) for b in self.layers], position=self.position)
+        return MemoryState(layers=[map_tree(b, fn) for b in self.layers], position=self.position)
 
     def detach(self) -> "MemoryState":
         return self.map(torch.Tensor.detach)
@@ -120,14 +120,25 @@ class MemoryBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None):
+    def mix(self, x: torch.Tensor, state: dict | None = None):
+        """The block's sequence part, x ↦ x + conv(…) + mixer(…), and its state."""
         state = state or {}
         new_state = {}
         if self.pre_conv is not None:
             y, new_state["pre_conv"] = self.pre_conv(x, state.get("pre_conv"))
             x = x + y
         y, new_state["mixer"] = self.mixer(self.mixer_norm(x), state.get("mixer"))
-        x = x + y
+        return x + y, new_state
+
+    def forward(self, x: torch.Tensor, state=None, doc_starts: torch.Tensor | None = None, need_state: bool = True):
+        """``doc_starts`` [B, T] (bool): the sequence part restarts from its initial state there
+        (models/varlen.py); without it, or with no start inside, this is the plain call."""
+        if needs_segments(doc_starts, state):
+            if doc_starts is None:
+                doc_starts = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            x, new_state = run_segments(self.mix, x, doc_starts, state, need_state)
+        else:
+            x, new_state = self.mix(x, state)
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_state
 
@@ -188,19 +199,29 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         memory_state: MemoryState | None = None,
         output_hidden_states: bool = False,
+        doc_ids: torch.Tensor | None = None,
+        doc_starts: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        use_cache: bool = True,
     ):
+        """Packed documents (every mixer restarts at each document start, see models/varlen.py): give
+        one of ``doc_ids`` [B, T] (a new document where the id changes; column 0 continues the
+        incoming ``memory_state``), ``doc_starts`` [B, T] bool (column 0 True: that row drops its
+        incoming state, e.g. a new document while decoding) or ``cu_seqlens`` [N+1] (one flattened
+        row, B = 1). ``use_cache=False`` skips the final states of the packed path (training)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if h.dim() != 3 or h.shape[-1] != self.config.hidden_size:
             raise ValueError(f"expected inputs of shape [batch, seq, {self.config.hidden_size}], got {tuple(h.shape)}")
+        starts = self._doc_starts(h, doc_ids, doc_starts, cu_seqlens)
         layer_states = memory_state.layers if memory_state is not None else [None] * len(self.layers)
         new_states, all_hidden = [], []
         for block, st in zip(self.layers, layer_states):
             if self.gradient_checkpointing and self.training:
-                h, st = checkpoint(block, h, st, use_reentrant=False)
+                h, st = checkpoint(block, h, st, starts, use_cache, use_reentrant=False)
             else:
-                h, st = block(h, st)
+                h, st = block(h, st, starts, use_cache)
             new_states.append(st)
             if output_hidden_states:
                 all_hidden.append(h)
@@ -211,6 +232,28 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
             memory_state=MemoryState(layers=new_states, position=position),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
+
+    @staticmethod
+    def _doc_starts(h, doc_ids, doc_starts, cu_seqlens):
+        given = [n for n, v in (("doc_ids", doc_ids), ("doc_starts", doc_starts), ("cu_seqlens", cu_seqlens))
+                 if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass at most one of doc_ids, doc_starts, cu_seqlens (got {', '.join(given)})")
+        if cu_seqlens is not None:
+            if h.shape[0] != 1:
+                raise ValueError(f"cu_seqlens describes one flattened row (batch 1), got batch {h.shape[0]}: "
+                                 "use doc_ids [batch, seq] instead")
+            return doc_starts_from_cu_seqlens(cu_seqlens.to(h.device), h.shape[1])
+        mask = doc_ids if doc_ids is not None else doc_starts
+        if mask is None:
+            return None
+        if tuple(mask.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"{given[0]} must have the inputs' shape {tuple(h.shape[:2])}, got {tuple(mask.shape)}")
+        if doc_ids is not None:
+            return doc_starts_from_ids(doc_ids.to(h.device))
+        if doc_starts.dtype != torch.bool:
+            raise ValueError(f"doc_starts must be a bool tensor, got {doc_starts.dtype}")
+        return doc_starts.to(h.device)
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
@@ -248,17 +291,22 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        doc_ids: torch.Tensor | None = None,
+        doc_starts: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> MemoryLMOutput:
         """Causal LM forward. ``labels`` are the input ids (shifted inside, -100 ignored).
 
         ``attention_mask`` may only mark every token as real: a recurrent memory has no padding
-        (pack documents instead).
+        (pack documents instead, marked by ``doc_ids`` / ``doc_starts`` / ``cu_seqlens``, see
+        :meth:`MemoryLMModel.forward`).
         """
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding is not supported by memory layers: pass equal-length, unpadded sequences")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        out = self.model(input_ids, inputs_embeds, memory_state, bool(output_hidden_states))
+        out = self.model(input_ids, inputs_embeds, memory_state, bool(output_hidden_states), doc_ids=doc_ids,
+                         doc_starts=doc_starts, cu_seqlens=cu_seqlens, use_cache=use_cache)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -282,15 +330,20 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         return False  # the recurrent state is the cache
 
     def prepare_inputs_for_generation(self, input_ids, memory_state=None, inputs_embeds=None, **kwargs):
-        if memory_state is not None:  # the state holds the prefix: feed only the new token
+        if memory_state is not None:  # the state holds the prefix: feed only the new token (it continues
+            # the last document of its row)
             return {"input_ids": input_ids[:, memory_state.position:], "memory_state": memory_state, "use_cache": True}
+        # the prompt: packed documents of the prompt (doc_ids / doc_starts / cu_seqlens) apply here
+        packed = {k: kwargs[k] for k in ("doc_ids", "doc_starts", "cu_seqlens") if kwargs.get(k) is not None}
         if inputs_embeds is not None:
-            return {"inputs_embeds": inputs_embeds, "use_cache": True}
-        return {"input_ids": input_ids, "use_cache": True}
+            return {"inputs_embeds": inputs_embeds, "use_cache": True, **packed}
+        return {"input_ids": input_ids, "use_cache": True, **packed}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1, **kw):
         model_kwargs["memory_state"] = outputs.memory_state
         return model_kwargs
 
     def _reorder_cache(self, memory_state, beam_idx):
-        return memory_state.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        layers = [RowStates([b.rows[i] for i in beam_idx.tolist()]) if isinstance(b, RowStates)
+                  else map_tree(b, lambda t: t.index_select(0, beam_idx.to(t.device))) for b in memory_state.layers]
+        return MemoryState(layers=layers, position=memory_state.position)
