@@ -25,6 +25,7 @@ MODEL_CODE_FILES = [
     "scan.py",
     "state.py",
     "titans.py",
+    "tnt.py",
     "ttt.py",
     "ttt_chunk.py",
     "varlen.py",

@@ -74,6 +74,14 @@ def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
         from .titans import build_titans_mixer
 
         return build_titans_mixer(config, kind, rope_attn)
+    if kind == "tnt":
+        from .tnt import build_tnt_mixer
+
+        return build_tnt_mixer(config)
+    if kind == "hope":
+        from .hope import build_hope_mixer
+
+        return build_hope_mixer(config)
     if kind == "lact":
         from .lact import LaCTLayer
 
