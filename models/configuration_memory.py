@@ -16,6 +16,10 @@ MEMORY_LAYERS = {
     "titans_mac": "titans",      # memory as context
     "titans_mag": "titans",      # memory as gate
     "titans_mal": "titans",      # memory as layer
+    "moneta": "miras",           # Miras: ℓ_p attentional bias + ℓ_q retention
+    "yaad": "miras",             # Miras: Huber attentional bias + forget gate
+    "memora": "miras",           # Miras: ℓ2 bias + KL retention (softmax-constrained memory)
+    "atlas": "atlas",            # Omega rule (sliding-window objective) + polynomial features + Muon
     "lact": "lact",              # large-chunk TTT + sliding-window attention in one block
     "tnt": "tnt",                # hierarchical Titans memory: global + periodically reset local memories
     "hope": "hope",              # Nested Learning: self-modifying Titans memory + continuum memory system
@@ -24,7 +28,7 @@ ATTENTION_LAYERS = {"swa": "sliding_window", "attention": "full"}
 # short names accepted in layer_pattern
 PATTERN_ALIASES = {"memory": None, "m": None, "s": "swa", "a": "attention", "full": "attention"}
 # inner optimizers each family accepts (the first is its default)
-INNER_OPTIMIZERS = {"titans": ("momentum", "sgd"), "lact": ("muon", "sgd")}
+INNER_OPTIMIZERS = {"titans": ("momentum", "sgd"), "lact": ("muon", "sgd"), "atlas": ("muon", "momentum", "sgd")}
 INNER_OPTIMIZERS["tnt"] = INNER_OPTIMIZERS["titans"]  # TNT's memories are Titans memories
 
 
@@ -69,6 +73,13 @@ class MemoryLMConfig(PretrainedConfig):
             (‖g‖ → τ·tanh(‖g‖/τ); None = off), a stability guard against inner-loop divergence.
         num_persistent_tokens: learnable always-visible tokens of the Titans blocks' attention.
         inner_optimizer: Titans ``momentum`` | ``sgd``; LaCT ``muon`` | ``sgd`` (None = the default).
+        miras_chunk_size / miras_memory_expansion / miras_base_lr: frozen-gradient chunk, MLP width
+            factor and upper bound of the inner step of Moneta, Yaad and Memora.
+        miras_p / miras_q: Moneta's ℓ_p attentional bias and ℓ_q retention exponents (p ≥ 1, q ≥ 2).
+        atlas_chunk_size / atlas_window / atlas_poly_degree / atlas_memory_expansion / atlas_base_lr:
+            ATLAS's frozen-gradient chunk, Omega-rule window c (c = 1: the current token only), degree
+            of the polynomial feature map of keys/queries, MLP width factor, upper bound of the step;
+            its ``inner_optimizer``: ``muon`` (default) | ``momentum`` | ``sgd`` (OmegaNet).
         lact_chunk_size / lact_num_heads / lact_inter_multi / lact_base_lr / lact_momentum: LaCT's
             update chunk, fast-weight heads, SwiGLU width factor, base inner lr, momentum switch.
         tnt_global_chunk_size / tnt_local_chunk_sizes / tnt_reset_period: TNT's global chunk C_G, the
@@ -128,6 +139,16 @@ class MemoryLMConfig(PretrainedConfig):
         lact_inter_multi: int = 1,
         lact_base_lr: float = 1e-3,
         lact_momentum: bool = True,
+        miras_chunk_size: int = 16,
+        miras_memory_expansion: int = 4,
+        miras_base_lr: float = 0.1,
+        miras_p: float = 3.0,
+        miras_q: float = 4.0,
+        atlas_chunk_size: int = 16,
+        atlas_window: int = 8,
+        atlas_poly_degree: int = 2,
+        atlas_memory_expansion: int = 2,
+        atlas_base_lr: float = 0.1,
         tnt_global_chunk_size: int = 2048,
         tnt_local_chunk_sizes=(64,),
         tnt_reset_period: int | None = None,
@@ -175,6 +196,16 @@ class MemoryLMConfig(PretrainedConfig):
         self.lact_inter_multi = lact_inter_multi
         self.lact_base_lr = lact_base_lr
         self.lact_momentum = lact_momentum
+        self.miras_chunk_size = miras_chunk_size
+        self.miras_memory_expansion = miras_memory_expansion
+        self.miras_base_lr = miras_base_lr
+        self.miras_p = miras_p
+        self.miras_q = miras_q
+        self.atlas_chunk_size = atlas_chunk_size
+        self.atlas_window = atlas_window
+        self.atlas_poly_degree = atlas_poly_degree
+        self.atlas_memory_expansion = atlas_memory_expansion
+        self.atlas_base_lr = atlas_base_lr
         self.tnt_global_chunk_size = tnt_global_chunk_size
         self.tnt_local_chunk_sizes = _int_list(tnt_local_chunk_sizes)
         self.tnt_reset_period = tnt_reset_period
@@ -273,3 +304,22 @@ class MemoryLMConfig(PretrainedConfig):
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by lact_num_heads {self.lact_num_heads}")
             if self.lact_base_lr <= 0:
                 raise ValueError(f"lact_base_lr must be > 0, got {self.lact_base_lr}")
+        if "miras" in families:
+            for name in ("miras_chunk_size", "miras_memory_expansion"):
+                if int(getattr(self, name)) < 1:
+                    raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+            if self.miras_base_lr <= 0:
+                raise ValueError(f"miras_base_lr must be > 0, got {self.miras_base_lr}")
+            if self.miras_p < 1:
+                raise ValueError(f"miras_p must be ≥ 1 (Moneta's ℓ_p attentional bias), got {self.miras_p}")
+            if self.miras_q < 2:
+                raise ValueError(f"miras_q must be ≥ 2 (Moneta's ℓ_q retention), got {self.miras_q}")
+        if "atlas" in families:
+            for name in ("atlas_chunk_size", "atlas_window", "atlas_poly_degree", "atlas_memory_expansion"):
+                if int(getattr(self, name)) < 1:
+                    raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+            if self.atlas_poly_degree > 4:
+                raise ValueError(f"atlas_poly_degree must be ≤ 4 (the features grow as head_dim^degree), "
+                                 f"got {self.atlas_poly_degree}")
+            if self.atlas_base_lr <= 0:
+                raise ValueError(f"atlas_base_lr must be > 0, got {self.atlas_base_lr}")

@@ -18,6 +18,7 @@ MODEL_CODE_FILES = [
     "configuration_memory.py",
     "deltanet.py",
     "lact.py",
+    "miras.py",
     "modeling_memory.py",
     "modules.py",
     "parts.py",

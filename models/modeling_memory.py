@@ -74,6 +74,10 @@ def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
         from .titans import build_titans_mixer
 
         return build_titans_mixer(config, kind, rope_attn)
+    if MEMORY_LAYERS[kind] == "miras":
+        from .miras import build_miras_mixer
+
+        return build_miras_mixer(config, kind)
     if kind == "tnt":
         from .tnt import build_tnt_mixer
 
