@@ -17,6 +17,7 @@ MODEL_CODE_FILES = [
     "attention.py",
     "configuration_memory.py",
     "deltanet.py",
+    "hope.py",
     "lact.py",
     "miras.py",
     "modeling_memory.py",

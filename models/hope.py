@@ -1,0 +1,310 @@
+"""Hope: a self-modifying Titans memory followed by a Continuum Memory System (Behrouz, Razaviyayn,
+Zhong, Mirrokni 2025, *Nested Learning: The Illusion of Deep Learning Architectures*, arXiv 2512.24695).
+
+**Self-modifying memory.** Per head, five memories M_□, □ ∈ {key, value, lr, decay, memory}, each a
+2-layer GELU MLP with learnable initial weights; key/value/memory are residual (M(x) = x + GELU(x W1) W2),
+lr/decay map to one number (M(x) = GELU(x W1) W2). Only q and the memories' input u are static
+projections (projection, causal conv, SiLU, L2 norm per head). For token t in a chunk of b tokens
+starting at t' (``chunk_size``), everything the memories generate uses their weights at t':
+
+    k_t = L2(M_key(u_t)),  v_t = M_value(u_t),  η_t = base_lr·σ(M_lr(u_t) + b_η),  α_t = σ(M_decay(u_t) + b_α)
+    v̂_□,t = M_□(v_t)                                     (each memory generates its own target)
+    M_□,t = α_t M_□,t−1 − η_t ∇ ½‖M_□(k_t) − v̂_□,t‖² |_{M_□,t'}      (all five, frozen gradients)
+    o_t = M_memory,t(q_t)                                 (read after the update, as Titans)
+
+For a linear memory and b = 1 the update is the paper's M(α I − η k kᵀ) + η v̂ kᵀ ("delta gradient
+descent"); for the MLP memories it is gradient descent on the same L2 objective with retention α
+— Titans' rule without momentum, so the chunked form reuses ``titans_scan_chunked`` (the read) and
+the O(n) chunk-end coefficients of ``tnt.py`` (the other four memories need no per-token read).
+Chunks are serial (the next chunk's keys come from the updated memories); inside a chunk all is
+parallel. A call may end mid-chunk: the state keeps the chunk-start memories (``anchor``).
+
+**Continuum Memory System.** A chain of levels ℓ = 1..L, level ℓ updated once every C_ℓ tokens
+(``cms_chunk_sizes``). Level ℓ has per-head fast weights θ_ℓ (a GELU MLP d → e·d → d, learnable
+initial weights) and maps its input h (the previous level's output; level 1 reads the memory's output):
+
+    k_t = L2(h_t) per head,   v_t = h_t W_v,   η_t = base_lr·σ(h_t w_η + b_η)
+    y_t = h_t + W_o RMSNorm_h(MLP_{θ_s}(k_t))                     θ_s: θ_ℓ at the start of t's span
+    at a span end:  θ_ℓ ← θ_s − Σ_{t ∈ span} η_t ∇_θ ½‖MLP_θ(k_t) − v_t‖² |_{θ_s}
+
+(read before the update: a span's own tokens reach θ_ℓ at its end). The state keeps θ_s and the
+pending gradient sum of an unfinished span, so any split of a sequence gives the same result.
+Only torch is imported: this file is copied into exported Hugging Face folders.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import CausalConv1d, HeadRMSNorm
+from .parts import deep_mlp_memory, l2_loss, l2_normalize
+from .state import LayerState
+from .titans import _backprop_at, soft_clamp_factor, titans_scan_chunked
+from .tnt import _advance
+
+MEMORIES = ("key", "value", "lr", "decay", "memory")
+RESIDUAL = {"key": True, "value": True, "lr": False, "decay": False, "memory": True}
+
+
+def _mlp(theta: dict, x: torch.Tensor, residual: bool) -> torch.Tensor:
+    y = deep_mlp_memory(theta, x)
+    return x + y if residual else y
+
+
+def hope_generate(anchors: dict, u, lr_bias, decay_bias, base_lr: float):
+    """k, v, η, α and the five targets v̂_□ from the chunk-start memories. u: [B, H, n, d];
+    biases [H]. Returns (k, {□: target of the MLP part}, η [B, H, n], 1 − α [B, H, n])."""
+    k = l2_normalize(_mlp(anchors["key"], u, True))
+    v = _mlp(anchors["value"], u, True)
+    lr = base_lr * torch.sigmoid(_mlp(anchors["lr"], u, False)[..., 0] + lr_bias[:, None])
+    keep = torch.sigmoid(_mlp(anchors["decay"], u, False)[..., 0] + decay_bias[:, None])
+    # the residual memories learn MLP(k) ≈ v̂ − k
+    targets = {m: _mlp(anchors[m], v, RESIDUAL[m]) - (k if RESIDUAL[m] else 0) for m in MEMORIES}
+    return k, targets, lr, 1 - keep
+
+
+def self_modifying_chunked(weights: dict, anchor: dict | None, q, u, lr_bias, decay_bias, base_lr: float,
+                           position: int, chunk_size: int, max_grad_norm: float | None = None):
+    """Chunked self-modifying memory. weights/anchor: □ → {W1, W2} [B, H, ...]; q, u [B, H, T, d].
+    Returns (o [B, H, T, d], weights, anchor-or-None)."""
+    cur, anc = dict(weights), anchor
+    T, outs, t = q.shape[2], [], 0
+    while t < T:
+        pos = position + t
+        stop = min(T, t + chunk_size - pos % chunk_size)
+        if pos % chunk_size == 0:
+            anc = cur
+        sl = slice(t, stop)
+        k, targets, lr, forget = hope_generate(anc, u[:, :, sl], lr_bias, decay_bias, base_lr)
+        eta = torch.zeros_like(lr)
+        new = {}
+        for m in MEMORIES[:-1]:
+            names = sorted(cur[m])
+            w, _ = _advance([cur[m][n] for n in names], [anc[m][n] for n in names], None, k, targets[m], lr, eta,
+                            forget, max_grad_norm)
+            new[m] = dict(zip(names, w))
+        y, new["memory"], _, _ = titans_scan_chunked(cur["memory"], None if pos % chunk_size == 0 else anc["memory"],
+                                                     None, q[:, :, sl], k, targets["memory"], lr, eta, forget, pos,
+                                                     chunk_size, max_grad_norm)
+        outs.append(q[:, :, sl] + y)
+        cur = new
+        t = stop
+    return torch.cat(outs, 2), cur, None if (position + T) % chunk_size == 0 else anc
+
+
+def self_modifying_reference(weights: dict, anchor: dict | None, q, u, lr_bias, decay_bias, base_lr: float,
+                             position: int, chunk_size: int, max_grad_norm: float | None = None):
+    """Same contract as :func:`self_modifying_chunked`, one token at a time (gradients by torch.func.grad)."""
+
+    def grad_fn(residual):
+        loss = (lambda th, k_t, v_t: l2_loss(_mlp(th, k_t, True), v_t)) if residual else \
+            (lambda th, k_t, v_t: l2_loss(_mlp(th, k_t, False), v_t))
+        return torch.func.vmap(torch.func.vmap(torch.func.grad(loss)))
+
+    grads = {True: grad_fn(True), False: grad_fn(False)}
+    read = torch.func.vmap(torch.func.vmap(lambda th, x: _mlp(th, x, True)))
+    gens = {r: torch.func.vmap(torch.func.vmap(lambda th, x, r=r: _mlp(th, x, r))) for r in (True, False)}
+
+    def gen(theta, x, residual):
+        return gens[residual](theta, x)
+    cur, anc = dict(weights), anchor
+    outs = []
+    for t in range(q.shape[2]):
+        if (position + t) % chunk_size == 0:
+            anc = cur
+        u_t = u[:, :, t : t + 1]
+        k_t = l2_normalize(gen(anc["key"], u_t, True))
+        v_t = gen(anc["value"], u_t, True)
+        lr = base_lr * torch.sigmoid(gen(anc["lr"], u_t, False) + lr_bias[:, None, None])  # [B, H, 1, 1]
+        keep = torch.sigmoid(gen(anc["decay"], u_t, False) + decay_bias[:, None, None])
+        new = {}
+        for m in MEMORIES:
+            target = gen(anc[m], v_t, RESIDUAL[m])  # v̂_□,t
+            g = grads[RESIDUAL[m]](anc[m], k_t, target)
+            g = {n: x * soft_clamp_factor(x.norm(dim=(-2, -1), keepdim=True), max_grad_norm) for n, x in g.items()}
+            new[m] = {n: keep * cur[m][n] - lr * g[n] for n in g}
+        cur = new
+        outs.append(read(cur["memory"], q[:, :, t : t + 1]))
+    return torch.cat(outs, 2), cur, None if (position + q.shape[2]) % chunk_size == 0 else anc
+
+
+def cms_level_chunked(weights: dict, pending: dict, k, v, lr, position: int, span: int):
+    """One CMS level: reads MLP_{θ_s}(k) and accumulates Σ η ∇ℓ at θ_s, applied at each span end.
+    weights (θ_s) / pending: {W1, W2} [B, H, ...]; k, v [B, H, T, d]; lr [B, H, T]."""
+    names = sorted(weights, key=lambda n: int(n[1:]))
+    T, outs, t = k.shape[2], [], 0
+    while t < T:
+        stop = min(T, t + span - (position + t) % span)
+        sl = slice(t, stop)
+        outs.append(deep_mlp_memory(weights, k[:, :, sl]))
+        xs, ds = _backprop_at([weights[n] for n in names], k[:, :, sl], v[:, :, sl])
+        pending = {n: pending[n] + (lr[:, :, sl, None] * X).transpose(-1, -2) @ D for n, X, D in zip(names, xs, ds)}
+        if (position + stop) % span == 0:
+            weights = {n: weights[n] - pending[n] for n in names}
+            pending = {n: torch.zeros_like(p) for n, p in pending.items()}
+        t = stop
+    return torch.cat(outs, 2), weights, pending
+
+
+def cms_level_reference(weights: dict, pending: dict, k, v, lr, position: int, span: int):
+    """Same contract as :func:`cms_level_chunked`, one token at a time."""
+    grad = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda th, k_t, v_t: l2_loss(deep_mlp_memory(th, k_t), v_t))))
+    read = torch.func.vmap(torch.func.vmap(deep_mlp_memory))
+    outs = []
+    for t in range(k.shape[2]):
+        outs.append(read(weights, k[:, :, t : t + 1]))
+        g = grad(weights, k[:, :, t : t + 1], v[:, :, t : t + 1])
+        pending = {n: pending[n] + lr[:, :, t, None, None] * g[n] for n in g}
+        if (position + t + 1) % span == 0:
+            weights = {n: weights[n] - pending[n] for n in weights}
+            pending = {n: torch.zeros_like(p) for n, p in pending.items()}
+    return torch.cat(outs, 2), weights, pending
+
+
+SCANS = {"chunk": (self_modifying_chunked, cms_level_chunked),
+         "reference": (self_modifying_reference, cms_level_reference)}
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+def _mlp_shapes(d: int, hidden: int, out: int) -> dict:
+    return {"W1": (d, hidden), "W2": (hidden, out)}
+
+
+class CMSLevel(nn.Module):
+    """One level of the continuum memory system (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, span: int, expansion: int, base_lr: float, eps: float):
+        super().__init__()
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
+        self.span, self.base_lr = span, base_lr
+        d = self.head_dim
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.lr_gate = nn.Linear(hidden_size, num_heads, bias=True)
+        for n, s in _mlp_shapes(d, expansion * d, d).items():
+            self.register_parameter(n, nn.Parameter(torch.zeros(num_heads, *s)))
+        self.o_norm = HeadRMSNorm(d, eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    fast_weight_names = ("W1", "W2")
+
+    def reset_memory_parameters(self, init=None) -> None:
+        """θ_ℓ initial weights ~ N(0, 1/d_in); the lr gate's bias 0 (η ≈ base_lr/2)."""
+        init = init or nn.init
+        for n in self.fast_weight_names:
+            p = getattr(self, n)
+            init.normal_(p, mean=0.0, std=p.shape[-2] ** -0.5)
+        init.zeros_(self.lr_gate.bias)
+
+    def init_state(self, batch: int) -> LayerState:
+        w = {n: getattr(self, n).float().unsqueeze(0).expand(batch, *getattr(self, n).shape)
+             for n in self.fast_weight_names}
+        return LayerState(weights=w, opt={"pending": {n: torch.zeros_like(t) for n, t in w.items()}})
+
+    def _heads(self, t):
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, h, state: LayerState, scan, compute):
+        k = l2_normalize(self._heads(h).to(compute))
+        v = self._heads(self.v_proj(h)).to(compute)
+        lr = self.base_lr * torch.sigmoid(self.lr_gate(h).to(compute)).transpose(1, 2)
+        w = {n: t.to(compute) for n, t in state.weights.items()}
+        p = {n: t.to(compute) for n, t in state.opt["pending"].items()}
+        y, w, p = scan(w, p, k, v, lr, state.position, self.span)
+        y = self.o_norm(y.to(h.dtype)).transpose(1, 2).flatten(2)
+        return h + self.o_proj(y), LayerState(weights=w, opt={"pending": p}, position=state.position + h.shape[1])
+
+
+class HopeLayer(nn.Module):
+    """The Hope block as a mixer: y = CMS(W_o(RMSNorm_h(o) ⊙ SiLU(x W_g))) with o the self-modifying
+    memory's read."""
+
+    def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 16, expansion: int = 2,
+                 base_lr: float = 0.1, cms_chunk_sizes=(128, 512, 2048), conv_kernel: int = 4,
+                 norm_eps: float = 1e-6, scan_impl: str = "chunk", max_grad_norm: float | None = 1.0):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if scan_impl not in SCANS:
+            raise ValueError(f"unknown scan_impl {scan_impl!r}; expected one of {sorted(SCANS)}")
+        if chunk_size < 1 or expansion < 1 or not cms_chunk_sizes or min(cms_chunk_sizes) < 1:
+            raise ValueError("hope chunk sizes and expansion must be ≥ 1 (and at least one CMS level)")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = d = hidden_size // num_heads
+        self.chunk_size, self.base_lr, self.scan_impl = chunk_size, base_lr, scan_impl
+        self.max_grad_norm = max_grad_norm
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.u_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.conv_q = CausalConv1d(hidden_size, conv_kernel)
+        self.conv_u = CausalConv1d(hidden_size, conv_kernel)
+        for m in MEMORIES:  # the memories' initial weights: slow, per head
+            for n, s in _mlp_shapes(d, expansion * d, d if RESIDUAL[m] else 1).items():
+                self.register_parameter(f"{m}_{n}", nn.Parameter(torch.zeros(num_heads, *s)))
+        self.lr_bias = nn.Parameter(torch.zeros(num_heads))
+        self.decay_bias = nn.Parameter(torch.zeros(num_heads))
+        self.o_norm = HeadRMSNorm(d, eps=norm_eps)
+        self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.cms = nn.ModuleList(CMSLevel(hidden_size, num_heads, int(c), expansion, base_lr, norm_eps)
+                                 for c in cms_chunk_sizes)
+        self.reset_memory_parameters()
+
+    @property
+    def fast_weight_names(self) -> list[str]:
+        return [f"{m}_{n}" for m in MEMORIES for n in ("W1", "W2")]
+
+    def reset_memory_parameters(self, init=None) -> None:
+        """Memories ~ N(0, 1/d_in) with the residual MLPs' output layers scaled by 0.1 (M ≈ identity);
+        biases: η ≈ base_lr/2, retention α = σ(4) ≈ 0.98."""
+        init = init or nn.init
+        for n in self.fast_weight_names:
+            p = getattr(self, n)
+            residual_out = n.endswith("W2") and RESIDUAL[n.rsplit("_", 1)[0]]
+            init.normal_(p, mean=0.0, std=(0.1 if residual_out else 1.0) * p.shape[-2] ** -0.5)
+        init.zeros_(self.lr_bias)
+        init.constant_(self.decay_bias, 4.0)
+
+    def _initial(self, batch: int) -> dict:
+        return {m: {n: getattr(self, f"{m}_{n}").float().unsqueeze(0).expand(batch, *getattr(self, f"{m}_{n}").shape)
+                    for n in ("W1", "W2")} for m in MEMORIES}
+
+    def init_state(self, batch_size: int) -> LayerState:
+        return LayerState(weights=self._initial(batch_size),
+                          extra={f"cms{i}": level.init_state(batch_size) for i, level in enumerate(self.cms)})
+
+    def _heads(self, t):
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None):
+        B, T, _ = x.shape
+        state = state if state is not None else self.init_state(B)
+        memory_scan, cms_scan = SCANS[self.scan_impl]
+        compute = torch.promote_types(x.dtype, torch.float32)
+        conv = {}
+        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
+        u, conv["u"] = self.conv_u(self.u_proj(x), state.conv.get("u"))
+        q, u = (l2_normalize(self._heads(F.silu(t)).to(compute)) for t in (q, u))
+
+        def cast(tree):
+            return None if tree is None else {m: {n: t.to(compute) for n, t in w.items()} for m, w in tree.items()}
+
+        o, weights, anchor = memory_scan(cast(state.weights), cast(state.anchor), q, u, self.lr_bias.to(compute),
+                                         self.decay_bias.to(compute), self.base_lr, state.position, self.chunk_size,
+                                         self.max_grad_norm)
+        o = self.o_norm(o.to(x.dtype)).transpose(1, 2)
+        h = self.o_proj((o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))).flatten(2))
+        extra = {}
+        for i, level in enumerate(self.cms):
+            st = state.extra[f"cms{i}"]
+            st = LayerState(weights=st.weights, opt=st.opt, position=state.position)
+            h, extra[f"cms{i}"] = level(h, st, cms_scan, compute)
+        return h, LayerState(weights=weights, anchor=anchor, conv=conv, extra=extra, position=state.position + T)
+
+
+def build_hope_mixer(config) -> HopeLayer:
+    return HopeLayer(config.hidden_size, config.num_attention_heads, chunk_size=config.hope_chunk_size,
+                     expansion=config.hope_memory_expansion, base_lr=config.hope_base_lr,
+                     cms_chunk_sizes=config.hope_cms_chunk_sizes, conv_kernel=config.conv_kernel,
+                     norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl, max_grad_norm=config.titans_max_grad_norm)
