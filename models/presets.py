@@ -46,6 +46,15 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     # 2048-token chunks and window, RoPE base 1e6, momentum, Muon variant
     "lact": dict(num_attention_heads=_heads_of(64), lact_num_heads=4, lact_chunk_size=2048, attention_window=2048,
                  attention_rope_theta=1e6, lact_base_lr=1e-3, lact_momentum=True, inner_optimizer="muon"),
+    # TNT (no official code): Titans memories (64-wide heads, depth 2); stage-1 sizes — a global chunk
+    # of 512 (so a 2K-token sequence has 4 global updates), two local memories with chunks 32 and 64,
+    # reset with the global chunk. Stage 2 fine-tunes with e.g. tnt_local_chunk_sizes=[8, 16].
+    "tnt": dict(num_attention_heads=_heads_of(64), titans_memory_depth=2, tnt_global_chunk_size=512,
+                tnt_local_chunk_sizes=[32, 64], tnt_reset_period=None),
+    # Hope (no official code): 64-wide heads, chunk 16, three CMS levels; the CMS levels (2·C² each)
+    # take the place of most of the SwiGLU MLP: intermediate size reduced by 5·C/3 to match Titans
+    "hope": dict(num_attention_heads=_heads_of(64), hope_chunk_size=16, hope_cms_chunk_sizes=[128, 512, 2048],
+                 intermediate_size=lambda p: 8 * round((p["intermediate_size"] - 5 * p["hidden_size"] / 3) / 8)),
 }
 
 
