@@ -47,6 +47,8 @@ class TrainConfig:
     fp8_recipe: str = _f("delayed", "FP8 scaling recipe: delayed or current (tensor-wise) scaling", ["delayed", "current"])
     activation_checkpointing: bool = _f(False, "recompute each block in backward instead of storing its activations")
     scan_checkpoint_group: int = _f(-1, "mini-batches per recomputed group inside the memory-layer scan (-1 = model's value, 0 = off)")
+    tnt_local_chunk_sizes: str = _f("", "TNT two-stage training, stage 2: the local memories' chunk sizes (comma-separated, "
+                                    "one per local memory) replacing the model's, e.g. 8,16 ('' = the model's value)")
     # ------------------------------------------------------------------ optimizer and schedule
     lr: float = _f(3e-4, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr")

@@ -60,8 +60,33 @@ def build_model_config(cfg: TrainConfig):
         raise ConfigError(f"--tp {cfg.tp} does not divide the model's {mcfg.num_attention_heads} heads")
     if cfg.scan_checkpoint_group >= 0:
         mcfg.scan_checkpoint_group_size = cfg.scan_checkpoint_group
+    if cfg.tnt_local_chunk_sizes:
+        set_tnt_local_chunk_sizes(mcfg, cfg.tnt_local_chunk_sizes)
     mcfg.use_cache = False
     return mcfg
+
+
+def set_tnt_local_chunk_sizes(mcfg, value: str) -> None:
+    """TNT stage 2 (fine-tuning): new chunk sizes of the local memories. Only the frozen-gradient
+    scope changes, no parameter, so the number of local memories must stay the model's."""
+    from models.configuration_memory import _int_list
+
+    if "tnt" not in mcfg.mixer_types:
+        raise ConfigError(f"--tnt-local-chunk-sizes applies to TNT models; this one has {sorted(set(mcfg.mixer_types))}")
+    try:
+        sizes = _int_list(value)
+    except ValueError:
+        raise ConfigError(f"--tnt-local-chunk-sizes must be comma-separated integers, got {value!r}") from None
+    if len(sizes) != len(mcfg.tnt_local_chunk_sizes):
+        raise ConfigError(f"--tnt-local-chunk-sizes gives {len(sizes)} sizes but the model has "
+                          f"{len(mcfg.tnt_local_chunk_sizes)} local memories ({mcfg.tnt_local_chunk_sizes})")
+    old = mcfg.tnt_local_chunk_sizes
+    mcfg.tnt_local_chunk_sizes = sizes
+    try:
+        mcfg.validate_memory_config()
+    except ValueError as exc:
+        mcfg.tnt_local_chunk_sizes = old
+        raise ConfigError(f"--tnt-local-chunk-sizes {value}: {exc}") from None
 
 
 def build_model(cfg: TrainConfig, mcfg):

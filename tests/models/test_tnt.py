@@ -147,3 +147,23 @@ def test_local_chunk_sizes_from_a_string():
     assert MemoryLMConfig(memory_layer="tnt", tnt_local_chunk_sizes="8, 16", tnt_global_chunk_size=32).tnt_local_chunk_sizes == [8, 16]
     assert isinstance(build_mixer(MemoryLMConfig(memory_layer="tnt", hidden_size=32, num_attention_heads=4,
                                                  num_hidden_layers=1), 0), TNTLayer)
+
+
+def test_two_stage_cli_option(tmp_path):
+    """pretrain.train --model FOLDER --tnt-local-chunk-sizes 2: the stage-2 model config; bad values fail early."""
+    from pretrain.config import ConfigError, parse_config
+    from pretrain.train import build_model, build_model_config
+
+    cfg = preset_config("test", memory_layer="tnt", tnt_global_chunk_size=16, tnt_local_chunk_sizes=[8],
+                        tnt_reset_period=16)
+    MemoryLMForCausalLM(cfg).save_pretrained(tmp_path / "stage1")
+    train_cfg = parse_config(["--model", str(tmp_path / "stage1"), "--tnt-local-chunk-sizes", "2"])
+    mcfg = build_model_config(train_cfg)
+    assert mcfg.tnt_local_chunk_sizes == [2]
+    model = build_model(train_cfg, mcfg)
+    assert model.model.layers[1].mixer.local_chunk_sizes == [2]
+    for value, match in [("2,4", "1 local memories"), ("3", "multiple of every"), ("x", "comma-separated integers")]:
+        with pytest.raises(ConfigError, match=match):
+            build_model_config(parse_config(["--model", str(tmp_path / "stage1"), "--tnt-local-chunk-sizes", value]))
+    with pytest.raises(ConfigError, match="applies to TNT models"):
+        build_model_config(parse_config(["--model", "test", "--tnt-local-chunk-sizes", "4"]))
