@@ -25,6 +25,34 @@ MEMORY_LAYERS = {
     "hope": "hope",              # Nested Learning: self-modifying Titans memory + continuum memory system
 }
 ATTENTION_LAYERS = {"swa": "sliding_window", "attention": "full"}
+# the inner-loop knobs (parts.InnerKnobs, models/inner_knobs.py) and the memory layers that support them;
+# for inner_loss, per value (the layer's own loss is accepted as a no-op)
+_TTT, _DELTA = ("ttt_linear", "ttt_mlp"), ("deltanet", "gated_deltanet")
+_TITANS = ("titans", "titans_mac", "titans_mag", "titans_mal")
+INNER_KNOB_LAYERS = {
+    "inner_steps": _DELTA,
+    "inner_grad_clip": _TTT + _TITANS,
+    "inner_init_pull": _TTT + _DELTA + _TITANS,
+    "inner_lr_schedule": _TTT + _DELTA + _TITANS,
+    "inner_loss=ln_recon": _TTT,
+    "inner_loss=mse": _TTT + _DELTA + _TITANS,
+    "inner_loss=next_token": _TTT + _DELTA + _TITANS,
+}
+
+
+def parse_inner_lr_schedule(schedule) -> float:
+    """``"constant"`` (or None) → 0; ``"inverse:DECAY"`` → DECAY (η_t ← η_t/(1 + t·DECAY), DECAY ≥ 0)."""
+    if schedule in (None, "constant"):
+        return 0.0
+    if isinstance(schedule, str) and schedule.startswith("inverse:"):
+        try:
+            decay = float(schedule.split(":", 1)[1])
+        except ValueError:
+            decay = -1.0
+        if decay >= 0:
+            return decay
+    raise ValueError(f"unknown inner_lr_schedule {schedule!r}; expected 'constant' or 'inverse:DECAY' with DECAY ≥ 0 "
+                     "(η_t ← η_t/(1 + t·DECAY), t the position in the document)")
 # short names accepted in layer_pattern
 PATTERN_ALIASES = {"memory": None, "m": None, "s": "swa", "a": "attention", "full": "attention"}
 # inner optimizers each family accepts (the first is its default)
@@ -73,6 +101,11 @@ class MemoryLMConfig(PretrainedConfig):
             (‖g‖ → τ·tanh(‖g‖/τ); None = off), a stability guard against inner-loop divergence.
         num_persistent_tokens: learnable always-visible tokens of the Titans blocks' attention.
         inner_optimizer: Titans ``momentum`` | ``sgd``; LaCT ``muon`` | ``sgd`` (None = the default).
+        inner_steps / inner_grad_clip / inner_init_pull / inner_lr_schedule / inner_loss: the inner
+            loop's knobs (docs/models.md "Inner-loop knobs"; ``INNER_KNOB_LAYERS`` lists which layers
+            take each): K sub-steps per token (DeltaProduct), per-token gradient clip τ (None = off),
+            pull λ toward the initial fast weights, ``constant`` | ``inverse:DECAY`` inner-lr schedule,
+            inner loss None (the layer's own) | ``ln_recon`` | ``mse`` | ``next_token``.
         miras_chunk_size / miras_memory_expansion / miras_base_lr: frozen-gradient chunk, MLP width
             factor and upper bound of the inner step of Moneta, Yaad and Memora.
         miras_p / miras_q: Moneta's ℓ_p attentional bias and ℓ_q retention exponents (p ≥ 1, q ≥ 2).
@@ -134,6 +167,11 @@ class MemoryLMConfig(PretrainedConfig):
         titans_max_grad_norm: float | None = 1.0,
         num_persistent_tokens: int = 4,
         inner_optimizer: str | None = None,
+        inner_steps: int = 1,
+        inner_grad_clip: float | None = None,
+        inner_init_pull: float = 0.0,
+        inner_lr_schedule: str = "constant",
+        inner_loss: str | None = None,
         lact_chunk_size: int = 2048,
         lact_num_heads: int = 4,
         lact_inter_multi: int = 1,
@@ -191,6 +229,11 @@ class MemoryLMConfig(PretrainedConfig):
         self.titans_max_grad_norm = titans_max_grad_norm
         self.num_persistent_tokens = num_persistent_tokens
         self.inner_optimizer = inner_optimizer
+        self.inner_steps = inner_steps
+        self.inner_grad_clip = inner_grad_clip
+        self.inner_init_pull = inner_init_pull
+        self.inner_lr_schedule = inner_lr_schedule
+        self.inner_loss = inner_loss
         self.lact_chunk_size = lact_chunk_size
         self.lact_num_heads = lact_num_heads
         self.lact_inter_multi = lact_inter_multi
@@ -249,6 +292,35 @@ class MemoryLMConfig(PretrainedConfig):
                              f"{self.num_hidden_layers}")
         return kinds * (self.num_hidden_layers // len(kinds))
 
+    @property
+    def inner_lr_decay(self) -> float:
+        """The decay of ``inner_lr_schedule`` (0 = constant)."""
+        return parse_inner_lr_schedule(self.inner_lr_schedule)
+
+    def _validate_inner_knobs(self, kinds: set) -> None:
+        """Each inner-loop knob that is set must be supported by every memory layer in the model."""
+        if int(self.inner_steps) < 1:
+            raise ValueError(f"inner_steps must be ≥ 1, got {self.inner_steps}")
+        if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
+            raise ValueError(f"inner_grad_clip must be > 0 (or None = off), got {self.inner_grad_clip}")
+        if not self.inner_init_pull >= 0:
+            raise ValueError(f"inner_init_pull must be ≥ 0, got {self.inner_init_pull}")
+        if self.inner_loss not in (None, "ln_recon", "mse", "next_token"):
+            raise ValueError(f"unknown inner_loss {self.inner_loss!r}; expected None (the layer's own), 'ln_recon', "
+                             "'mse' or 'next_token'")
+        used = {"inner_steps": int(self.inner_steps) != 1, "inner_grad_clip": self.inner_grad_clip is not None,
+                "inner_init_pull": self.inner_init_pull != 0, "inner_lr_schedule": self.inner_lr_decay != 0,
+                f"inner_loss={self.inner_loss}": self.inner_loss is not None}
+        memories = sorted(k for k in kinds if k in MEMORY_LAYERS)
+        for knob in (k for k, on in used.items() if on):
+            bad = [k for k in memories if k not in INNER_KNOB_LAYERS[knob]]
+            if bad:
+                raise ValueError(f"{knob} is not supported by {bad}; layers that support it: "
+                                 f"{list(INNER_KNOB_LAYERS[knob])}")
+        if self.inner_init_pull >= 1 and any(k in ("deltanet", "gated_deltanet") for k in memories):
+            raise ValueError(f"inner_init_pull must be < 1 for (gated) DeltaNet (its pull is a decay 1 − β·λ > 0), "
+                             f"got {self.inner_init_pull}")
+
     def validate_memory_config(self) -> None:
         """Raises ValueError with one clear message for an inconsistent configuration."""
         if self.memory_layer not in MEMORY_LAYERS:
@@ -276,6 +348,7 @@ class MemoryLMConfig(PretrainedConfig):
         if self.num_persistent_tokens < 0:
             raise ValueError(f"num_persistent_tokens must be ≥ 0, got {self.num_persistent_tokens}")
         kinds = set(self.mixer_types)
+        self._validate_inner_knobs(kinds)
         families = {MEMORY_LAYERS[k] for k in kinds if k in MEMORY_LAYERS}
         if self.inner_optimizer is not None:
             allowed = sorted({o for f in families for o in INNER_OPTIMIZERS.get(f, ())})

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import CausalConv1d, HeadRMSNorm
-from .parts import Recipe, copy_param, decay, l2_loss, l2_normalize, matrix_memory, sgd_step
+from .parts import InnerKnobs, Recipe, copy_param, decay, l2_loss, l2_normalize, matrix_memory, sgd_step
 from .reference import memory_scan_reference
 from .state import LayerState
 
@@ -116,7 +116,8 @@ def delta_rule_recipe() -> Recipe:
     def token_step(anchor, theta, opt, grad, gates, i):
         return sgd_step(decay(theta, gates["alpha"]), grad, gates["beta"]), opt
 
-    return Recipe(inner_loss, read, token_step, chunk_size=1, grad_point=grad_point)
+    return Recipe(inner_loss, read, token_step, chunk_size=1, grad_point=grad_point, lr_gates=("beta",),
+                  retention_neutral={"alpha": 1.0})
 
 
 def delta_rule_reference(q, k, v, beta, log_alpha, S):
@@ -135,7 +136,8 @@ class DeltaNetLayer(nn.Module):
     """DeltaNet (``gated=False``) or Gated DeltaNet (``gated=True``) sequence mixer."""
 
     def __init__(self, hidden_size: int, num_heads: int, gated: bool = True, chunk_size: int = 64,
-                 conv_kernel: int = 4, norm_eps: float = 1e-6, scan_impl: str = "chunk"):
+                 conv_kernel: int = 4, norm_eps: float = 1e-6, scan_impl: str = "chunk",
+                 knobs: InnerKnobs | None = None):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -146,13 +148,21 @@ class DeltaNetLayer(nn.Module):
         self.hidden_size, self.num_heads, self.gated = hidden_size, num_heads, gated
         self.head_dim = hidden_size // num_heads
         self.chunk_size, self.scan_impl = chunk_size, scan_impl
+        if knobs is not None and knobs.loss == "mse":  # the delta rule's own loss
+            knobs = InnerKnobs(knobs.steps, knobs.grad_clip, knobs.init_pull, knobs.lr_decay, None)
+        if knobs is not None and (knobs.grad_clip is not None or knobs.loss not in (None, "next_token")
+                                  or not 0 <= knobs.init_pull < 1 or knobs.steps < 1):
+            raise ValueError(f"(Gated) DeltaNet supports inner_steps, inner_init_pull in [0, 1), inner_lr_schedule "
+                             f"and inner_loss mse/next_token, got {knobs}")
+        self.knobs = None if knobs == InnerKnobs() else knobs  # None: exactly the plain code path
+        K = 1 if knobs is None else knobs.steps  # DeltaProduct: K (k, v, β) per token
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, K * hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, K * hidden_size, bias=False)
         self.conv_q = CausalConv1d(hidden_size, conv_kernel)
-        self.conv_k = CausalConv1d(hidden_size, conv_kernel)
-        self.conv_v = CausalConv1d(hidden_size, conv_kernel)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.conv_k = CausalConv1d(K * hidden_size, conv_kernel)
+        self.conv_v = CausalConv1d(K * hidden_size, conv_kernel)
+        self.b_proj = nn.Linear(hidden_size, K * num_heads, bias=False)
         if gated:
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
             self.A_log = nn.Parameter(torch.zeros(num_heads))
@@ -186,6 +196,18 @@ class DeltaNetLayer(nn.Module):
         q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
         k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
         v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
+        if self.knobs is not None:  # sub-step dims: k, v [B, H, T, K, d], β [B, H, T, K]
+            K = self.knobs.steps
+            q = self._heads(F.silu(q))
+            k, v = (F.silu(t).unflatten(-1, (K, self.num_heads, self.head_dim)).permute(0, 3, 1, 2, 4) for t in (k, v))
+            compute = torch.promote_types(x.dtype, torch.float32)
+            q = l2_normalize(q.to(compute)) * self.head_dim**-0.5
+            k, v = l2_normalize(k.to(compute)), v.to(compute)
+            beta = torch.sigmoid(self.b_proj(x)).unflatten(-1, (K, self.num_heads)).permute(0, 3, 1, 2).to(compute)
+            log_alpha = None
+            if self.gated:
+                log_alpha = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2).to(compute)
+            return q, k, v, beta, log_alpha, conv
         q, k, v = (self._heads(F.silu(t)) for t in (q, k, v))
         compute = torch.promote_types(x.dtype, torch.float32)
         q = l2_normalize(q.to(compute)) * self.head_dim**-0.5
@@ -198,9 +220,26 @@ class DeltaNetLayer(nn.Module):
 
     def scan(self, q, k, v, beta, log_alpha, S):
         """Step 2 of :meth:`forward`: the delta rule from state S; returns (o [B, H, T, d], S)."""
+        if self.knobs is not None:
+            raise ValueError("the inner-loop knobs (inner_steps, inner_init_pull, inner_lr_schedule, inner_loss) of "
+                             "DeltaNet run through forward only (not its context-parallel prepare/scan/output)")
         if self.scan_impl == "chunk":
             return delta_rule_chunked(q, k, v, beta, log_alpha, S, self.chunk_size)
         return delta_rule_reference(q, k, v, beta, log_alpha, S)
+
+    def _scan_knobs(self, q, k, v, beta, log_alpha, S, position: int, prev_key):
+        """The delta rule with the inner-loop knobs (k, v, β with a sub-step dim); returns (o, S, last key)."""
+        if self.scan_impl == "chunk":
+            from .inner_knobs import delta_knob_inputs, delta_read_last
+
+            inputs, last_key = delta_knob_inputs(q, k, v, beta, log_alpha, self.knobs, position, prev_key)
+            o, S = delta_rule_chunked(*inputs, S, self.chunk_size)
+            return delta_read_last(o, self.knobs.steps), S, last_key
+        alpha = torch.ones_like(beta[..., 0]) if log_alpha is None else log_alpha.exp()
+        o, weights, _, _, last_key = memory_scan_reference(
+            delta_rule_recipe(), {"S": S}, None, {}, q, k, v, {"alpha": alpha, "beta": beta}, {}, position,
+            self.knobs, {"S": torch.zeros_like(S)}, prev_key)
+        return o, weights["S"], (last_key if self.knobs.next_token else None)
 
     def summary(self, q, k, v, beta, log_alpha):
         """(A, B) of a piece from its own tokens (chunk form): S_out = A S_in + B."""
@@ -218,5 +257,10 @@ class DeltaNetLayer(nn.Module):
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B)
         q, k, v, beta, log_alpha, conv = self.prepare(x, state)
+        if self.knobs is not None:
+            o, S, last_key = self._scan_knobs(q, k, v, beta, log_alpha, state.weights["S"].to(q.dtype), state.position,
+                                              state.extra.get("prev_key"))
+            extra = {} if last_key is None else {"prev_key": last_key}
+            return self.output(x, o), LayerState(weights={"S": S}, conv=conv, extra=extra, position=state.position + T)
         o, S = self.scan(q, k, v, beta, log_alpha, state.weights["S"].to(q.dtype))
         return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=state.position + T)

@@ -18,6 +18,7 @@ MODEL_CODE_FILES = [
     "configuration_memory.py",
     "deltanet.py",
     "hope.py",
+    "inner_knobs.py",
     "lact.py",
     "miras.py",
     "modeling_memory.py",

@@ -23,6 +23,7 @@ from .attention import AttentionLayer
 from .configuration_memory import MEMORY_LAYERS, MemoryLMConfig
 from .deltanet import DeltaNetLayer
 from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
+from .parts import InnerKnobs
 from .ttt import TTTLayer, TTTState
 from .varlen import RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, map_tree, needs_segments, run_segments
 
@@ -69,7 +70,8 @@ def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
     if kind in ("deltanet", "gated_deltanet"):
         return DeltaNetLayer(config.hidden_size, config.num_attention_heads, gated=kind == "gated_deltanet",
                              chunk_size=config.deltanet_chunk_size, conv_kernel=config.conv_kernel,
-                             norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl)
+                             norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl,
+                             knobs=InnerKnobs.from_config(config))
     if MEMORY_LAYERS[kind] == "titans":
         from .titans import build_titans_mixer
 
@@ -78,6 +80,10 @@ def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
         from .miras import build_miras_mixer
 
         return build_miras_mixer(config, kind)
+    if kind == "atlas":
+        from .atlas import build_atlas_mixer
+
+        return build_atlas_mixer(config)
     if kind == "tnt":
         from .tnt import build_tnt_mixer
 
@@ -107,6 +113,7 @@ def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
         inner_expansion=config.inner_expansion,
         scan_checkpoint_group_size=config.scan_checkpoint_group_size,
         scan_impl=config.scan_impl,
+        knobs=InnerKnobs.from_config(config),
     )
 
 

@@ -11,7 +11,7 @@ Only torch is imported: this file is copied into exported Hugging Face folders.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -293,3 +293,88 @@ class Recipe:
     chunk_size: int = 1
     chunk_end: Callable = _no_chunk_end
     grad_point: Callable = _keep_anchor
+    # for the inner-loop knobs (reference.InnerKnobs): the gates that are learning rates (scaled by the
+    # lr schedule, zeroed for a token without a training pair) and the retention gates with their
+    # neutral value (applied once per token: sub-steps 2..K of ``inner_steps`` use the neutral value)
+    lr_gates: tuple = ("lr",)
+    retention_neutral: dict = field(default_factory=dict)
+    # applied to each token's raw inner gradient before the knobs (e.g. Titans' soft norm clamp)
+    grad_transform: Callable | None = None
+
+
+@dataclass(frozen=True)
+class InnerKnobs:
+    """The inner loop's knobs (config fields ``inner_steps``, ``inner_grad_clip``, ``inner_init_pull``,
+    ``inner_lr_schedule``, ``inner_loss``); the defaults leave a layer exactly as it is.
+
+    steps:      K sub-steps per token, each with its own (k, v, lr) and the gradient at the weights
+                after the previous sub-step; retention once per token (DeltaProduct)
+    grad_clip:  τ: each token's inner gradient, per layer (weight matrix with its bias), clipped to
+                Frobenius norm ≤ τ: g ← g·min(1, τ/‖g‖)
+    init_pull:  λ: the gradient gets λ(θ' − θ_init) (θ' where the gradient is taken, θ_init the
+                layer's initial fast weights), i.e. the loss gets ½λ‖θ − θ_init‖²
+    lr_decay:   η_t ← η_t/(1 + t·decay), t the token's position in its document
+    loss:       None (the layer's own) | "ln_recon" | "mse" | "next_token" (token t trains on the
+                pair (k_{t−1}, v_t): the target v_{t+1} of key k_t is used only from token t + 1 on)
+    """
+
+    steps: int = 1
+    grad_clip: float | None = None
+    init_pull: float = 0.0
+    lr_decay: float = 0.0
+    loss: str | None = None
+
+    @property
+    def next_token(self) -> bool:
+        return self.loss == "next_token"
+
+    @classmethod
+    def from_config(cls, config) -> "InnerKnobs":
+        return cls(steps=int(getattr(config, "inner_steps", 1) or 1), grad_clip=getattr(config, "inner_grad_clip", None),
+                   init_pull=float(getattr(config, "inner_init_pull", 0.0) or 0.0),
+                   lr_decay=float(getattr(config, "inner_lr_decay", 0.0) or 0.0), loss=getattr(config, "inner_loss", None))
+
+
+def shift_keys(k: torch.Tensor, prev_key: torch.Tensor | None):
+    """next_token: the key of token t's training pair is k_{t−1} (``prev_key`` before the first token;
+    zeros with ``has_pair`` False at a document start). k: [B, H, T, ...]; prev_key: [B, H, ...].
+    Returns (shifted keys, the last key for the next call)."""
+    first = torch.zeros_like(k[:, :, :1]) if prev_key is None else prev_key.unsqueeze(2).to(k.dtype)
+    return torch.cat([first, k[:, :, :-1]], 2), k[:, :, -1]
+
+
+# ------------------------------------------------------------------------ inner-loop knobs
+
+
+def layer_groups(names) -> dict:
+    """Fast weights grouped per layer for gradient clipping: "W{i}" with its bias "b{i}"; any other
+    tensor (e.g. "S") is its own group."""
+    groups: dict = {}
+    for n in names:
+        key = n[1:] if n[:1] in ("W", "b") and n[1:].isdigit() else n
+        groups.setdefault(key, []).append(n)
+    return groups
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor | float:
+    """c = min(1, τ/‖g‖): scales a gradient of norm ‖g‖ to norm ≤ τ (1 when τ is None)."""
+    if max_norm is None:
+        return 1.0
+    return torch.clamp(max_norm / norm.clamp_min(1e-12), max=1.0)
+
+
+def clip_grad_per_layer(grad: dict, max_norm: float | None) -> dict:
+    """Each layer's gradient (weight matrix and bias together) clipped to Frobenius norm ≤ τ."""
+    if max_norm is None:
+        return grad
+    out = {}
+    for names in layer_groups(grad).values():
+        norm = torch.sqrt(sum(grad[n].pow(2).sum(dim=(-2, -1), keepdim=True) for n in names))
+        c = clip_factor(norm, max_norm)
+        out.update({n: grad[n] * c for n in names})
+    return out
+
+
+def inverse_lr_factor(positions: torch.Tensor, decay: float) -> torch.Tensor:
+    """The within-document inner learning-rate schedule η_t ← η_t / (1 + t·decay)."""
+    return 1.0 / (1.0 + positions * decay)

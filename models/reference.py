@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .parts import INNER_MODELS, Recipe, head_layer_norm, ln_fused_l2_loss, mini_batch_gd_step, token_index_scale
+from .parts import (INNER_MODELS, InnerKnobs, Recipe, clip_grad_per_layer, head_layer_norm, l2_loss, ln_fused_l2_loss,
+                    mini_batch_gd_step, token_index_scale)
 
 
 def memory_scan_reference(
@@ -30,41 +31,92 @@ def memory_scan_reference(
     gates: dict,
     extra: dict,
     position: int,
+    knobs: InnerKnobs | None = None,
+    init: dict | None = None,
+    prev_key: torch.Tensor | None = None,
 ):
     """Runs T tokens one at a time from (weights, anchor, opt) at absolute position ``position``.
 
     q, k, v: [B, H, T, d]; gates: name → [B, H, T]; extra: name → [B, H, ...] per-head slow tensors;
     weights/anchor/opt: dicts of [B, H, ...] (opt may nest one level). anchor None = ``weights``.
     Returns (o [B, H, T, d_out], weights, anchor-or-None (None at a chunk boundary), opt).
+
+    With ``knobs`` (:class:`parts.InnerKnobs`) the inner-loop knobs are applied here, generically,
+    for token t at position p = position + t (its position in the document):
+
+        η ← η/(1 + p·decay) for every gate in ``recipe.lr_gates``
+        next_token: the pair is (k_{t−1}, v_t) (``prev_key`` before the first token; none at a
+                    document start: the lr gates are 0 for that token)
+        for s = 1..K (``steps``; k, v and any gate may carry a sub-step dim: [B, H, T, K, d], [B, H, T, K]):
+            θ' = grad_point(anchor, θ, gates_s) for s = 1, else θ (the weights after sub-step s − 1)
+            g = grad_transform(∇ℓ(θ'; k_s, v_s));  g ← clip_per_layer(g, τ);  g ← g + λ(θ' − θ_init)
+            θ, opt = token_step(anchor, θ, opt, g, gates_s, i)     (retention gates neutral for s > 1)
+    and the return gets a 5th element: the last key (for next_token's ``prev_key``).
     """
-    b = recipe.chunk_size
+    with_knobs = knobs is not None
+    knobs = knobs or InnerKnobs()
+    b, K = recipe.chunk_size, knobs.steps
+    if K > 1 and b > 1:
+        raise ValueError("inner_steps > 1 is defined for per-token (online) rules only, not frozen-gradient chunks")
     T = q.shape[2]
+    one_pair = k.dim() == 4
+    if one_pair:  # one (k, v) pair per token
+        k, v = k.unsqueeze(3), v.unsqueeze(3)
+    last_key = k[:, :, -1, 0] if one_pair else k[:, :, -1]
+    if knobs.next_token:
+        first = k[:, :, :1] * 0 if prev_key is None else prev_key.reshape(k[:, :, :1].shape).to(k.dtype)
+        k = torch.cat([first, k[:, :, :-1]], 2)
     grad_fn = torch.func.vmap(torch.func.vmap(torch.func.grad(recipe.inner_loss)))
     read_fn = torch.func.vmap(torch.func.vmap(recipe.read))
     anchor = weights if anchor is None else anchor
     outputs = []
     for t in range(T):
-        i = (position + t) % b
-        g_t = {n: g[:, :, t, None, None] for n, g in gates.items()}
-        point = recipe.grad_point(anchor, weights, g_t)
-        grad = grad_fn(point, k[:, :, t : t + 1], v[:, :, t : t + 1], extra)
-        weights, opt = recipe.token_step(anchor, weights, opt, grad, g_t, i)
+        p = position + t
+        i = p % b
+        lr_scale = 1.0 / (1.0 + p * knobs.lr_decay)
+        if knobs.next_token and t == 0 and prev_key is None:
+            lr_scale = 0.0  # a document's first token has no training pair
+        for s in range(K):
+            g_t = {}
+            for n, g in gates.items():
+                g = g[:, :, t, s] if g.dim() == 4 else g[:, :, t]
+                if s > 0 and n in recipe.retention_neutral:
+                    g = torch.full_like(g, recipe.retention_neutral[n])
+                if n in recipe.lr_gates:
+                    g = g * lr_scale
+                g_t[n] = g[:, :, None, None]
+            point = recipe.grad_point(anchor, weights, g_t) if s == 0 else weights
+            grad = grad_fn(point, k[:, :, t, s : s + 1], v[:, :, t, s : s + 1], extra)
+            if recipe.grad_transform is not None:
+                grad = recipe.grad_transform(grad)
+            grad = clip_grad_per_layer(grad, knobs.grad_clip)
+            if knobs.init_pull:
+                grad = {n: grad[n] + knobs.init_pull * (point[n] - init[n]) for n in grad}
+            weights, opt = recipe.token_step(anchor, weights, opt, grad, g_t, i)
         outputs.append(read_fn(weights, q[:, :, t : t + 1], extra))
         if i == b - 1:
             weights, opt = recipe.chunk_end(anchor, weights, opt, g_t)
             anchor = weights
     at_boundary = (position + T) % b == 0
-    return torch.cat(outputs, dim=2), weights, (None if at_boundary else anchor), opt
+    result = (torch.cat(outputs, dim=2), weights, (None if at_boundary else anchor), opt)
+    return (*result, last_key) if with_knobs else result
 
 
-def ttt_recipe(kind: str, token_offset: torch.Tensor, mini_batch_size: int) -> Recipe:
-    """TTT-Linear/MLP: LN-fused L2 on v − k, mini-batch GD (token-index scale), no retention."""
+def ttt_recipe(kind: str, token_offset: torch.Tensor, mini_batch_size: int, loss: str = "ln_recon") -> Recipe:
+    """TTT-Linear/MLP: LN-fused L2 on v − k, mini-batch GD (token-index scale), no retention.
+
+    ``loss="mse"`` drops the LayerNorm from the inner model: ℓ = ½‖f(k) − (v − k)‖², o = q + f(q)
+    (in both cases ℓ = ½‖f̂(k) − v‖² for the model f̂ that is read: f̂(x) = x + [LN](f(x)))."""
     model = INNER_MODELS[kind]
 
     def inner_loss(theta, k_t, v_t, extra):
+        if loss == "mse":
+            return l2_loss(model(theta, k_t), v_t - k_t)
         return ln_fused_l2_loss(model(theta, k_t), v_t - k_t, extra["ln_w"], extra["ln_b"])
 
     def read(theta, q_t, extra):
+        if loss == "mse":
+            return q_t + model(theta, q_t)
         return q_t + head_layer_norm(model(theta, q_t), extra["ln_w"], extra["ln_b"])
 
     def token_step(anchor, theta, opt, grad, gates, i):
@@ -92,17 +144,29 @@ def ttt_scan_reference(
     position: int,
     mini_batch_size: int,
     checkpoint_group: int = 0,
+    knobs: InnerKnobs | None = None,
+    init: dict | None = None,
+    prev_key: torch.Tensor | None = None,
 ):
     """TTT through the generic reference: θ_t = θ₀ − s_i Σ_{j≤t} η_j ∇ℓ_j(θ₀), o_t = q_t + LN(f_{θ_t}(q_t)).
 
     q, k, v: [B, H, T, d]; lr: [B, H, T]; anchor/pending: dicts of [B, H, ...];
     ln_weight/ln_bias: [H, d]. Returns (o [B, H, T, d], anchor, pending-or-None).
+    With ``knobs`` (init: θ_init, prev_key: see :func:`memory_scan_reference`) the return gets the
+    last key as a 4th element.
     """
     B, H, T, d = q.shape
     if pending is None:
         pending = {n: torch.zeros_like(t) for n, t in anchor.items()}
     # mid mini-batch the current weights are θ₀ − s_{i−1} P, but only θ₀ and P enter the next step
     extra = {"ln_w": ln_weight.expand(B, H, d), "ln_b": ln_bias.expand(B, H, d)}
+    if knobs is not None:
+        recipe = ttt_recipe(kind, token_offset, mini_batch_size, "mse" if knobs.loss == "mse" else "ln_recon")
+        out, weights, mid_anchor, opt, last_key = memory_scan_reference(
+            recipe, anchor, anchor, {"pending": pending}, q, k, v, {"lr": lr}, extra, position, knobs, init, prev_key)
+        if mid_anchor is None:
+            return out, weights, None, last_key
+        return out, mid_anchor, opt["pending"], last_key
     recipe = ttt_recipe(kind, token_offset, mini_batch_size)
     out, weights, mid_anchor, opt = memory_scan_reference(
         recipe, anchor, anchor, {"pending": pending}, q, k, v, {"lr": lr}, extra, position)

@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention import AttentionLayer
 from .modules import CausalConv1d, HeadRMSNorm
-from .parts import Recipe, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
+from .parts import InnerKnobs, Recipe, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
 from .reference import memory_scan_reference
 from .scan import linear_scan
 from .state import LayerState
@@ -217,7 +217,7 @@ class TitansMemory(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 64, depth: int = 2, expansion: int = 2,
                  base_lr: float = 0.1, optimizer: str = "momentum", conv_kernel: int = 4, norm_eps: float = 1e-6,
-                 scan_impl: str = "chunk", max_grad_norm: float | None = 1.0):
+                 scan_impl: str = "chunk", max_grad_norm: float | None = 1.0, knobs: InnerKnobs | None = None):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -232,6 +232,11 @@ class TitansMemory(nn.Module):
         self.chunk_size, self.depth, self.base_lr = chunk_size, depth, base_lr
         self.use_momentum, self.scan_impl = optimizer == "momentum", scan_impl
         self.max_grad_norm = max_grad_norm
+        if knobs is not None and knobs.loss == "mse":  # Titans' own loss
+            knobs = InnerKnobs(knobs.steps, knobs.grad_clip, knobs.init_pull, knobs.lr_decay, None)
+        if knobs is not None and (knobs.steps != 1 or knobs.loss not in (None, "next_token")):
+            raise ValueError(f"Titans supports inner_steps=1 and inner_loss mse/next_token, got {knobs}")
+        self.knobs = None if knobs == InnerKnobs() else knobs  # inner-loop knobs (models/inner_knobs.py)
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -290,6 +295,13 @@ class TitansMemory(nn.Module):
         lr = torch.sigmoid(g[:, : self.num_heads]) * self.base_lr
         eta, alpha = torch.sigmoid(g[:, self.num_heads : 2 * self.num_heads]), torch.sigmoid(g[:, 2 * self.num_heads :])
         cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
+        if self.knobs is not None:
+            from .inner_knobs import titans_scan_with_knobs
+
+            o, weights, anchor, mom, last_key = titans_scan_with_knobs(self, state, q, k, v, lr, eta, alpha)
+            return o, LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom},
+                                 conv=conv, extra={} if last_key is None else {"prev_key": last_key},
+                                 position=state.position + T)
         o, weights, anchor, mom = TITANS_SCANS[self.scan_impl](
             cast(state.weights), cast(state.anchor), cast(state.opt.get("momentum")), q, k, v, lr, eta, alpha,
             state.position, self.chunk_size, self.max_grad_norm)
@@ -371,7 +383,7 @@ def build_titans_mixer(config, kind: str, rope_theta: float) -> nn.Module:
                           depth=config.titans_memory_depth, expansion=config.titans_memory_expansion,
                           base_lr=config.titans_base_lr, optimizer=config.inner_optimizer or "momentum",
                           conv_kernel=config.conv_kernel, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl,
-                          max_grad_norm=config.titans_max_grad_norm)
+                          max_grad_norm=config.titans_max_grad_norm, knobs=InnerKnobs.from_config(config))
     if kind == "titans":
         return memory
     if kind == "titans_mac":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import CausalConv1d, apply_interleaved_rope, rope_cos_sin
-from .parts import inner_param_shapes
+from .parts import InnerKnobs, inner_param_shapes
 from .reference import ttt_scan_reference
 from .ttt_chunk import ttt_scan_chunked
 
@@ -37,18 +37,22 @@ class TTTState:
     pending:  Σ η_j ∇ℓ_j(θ₀) of the unfinished mini-batch, same shapes; None at a boundary
     position: tokens consumed so far (sets the in-mini-batch index and the RoPE phase)
     conv:     tails of the causal q/k convolutions, {"q", "k"}: [B, C, K-1] (share_qk only)
+    prev_key: the last inner-loop key [B, H, d] (``inner_loss="next_token"`` only)
     """
 
     weights: dict
     pending: dict | None = None
     position: int = 0
     conv: dict = field(default_factory=dict)
+    prev_key: torch.Tensor | None = None
 
     def tensors(self) -> dict:
         """Flat name → tensor view (for communication and checkpoints)."""
         out = {f"weights.{n}": t for n, t in self.weights.items()}
         out.update({f"pending.{n}": t for n, t in (self.pending or {}).items()})
         out.update({f"conv.{n}": t for n, t in self.conv.items()})
+        if self.prev_key is not None:
+            out["prev_key"] = self.prev_key
         return out
 
     def map(self, fn) -> "TTTState":
@@ -58,6 +62,7 @@ class TTTState:
             pending=None if self.pending is None else {n: fn(t) for n, t in self.pending.items()},
             position=self.position,
             conv={n: fn(t) for n, t in self.conv.items()},
+            prev_key=None if self.prev_key is None else fn(self.prev_key),
         )
 
 
@@ -78,6 +83,7 @@ class TTTLayer(nn.Module):
         inner_expansion: int = 4,
         scan_checkpoint_group_size: int = 0,
         scan_impl: str = "chunk",
+        knobs: InnerKnobs | None = None,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -91,6 +97,11 @@ class TTTLayer(nn.Module):
         self.inner, self.mini_batch_size, self.base_lr = inner, mini_batch_size, base_lr
         self.rope_theta, self.share_qk, self.use_gate = rope_theta, share_qk, use_gate
         self.scan_checkpoint_group_size, self.scan_impl = scan_checkpoint_group_size, scan_impl
+        if knobs is not None and knobs.loss == "ln_recon":  # TTT's own loss
+            knobs = InnerKnobs(knobs.steps, knobs.grad_clip, knobs.init_pull, knobs.lr_decay, None)
+        if knobs is not None and (knobs.steps != 1 or knobs.loss not in (None, "mse", "next_token")):
+            raise ValueError(f"TTT supports inner_steps=1 and inner_loss ln_recon/mse/next_token, got {knobs}")
+        self.knobs = None if knobs == InnerKnobs() else knobs  # None: exactly the plain TTT code path
 
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         if share_qk:  # one projection, two causal convs give q and k
@@ -167,6 +178,11 @@ class TTTLayer(nn.Module):
         at ``position``. ``heads``: which of this layer's heads q, k, v hold (default all).
         Returns (out [B, H, T, d], weights, pending-or-None)."""
         compute = q.dtype
+        if self.knobs is not None:
+            if self.knobs.next_token:
+                raise ValueError("inner_loss='next_token' keeps the previous key in the layer state: call the layer "
+                                 "(forward), not scan (TTT's context-parallel scan does not carry it)")
+            return self._scan_knobs(weights, pending, q, k, v, lr, position, heads, None)[:3]
         return SCAN_IMPLS[self.scan_impl](
             self.inner,
             {n: t.to(compute) for n, t in weights.items()},
@@ -180,6 +196,26 @@ class TTTLayer(nn.Module):
             self.scan_checkpoint_group_size if self.training else 0,
         )
 
+    def _scan_knobs(self, weights, pending, q, k, v, lr, position: int, heads, prev_key):
+        """:meth:`scan` with the inner-loop knobs (models/inner_knobs.py); also returns the last key."""
+        from .inner_knobs import lr_schedule, next_token_pairs, ttt_scan_knobs
+
+        compute, B = q.dtype, q.shape[0]
+        cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
+        init = {n: getattr(self, n)[heads].to(compute).unsqueeze(0).expand(B, *getattr(self, n)[heads].shape)
+                for n in self.fast_weight_names}
+        args = (self.token_idx_offset.to(compute), self.ttt_norm_weight[heads].to(compute),
+                self.ttt_norm_bias[heads].to(compute), position, self.mini_batch_size)
+        if self.scan_impl == "reference":
+            return ttt_scan_reference(self.inner, cast(weights), cast(pending), q, k, v, lr, *args,
+                                      knobs=self.knobs, init=init, prev_key=prev_key)
+        lr = lr_schedule(lr, position, self.knobs)
+        last_key = None
+        if self.knobs.next_token:
+            k, (lr,), last_key = next_token_pairs(k, [lr], prev_key)
+        return (*ttt_scan_knobs(self.inner, cast(weights), cast(pending), q, k, v, lr, *args, self.knobs, init),
+                last_key)
+
     def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Step 3 of :meth:`forward`: post-norm over all heads, optional gate, output projection."""
         out = self.post_norm(out.to(x.dtype).transpose(1, 2).flatten(2))
@@ -192,6 +228,12 @@ class TTTLayer(nn.Module):
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B)
         q, k, v, lr, new_conv = self.prepare(x, state)
+        if self.knobs is not None:
+            out, weights, pending, last_key = self._scan_knobs(state.weights, state.pending, q, k, v, lr,
+                                                               state.position, slice(None), state.prev_key)
+            new_state = TTTState(weights=weights, pending=pending, position=state.position + T, conv=new_conv,
+                                 prev_key=last_key if self.knobs.next_token else None)
+            return self.output(x, out), new_state
         out, weights, pending = self.scan(state.weights, state.pending, q, k, v, lr, state.position)
         new_state = TTTState(weights=weights, pending=pending, position=state.position + T, conv=new_conv)
         return self.output(x, out), new_state

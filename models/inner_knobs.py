@@ -1,0 +1,267 @@
+"""The inner loop's knobs in the chunked forms (``parts.InnerKnobs``; the token-by-token definition is
+``reference.memory_scan_reference``, which the tests hold these to).
+
+    inner_steps K        DeltaNet/GDN: DeltaProduct, K (k, v, β) per token, retention once per token
+    inner_grad_clip τ    g_t ← g_t·min(1, τ/‖g_t‖) per token and layer (a weight matrix with its bias)
+    inner_init_pull λ    g_t ← g_t + λ(θ' − θ_init), θ' where the gradient is taken
+    inner_lr_schedule    η_t ← η_t/(1 + t·decay), t the position in the document
+    inner_loss           TTT: "ln_recon" | "mse"; "next_token": token t trains on (k_{t−1}, v_t)
+
+How each fits a chunk rule without giving up exactness:
+- the schedule and next_token only change the per-token inputs (lr gates, keys): any chunk form
+  takes them as they are (a document's first token has no pair: its lr is 0);
+- for an outer-product gradient X_tᵀΔ_t (TTT, Titans) the norm is ‖X_t‖‖Δ_t‖, so clipping is a
+  per-token scalar folded into Δ_t;
+- with frozen gradients the pull λ(θ₀ − θ_init) is the same for every token of a chunk: the read
+  gets −s_i λ(Σ_{j≤i} η_j) q̃(θ₀ − θ_init) (TTT) or (Σ_j c_tj) h(θ₀ − θ_init) (Titans);
+- for the delta rule (θ_init = 0, the initial state) the pull is a decay: with ε = βλ,
+  S_t = α(1 − ε)(I − β/(1 − ε) kᵀk) S + β kᵀv, a gated delta rule with α' = α(1 − ε),
+  β' = β/(1 − ε), v' = (1 − ε) v (needs λ < 1 since β < 1);
+- DeltaProduct runs the WY chunk code on the interleaved length-T·K sequence and keeps only each
+  token's last sub-step output.
+Only torch is imported: this file is copied into exported Hugging Face folders.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .parts import InnerKnobs, clip_factor, gelu_tanh, head_layer_norm
+from .parts import gelu_tanh_grad_fused as gelu_tanh_grad
+from .parts import ln_fused_l2_grad_fused as ln_fused_l2_grad
+
+
+def lr_schedule(lr: torch.Tensor, position: int, knobs: InnerKnobs, time_dim: int = 2) -> torch.Tensor:
+    """η_t/(1 + t·decay) for the tokens at positions position, position + 1, … along ``time_dim``."""
+    if not knobs.lr_decay:
+        return lr
+    T = lr.shape[time_dim]
+    t = torch.arange(position, position + T, device=lr.device, dtype=lr.dtype)
+    shape = [1] * lr.dim()
+    shape[time_dim] = T
+    return lr / (1.0 + t.reshape(shape) * knobs.lr_decay)
+
+
+def next_token_pairs(k: torch.Tensor, lrs: list, prev_key: torch.Tensor | None):
+    """next_token: keys shifted by one token (k_{t−1} for token t); without ``prev_key`` (a document
+    start) the first token's lr gates are zeroed. k: [B, H, T, ...]; lrs: [B, H, T, ...] tensors.
+    Returns (keys, lrs, the last key for the next call)."""
+    first = torch.zeros_like(k[:, :, :1]) if prev_key is None else prev_key.reshape(k[:, :, :1].shape).to(k.dtype)
+    if prev_key is None:
+        lrs = [torch.cat([torch.zeros_like(lr[:, :, :1]), lr[:, :, 1:]], 2) for lr in lrs]
+    return torch.cat([first, k[:, :, :-1]], 2), lrs, k[:, :, -1]
+
+
+# ------------------------------------------------------------------------------- TTT
+
+
+def _with_ones(x):
+    return F.pad(x, (0, 1), value=1.0)
+
+
+def _clip(G, X, tau):
+    """Per-token clip of the outer-product gradient X̃ᵀG: its norm is ‖X̃‖‖G‖."""
+    if tau is None:
+        return G
+    return G * clip_factor(X.norm(dim=-1, keepdim=True) * G.norm(dim=-1, keepdim=True), tau)
+
+
+def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau):
+    """Dual form over n ≤ b tokens of one mini-batch with the knobs. Ws: folded [W̃1(, W̃2)] at θ₀;
+    Ps: pending sums or None; Rs: λ(W̃ − W̃_init) or None. Returns (z̄, per-layer updates)."""
+    ka, qa = _with_ones(k), _with_ones(q)
+    eta = torch.tril(scale[..., :, None] * lr[..., None, :])  # s_i η_j, j ≤ i
+    s_col = scale[..., None]
+    pull = None if Rs is None else (scale * lr.cumsum(-1))[..., None]  # s_i Σ_{j≤i} η_j
+
+    def grad_out(z):
+        return z - tgt if mse else ln_fused_l2_grad(z, tgt, ln_w, ln_b)
+
+    if len(Ws) == 1:
+        (W,) = Ws
+        G = _clip(grad_out(ka @ W), ka, tau)
+        z = qa @ W - (eta * (q @ k.transpose(-1, -2) + 1.0)) @ G
+        ups = [(lr[..., None] * ka).transpose(-1, -2) @ G]
+        xs = [qa]
+    else:
+        W1, W2 = Ws
+        z1 = ka @ W1
+        x2a = _with_ones(gelu_tanh(z1))
+        G2 = grad_out(x2a @ W2)
+        G1 = _clip((G2 @ W2[..., :-1, :].transpose(-1, -2)) * gelu_tanh_grad(z1), ka, tau)
+        G2 = _clip(G2, x2a, tau)
+        z1b = qa @ W1 - (eta * (q @ k.transpose(-1, -2) + 1.0)) @ G1
+        if Ps is not None:
+            z1b = z1b - s_col * (qa @ Ps[0])
+        if Rs is not None:
+            z1b = z1b - pull * (qa @ Rs[0])
+        x2b = _with_ones(gelu_tanh(z1b))
+        z = x2b @ W2 - (eta * (x2b @ x2a.transpose(-1, -2))) @ G2
+        ups = [(lr[..., None] * ka).transpose(-1, -2) @ G1, (lr[..., None] * x2a).transpose(-1, -2) @ G2]
+        xs = [None, x2b]
+    x_last = xs[-1]
+    if Ps is not None:
+        z = z - s_col * (x_last @ Ps[-1])
+        ups = [u + P for u, P in zip(ups, Ps)]
+    if Rs is not None:
+        z = z - pull * (x_last @ Rs[-1])
+        ups = [u + lr.sum(-1)[..., None, None] * R for u, R in zip(ups, Rs)]
+    return z, ups
+
+
+def ttt_scan_knobs(kind, anchor, pending, q, k, v, lr, token_offset, ln_weight, ln_bias, position, mini_batch_size,
+                   knobs: InnerKnobs, init: dict | None):
+    """TTT's chunk form with clipping, pull-to-init and the MSE loss (``lr`` and ``k`` already carry
+    the schedule and next_token). Same contract as ``ttt_chunk.ttt_scan_chunked``; one mini-batch
+    (or a part of one) at a time."""
+    from .ttt_chunk import fold_bias, unfold_bias
+
+    b, T = mini_batch_size, q.shape[2]
+    in_batch = (position + torch.arange(T, device=q.device)) % b
+    scale = torch.clamp_min(1.0 / (in_batch.to(token_offset.dtype) + 1.0) + token_offset[in_batch], 0.0)
+    mse = knobs.loss == "mse"
+    tgt = v - k
+    ln_w, ln_b = ln_weight[:, None, :], ln_bias[:, None, :]
+    Ws = fold_bias(anchor)
+    Ps = fold_bias(pending) if pending is not None and position % b != 0 else None
+    W_init = fold_bias(init) if knobs.init_pull else None
+    outs, start = [], 0
+    while start < T:
+        stop = min(T, start + b - (position + start) % b)
+        sl = slice(start, stop)
+        Rs = None if W_init is None else [knobs.init_pull * (W - Wi) for W, Wi in zip(Ws, W_init)]
+        z, ups = _ttt_segment(Ws, Ps, Rs, q[:, :, sl], k[:, :, sl], tgt[:, :, sl], lr[:, :, sl], scale[sl],
+                              ln_w, ln_b, mse, knobs.grad_clip)
+        outs.append(z)
+        if (position + stop) % b == 0:
+            Ws, Ps = [W - scale[stop - 1] * u for W, u in zip(Ws, ups)], None
+        else:
+            Ps = ups
+        start = stop
+    z_bar = torch.cat(outs, 2)
+    out = q + (z_bar if mse else head_layer_norm(z_bar, ln_w, ln_b))
+    return out, unfold_bias(Ws), (None if Ps is None else unfold_bias(Ps))
+
+
+# ------------------------------------------------------------------------------- Titans
+
+
+def titans_scan_knobs(weights, anchor, momentum, q, k, v, lr, eta, alpha, position, chunk_size, max_grad_norm,
+                      knobs: InnerKnobs, init: dict | None):
+    """Titans' chunk form with clipping (after its soft clamp) and the pull-to-init (``lr`` and ``k``
+    already carry the schedule and next_token). Same contract as ``titans.titans_scan_chunked``;
+    one chunk (or a part of one) at a time. With u_j = X_jᵀΔ_j + R, R = λ(M_{t'} − M_init):
+    M_t = β_t M + f_t S + Σ_j c_tj X_jᵀΔ_j + (Σ_j c_tj) R."""
+    from .titans import _backprop_at, titans_coefficients
+
+    names = sorted(weights, key=lambda n: int(n[1:]))
+    cur = [weights[n] for n in names]
+    anc = cur if anchor is None else [anchor[n] for n in names]
+    mom = None if momentum is None else [momentum[n] for n in names]
+    ini = None if not knobs.init_pull else [init[n] for n in names]
+    if mom is None:
+        eta = torch.zeros_like(eta)
+    b, T = chunk_size, q.shape[2]
+    outs, start = [], 0
+    while start < T:
+        stop = min(T, start + b - (position + start) % b)
+        sl = slice(start, stop)
+        c, s_last, beta, f, m = titans_coefficients(lr[:, :, sl], eta[:, :, sl], alpha[:, :, sl])
+        xs, ds = _backprop_at(anc, k[:, :, sl], v[:, :, sl], max_grad_norm)
+        ds = [_clip(D, X, knobs.grad_clip) for X, D in zip(xs, ds)]
+        Rs = None if ini is None else [knobs.init_pull * (A - I) for A, I in zip(anc, ini)]
+        c_sum = c.sum(-1)  # Σ_j c_tj
+        h, L = q[:, :, sl], len(cur)
+        for i in range(L):
+            z = beta[..., None] * (h @ cur[i]) + (c * (h @ xs[i].transpose(-1, -2))) @ ds[i]
+            if mom is not None:
+                z = z + f[..., None] * (h @ mom[i])
+            if Rs is not None:
+                z = z + c_sum[..., None] * (h @ Rs[i])
+            h = gelu_tanh(z) if i < L - 1 else z
+        outs.append(h)
+        c_last = c[..., -1, :, None]
+        new_w = [beta[..., -1:, None] * W + (c_last * X).transpose(-1, -2) @ D for W, X, D in zip(cur, xs, ds)]
+        if Rs is not None:
+            new_w = [W + c_sum[..., -1:, None] * R for W, R in zip(new_w, Rs)]
+        if mom is not None:
+            new_m = [m[..., -1:, None] * S + (s_last[..., :, None] * X).transpose(-1, -2) @ D
+                     for S, X, D in zip(mom, xs, ds)]
+            if Rs is not None:
+                new_m = [S + s_last.sum(-1)[..., None, None] * R for S, R in zip(new_m, Rs)]
+            new_w = [W + f[..., -1:, None] * S for W, S in zip(new_w, mom)]
+            mom = new_m
+        cur = new_w
+        if (position + stop) % b == 0:
+            anc = cur
+        start = stop
+    o = torch.cat(outs, 2)
+    at_boundary = (position + T) % b == 0
+    return (o, dict(zip(names, cur)), None if at_boundary else dict(zip(names, anc)),
+            None if mom is None else dict(zip(names, mom)))
+
+
+# ------------------------------------------------------------------------------- delta rule
+
+
+def delta_knob_inputs(q, k, v, beta, log_alpha, knobs: InnerKnobs, position: int, prev_key):
+    """(Gated) DeltaNet with the knobs as a plain gated delta rule on T·K sub-steps.
+
+    q: [B, H, T, d]; k, v: [B, H, T, K, d]; beta: [B, H, T, K]; log_alpha: [B, H, T] or None.
+    Returns (q, k, v, β, log α) of length T·K for ``delta_rule_chunked`` (read: every K-th output,
+    see :func:`delta_read_last`) and the last key (for next_token)."""
+    B, H, T, K, d = k.shape
+    beta = lr_schedule(beta, position, knobs)
+    last_key = None
+    if knobs.next_token:
+        k, (beta,), last_key = next_token_pairs(k, [beta], prev_key)
+    la = torch.zeros_like(beta)
+    if log_alpha is not None:
+        la = torch.cat([log_alpha[..., None], la[..., 1:]], -1)  # retention once per token
+    if knobs.init_pull:  # S_init = 0: the pull is a decay (module docstring)
+        keep = 1 - beta * knobs.init_pull
+        la, beta, v = la + torch.log(keep), beta / keep, v * keep[..., None]
+    q_sub = torch.zeros(B, H, T, K, q.shape[-1], dtype=q.dtype, device=q.device)
+    q_sub[:, :, :, -1] = q
+    return (q_sub.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), beta.flatten(2, 3), la.flatten(2, 3)), last_key
+
+
+def delta_read_last(o: torch.Tensor, K: int) -> torch.Tensor:
+    """The outputs of each token's last sub-step: [B, H, T·K, d] → [B, H, T, d]."""
+    return o.unflatten(2, (o.shape[2] // K, K))[:, :, :, -1]
+
+
+def titans_scan_with_knobs(memory, state, q, k, v, lr, eta, alpha):
+    """``TitansMemory.scan``'s inner loop with the knobs, chunked or token by token (``scan_impl``).
+    Returns (o, weights, anchor-or-None, momentum-or-None, last key-or-None)."""
+    from dataclasses import replace
+
+    from .reference import memory_scan_reference
+    from .titans import soft_clamp_factor, titans_recipe
+
+    knobs, compute, B = memory.knobs, q.dtype, q.shape[0]
+    cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
+    weights, anchor, momentum = cast(state.weights), cast(state.anchor), cast(state.opt.get("momentum"))
+    init = {n: getattr(memory, n).to(compute).unsqueeze(0).expand(B, *getattr(memory, n).shape)
+            for n in memory.fast_weight_names}
+    prev_key = state.extra.get("prev_key")
+    if memory.scan_impl == "reference":
+        tau = memory.max_grad_norm
+
+        def soft_clamp(grad):  # Titans' own guard, on the loss gradient (before the knobs)
+            return {n: t * soft_clamp_factor(t.norm(dim=(-2, -1), keepdim=True), tau) for n, t in grad.items()}
+
+        recipe = replace(titans_recipe(memory.chunk_size, momentum is not None, None), grad_transform=soft_clamp,
+                         retention_neutral={"alpha": 0.0})
+        opt = {} if momentum is None else {"momentum": momentum}
+        o, w, anc, opt, last_key = memory_scan_reference(recipe, weights, anchor, opt, q, k, v,
+                                                         {"lr": lr, "eta": eta, "alpha": alpha}, {}, state.position,
+                                                         knobs, init, prev_key)
+        return o, w, anc, opt.get("momentum"), (last_key if knobs.next_token else None)
+    lr = lr_schedule(lr, state.position, knobs)
+    last_key = None
+    if knobs.next_token:
+        k, (lr,), last_key = next_token_pairs(k, [lr], prev_key)
+    o, w, anc, mom = titans_scan_knobs(weights, anchor, momentum, q, k, v, lr, eta, alpha, state.position,
+                                       memory.chunk_size, memory.max_grad_norm, knobs, init)
+    return o, w, anc, mom, last_key

@@ -1,0 +1,200 @@
+"""The inner loop's knobs (inner_steps, inner_grad_clip, inner_init_pull, inner_lr_schedule, inner_loss):
+chunked forms = the generic token-by-token reference (float64, ≤ 1e-5, in pieces and in one call),
+the reference = the equations written out by hand, causality of next_token, config-time errors."""
+import pytest
+import torch
+
+from models import MemoryLMConfig, MemoryLMForCausalLM, preset_config
+from models.configuration_memory import INNER_KNOB_LAYERS, MEMORY_LAYERS
+from models.deltanet import DeltaNetLayer, delta_rule_recipe
+from models.modeling_memory import build_mixer
+from models.parts import InnerKnobs, clip_grad_per_layer
+from models.reference import memory_scan_reference
+from models.titans import TitansMemory
+from models.ttt import TTTLayer
+from tests.models.helpers import check_one_call_equals_pieces, max_state_diff, perturb, run_pieces
+
+F64 = torch.float64
+KNOBS = {
+    "schedule": InnerKnobs(lr_decay=0.1),
+    "clip": InnerKnobs(grad_clip=0.05),
+    "pull": InnerKnobs(init_pull=0.5),
+    "mse": InnerKnobs(loss="mse"),
+    "next_token": InnerKnobs(loss="next_token"),
+    "steps": InnerKnobs(steps=3),
+    "all": InnerKnobs(grad_clip=0.05, init_pull=0.3, lr_decay=0.05, loss="next_token"),
+    "all_steps": InnerKnobs(steps=2, init_pull=0.3, lr_decay=0.05, loss="next_token"),
+}
+# layer → the knobs its chunk form implements ("mse" is the delta rule's and Titans' own loss)
+LAYERS = {
+    "ttt_linear": ["schedule", "clip", "pull", "mse", "next_token", "all"],
+    "ttt_mlp": ["schedule", "clip", "pull", "mse", "next_token", "all"],
+    "deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
+    "gated_deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
+    "titans_depth1": ["schedule", "clip", "pull", "next_token", "all"],
+    "titans": ["schedule", "clip", "pull", "next_token", "all"],
+    "titans_sgd": ["schedule", "clip", "pull", "next_token", "all"],
+}
+
+
+def make(layer, knobs):
+    torch.manual_seed(0)
+    if layer.startswith("ttt"):
+        m = TTTLayer(32, 4, inner=layer[4:], mini_batch_size=8, knobs=knobs)
+    elif layer.endswith("deltanet"):
+        m = DeltaNetLayer(32, 4, gated=layer == "gated_deltanet", chunk_size=8, conv_kernel=3, knobs=knobs)
+    else:
+        m = TitansMemory(32, 4, chunk_size=4, depth=1 if layer == "titans_depth1" else 2,
+                         optimizer="sgd" if layer == "titans_sgd" else "momentum", conv_kernel=3, knobs=knobs)
+    return perturb(m.to(F64))
+
+
+def set_impl(layer, impl):
+    layer.scan_impl = impl
+
+
+CASES = [(layer, knob) for layer, knobs in LAYERS.items() for knob in knobs]
+
+
+@pytest.mark.parametrize("layer,knob", CASES)
+def test_chunked_equals_reference_in_pieces(layer, knob):
+    m = make(layer, KNOBS[knob])
+    x = torch.randn(2, 29, 32, dtype=F64, generator=torch.Generator().manual_seed(1))
+    cuts = [5, 6, 21]  # mid-chunk starts and ends
+    y, s = run_pieces(m, x, cuts)
+    set_impl(m, "reference")
+    y_ref, s_ref = run_pieces(m, x, cuts)
+    assert (y - y_ref).abs().max() <= 1e-5
+    assert max_state_diff(s, s_ref) <= 1e-5
+    m.knobs = None  # the knob is not a no-op
+    set_impl(m, "chunk")
+    if knob != "steps" and knob != "all_steps":  # (K-wide projections need the knob)
+        assert (m(x)[0] - y).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("layer,knob", [("ttt_linear", "all"), ("ttt_mlp", "all"), ("gated_deltanet", "all_steps"),
+                                        ("titans", "all")])
+def test_one_call_equals_pieces_with_gradients(layer, knob):
+    check_one_call_equals_pieces(make(layer, KNOBS[knob]), torch.randn(2, 27, 32, dtype=F64), [4, 13, 14])
+
+
+@pytest.mark.parametrize("layer", ["ttt_linear", "gated_deltanet", "titans"])
+def test_next_token_is_causal(layer):
+    """Changing tokens after t changes no output up to t (the pair (k_t, v_{t+1}) trains from t + 1 on)."""
+    m = make(layer, KNOBS["next_token"])
+    x = torch.randn(1, 20, 32, dtype=F64)
+    x2 = x.clone()
+    x2[:, 11:] += torch.randn(1, 9, 32, dtype=F64)
+    y, y2 = m(x)[0], m(x2)[0]
+    assert (y[:, :11] - y2[:, :11]).abs().max() <= 1e-12
+    assert (y[:, 11:] - y2[:, 11:]).abs().max() > 1e-3
+
+
+def test_default_knobs_keep_the_plain_code_path():
+    for m in (TTTLayer(32, 4, knobs=InnerKnobs(loss="ln_recon")), DeltaNetLayer(32, 4, knobs=InnerKnobs(loss="mse")),
+              TitansMemory(32, 4, knobs=InnerKnobs())):
+        assert m.knobs is None
+
+
+# ------------------------------------------------------------------ the reference = the equations
+
+
+def _delta_inputs(T=7, K=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, T, d, generator=g, dtype=F64)
+    k = torch.nn.functional.normalize(torch.randn(1, 1, T, K, d, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(1, 1, T, K, d, generator=g, dtype=F64)
+    beta = torch.rand(1, 1, T, K, generator=g, dtype=F64)
+    alpha = torch.rand(1, 1, T, generator=g, dtype=F64) * 0.5 + 0.5
+    S = torch.randn(1, 1, d, d, generator=g, dtype=F64)
+    return q, k, v, beta, alpha, S
+
+
+def test_reference_delta_product_pull_schedule_by_hand():
+    """h ← α_t h; for j = 1..K: h ← h − β'_{t,j}(k(kᵀ... ) + λh) (fla's gated_delta_product naive loop + pull),
+    β' = β/(1 + t·decay)."""
+    q, k, v, beta, alpha, S = _delta_inputs()
+    lam, decay = 0.3, 0.2
+    knobs = InnerKnobs(steps=2, init_pull=lam, lr_decay=decay)
+    o, w, _, _, _ = memory_scan_reference(delta_rule_recipe(), {"S": S}, None, {}, q, k, v,
+                                          {"alpha": alpha, "beta": beta}, {}, 0, knobs, {"S": torch.zeros_like(S)})
+    h, outs = S[0, 0].clone(), []
+    for t in range(q.shape[2]):
+        h = alpha[0, 0, t] * h
+        for j in range(2):
+            kk, vv, bb = k[0, 0, t, j][:, None], v[0, 0, t, j][None, :], beta[0, 0, t, j] / (1 + t * decay)
+            h = h - bb * (kk @ (kk.T @ h - vv) + lam * h)
+        outs.append(q[0, 0, t] @ h)
+    assert (o[0, 0] - torch.stack(outs)).abs().max() <= 1e-12
+    assert (w["S"][0, 0] - h).abs().max() <= 1e-12
+
+
+def test_reference_next_token_is_the_shifted_pair():
+    """next_token = the plain rule on (k_{t−1}, v_t), with no step at the document's first token."""
+    q, k, v, beta, alpha, S = _delta_inputs(K=1)
+    k, v, beta = k[:, :, :, 0], v[:, :, :, 0], beta[..., 0]
+    gates = {"alpha": alpha, "beta": beta}
+    o, w, _, _, last = memory_scan_reference(delta_rule_recipe(), {"S": S}, None, {}, q, k, v, gates, {}, 0,
+                                             InnerKnobs(loss="next_token"))
+    k_shift = torch.cat([torch.zeros_like(k[:, :, :1]), k[:, :, :-1]], 2)
+    beta_shift = torch.cat([torch.zeros_like(beta[:, :, :1]), beta[:, :, 1:]], 2)
+    o2, w2, _, _ = memory_scan_reference(delta_rule_recipe(), {"S": S}, None, {}, q, k_shift, v,
+                                         {"alpha": alpha, "beta": beta_shift}, {}, 0)
+    assert (o - o2).abs().max() <= 1e-12 and (w["S"] - w2["S"]).abs().max() <= 1e-12
+    assert torch.equal(last, k[:, :, -1])
+
+
+def test_clip_per_layer():
+    g = torch.Generator().manual_seed(0)
+    grad = {"W1": torch.randn(2, 3, 4, 5, generator=g), "b1": torch.randn(2, 3, 1, 5, generator=g),
+            "W2": 1e-3 * torch.randn(2, 3, 5, 4, generator=g)}
+    out = clip_grad_per_layer(grad, 0.5)
+    n1 = torch.sqrt(out["W1"].pow(2).sum((-2, -1)) + out["b1"].pow(2).sum((-2, -1)))
+    assert torch.allclose(n1, torch.full_like(n1, 0.5))  # clipped: W1 and b1 scaled together
+    assert torch.equal(out["W2"], grad["W2"])  # below τ: unchanged
+    assert torch.allclose(out["b1"] / grad["b1"], (out["W1"] / grad["W1"])[..., :1, :1].expand_as(grad["b1"]))
+
+
+# ------------------------------------------------------------------ models and configuration
+
+
+@pytest.mark.parametrize("layer,knobs", [("ttt_mlp", dict(inner_grad_clip=0.5, inner_loss="next_token")),
+                                         ("gated_deltanet", dict(inner_steps=2, inner_lr_schedule="inverse:0.01")),
+                                         ("titans_mag", dict(inner_init_pull=0.1, inner_loss="next_token"))])
+def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
+    torch.manual_seed(0)
+    cfg = preset_config("test", memory_layer=layer, mini_batch_size=4, deltanet_chunk_size=4, titans_chunk_size=4,
+                        attention_window=5, num_persistent_tokens=2, **knobs)
+    model = MemoryLMForCausalLM(cfg).to(F64).eval()
+    ids = torch.randint(0, 128, (2, 15))
+    with torch.no_grad():
+        full = model(ids).logits
+        a = model(ids[:, :6])
+        b = model(ids[:, 6:], memory_state=a.memory_state)
+    assert (torch.cat([a.logits, b.logits], 1) - full).abs().max() <= 1e-8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(memory_layer="ttt_linear", inner_steps=2), r"inner_steps is not supported by \['ttt_linear'\]"),
+    (dict(memory_layer="deltanet", inner_grad_clip=1.0), r"inner_grad_clip is not supported by \['deltanet'\]"),
+    (dict(memory_layer="titans", inner_loss="ln_recon"), "inner_loss=ln_recon is not supported"),
+    (dict(memory_layer="lact", inner_lr_schedule="inverse:0.1"), r"inner_lr_schedule is not supported by \['lact'\]"),
+    (dict(memory_layer="ttt_linear", layer_pattern="M,lact", num_hidden_layers=2, inner_init_pull=0.1),
+     r"inner_init_pull is not supported by \['lact'\]"),
+    (dict(memory_layer="gated_deltanet", inner_init_pull=1.0), "must be < 1"),
+    (dict(memory_layer="ttt_linear", inner_lr_schedule="cosine"), "unknown inner_lr_schedule"),
+    (dict(memory_layer="ttt_linear", inner_lr_schedule="inverse:-1"), "unknown inner_lr_schedule"),
+    (dict(memory_layer="ttt_linear", inner_loss="huber"), "unknown inner_loss"),
+    (dict(memory_layer="ttt_linear", inner_grad_clip=0.0), "inner_grad_clip must be > 0"),
+    (dict(memory_layer="ttt_linear", inner_steps=0), "inner_steps must be ≥ 1"),
+])
+def test_bad_knob_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryLMConfig(**kwargs)
+
+
+def test_knob_table_names_registered_layers_and_attention_is_ignored():
+    assert all(set(layers) <= set(MEMORY_LAYERS) for layers in INNER_KNOB_LAYERS.values())
+    cfg = MemoryLMConfig(memory_layer="ttt_linear", layer_pattern="M,S", num_hidden_layers=2, inner_grad_clip=1.0)
+    assert cfg.inner_grad_clip == 1.0 and MemoryLMConfig(inner_lr_schedule="inverse:0.5").inner_lr_decay == 0.5
+    assert build_mixer(cfg, 0).knobs == InnerKnobs(grad_clip=1.0)
