@@ -63,6 +63,7 @@ class DataLoaderConfig:
     default_corpus: DefaultCorpusConfig = field(default_factory=DefaultCorpusConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     pin_memory: bool = False           # page-lock batches (only when CUDA is available)
+    layout: str = "shuffled"           # "streaming": row b of each batch continues row b of the last (sampler.py)
 
 
 def parse_data_spec(spec: str) -> list[tuple[str, float]]:
@@ -253,7 +254,8 @@ def build_train_loader(cfg: DataLoaderConfig, dp_rank: int = 0, dp_size: int = 1
     if cfg.seq_len % cp_size:
         raise DataConfigError(f"seq_len {cfg.seq_len} is not divisible by the context-parallel size {cp_size}")
     dataset = resolve_dataset(cfg, "train")
-    sampler = ResumableSampler(len(dataset), cfg.global_batch_size, dp_rank, dp_size, cfg.seed, cfg.shuffle)
+    sampler = ResumableSampler(len(dataset), cfg.global_batch_size, dp_rank, dp_size, cfg.seed, cfg.shuffle,
+                               cfg.layout)
     return TrainLoader(dataset, sampler, cp_rank, cp_size, cfg.prefetch, cfg.pin_memory)
 
 

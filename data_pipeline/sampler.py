@@ -19,10 +19,17 @@ class ResumableSampler:
     The position is kept as *global samples consumed* (in the epoch, plus the epoch), so it is
     independent of how the batch is divided: a run resumed with another ``dp_size`` (or even
     another ``global_batch_size``) continues at exactly the next global sample.
+
+    ``layout="streaming"`` (for a memory carried across steps): the samples are cut into
+    ``G = global_batch_size`` contiguous lanes of ``L = num_samples // G`` samples, and row ``j`` of
+    batch ``s`` is sample ``j·L + s`` — row j of step s+1 continues row j of step s in the token
+    stream (samples tile it without gaps); an epoch is L batches, the same every epoch.
     """
 
+    LAYOUTS = ("shuffled", "streaming")
+
     def __init__(self, num_samples: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, layout: str = "shuffled"):
         if global_batch_size <= 0 or dp_size <= 0 or global_batch_size % dp_size:
             raise DataConfigError(f"global batch size {global_batch_size} is not divisible by DP size {dp_size}")
         if not 0 <= dp_rank < dp_size:
@@ -30,6 +37,9 @@ class ResumableSampler:
         if num_samples < global_batch_size:
             raise DataError(f"the dataset has {num_samples} sequences, fewer than one global batch of "
                             f"{global_batch_size}; use more data, a shorter sequence or a smaller batch")
+        if layout not in self.LAYOUTS:
+            raise DataConfigError(f"unknown sample layout {layout!r}; expected one of {self.LAYOUTS}")
+        self.layout = layout
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.dp_rank = dp_rank
@@ -52,7 +62,10 @@ class ResumableSampler:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            if self.shuffle:
+            if self.layout == "streaming":
+                lanes, length = self.global_batch_size, self.num_samples // self.global_batch_size
+                self._order = np.arange(lanes * length).reshape(lanes, length).T.reshape(-1)
+            elif self.shuffle:
                 self._order = np.random.default_rng(self.seed + epoch).permutation(self.num_samples)
             else:
                 self._order = np.arange(self.num_samples)
@@ -83,11 +96,11 @@ class ResumableSampler:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
                 "consumed_samples": self.consumed_samples, "num_samples": self.num_samples,
-                "seed": self.seed, "shuffle": self.shuffle}
+                "seed": self.seed, "shuffle": self.shuffle, "layout": self.layout}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; refuses one saved over different data or seed."""
-        for key in ("num_samples", "seed", "shuffle"):
+        for key in ("num_samples", "seed", "shuffle", "layout"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"cannot resume the data position: it was saved with {key}={state[key]}, "
                                 f"this run has {key}={getattr(self, key)} (different data or settings)")

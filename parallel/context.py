@@ -227,12 +227,22 @@ class CPPassTTT:
 
 
 class CPBlock:
-    """Mixin swapped into a MemoryBlock's class: the pre-conv tail is a halo from CP rank r−1."""
+    """Mixin swapped into a MemoryBlock's class: the pre-conv tail is a halo from CP rank r−1.
 
-    def forward(self, x: torch.Tensor, state=None):
+    Packed documents (``comm.varlen``, set per forward when any CP rank's piece holds a document
+    start): the block's whole sequence part (pre-conv + mixer, its plain single-device forward)
+    runs on the rank's documents as models/varlen.py does, from the block state received from
+    rank r−1 (generic pass: pickled structure + tensors); a row whose piece starts a document at
+    some column ignores that state from there on, and the state sent on reflects only the row's
+    current document. The narrower exchanges (scan-level TTT state, halos, all-gather attention)
+    cannot restart mid-piece, so they are used only when no piece has a start."""
+
+    def forward(self, x: torch.Tensor, state=None, doc_starts=None, need_state: bool = True):
         if state:
             raise ValueError("under context parallelism pass memory_state=None")
         comm, idx = self._cp_comm, self.layer_idx
+        if getattr(comm, "varlen", False):
+            return self._varlen_forward(x, doc_starts)
         new_state = {}
         if self.pre_conv is not None:
             tail = None
@@ -246,6 +256,33 @@ class CPBlock:
             x = x + y
         y, new_state["mixer"] = self.mixer(self.mixer_norm(x))
         x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, new_state
+
+    def _local_mix(self, x: torch.Tensor, state=None):
+        """MemoryBlock.mix with the mixer's own single-device forward (no CP exchange inside)."""
+        state = state or {}
+        new_state = {}
+        if self.pre_conv is not None:
+            y, new_state["pre_conv"] = self.pre_conv(x, state.get("pre_conv"))
+            x = x + y
+        m = self.mixer
+        y, new_state["mixer"] = m._cp_base_cls.forward(m, self.mixer_norm(x), state.get("mixer"))
+        return x + y, new_state
+
+    def _varlen_forward(self, x: torch.Tensor, doc_starts):
+        from models.varlen import needs_segments, run_segments
+
+        comm, idx = self._cp_comm, self.layer_idx
+        incoming = recv_state(comm, idx, x.device) if comm.prev is not None else None
+        if doc_starts is None:
+            doc_starts = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        if needs_segments(doc_starts, incoming):
+            x, new_state = run_segments(self._local_mix, x, doc_starts, incoming, need_state=comm.next is not None)
+        else:
+            x, new_state = self._local_mix(x, incoming)
+        if comm.next is not None:
+            x = send_state(comm, idx, x, new_state)
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_state
 
@@ -272,6 +309,32 @@ def _decode(buf: torch.Tensor):
     return pickle.loads(bytes(buf[8 : 8 + n].tolist()))
 
 
+def _map(tree, fn):
+    from models.varlen import map_tree
+
+    return map_tree(tree, fn)
+
+
+def recv_state(comm: CPComm, idx: int, device):
+    """A state of any structure from CP rank r−1: its pickled structure, then its tensors."""
+    hdr = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+    dist.recv(hdr, src=comm.prev, group=comm.group, tag=comm.tag(idx, KIND_META, False))
+    spec = _decode(hdr)
+    specs = []
+    _map(spec, lambda s: specs.append(s) or s)
+    got = iter(comm.recv_prev([(torch.Size(s.shape), s.dtype) for s in specs], idx, KIND_STATE, device))
+    return _map(spec, lambda s: next(got))
+
+
+def send_state(comm: CPComm, idx: int, anchor: torch.Tensor, state) -> torch.Tensor:
+    """Sends ``state`` to CP rank r+1 (structure header, then tensors); returns ``anchor``."""
+    tensors = []
+    spec = _map(state, lambda t: tensors.append(t) or _Spec(t))
+    hdr = _encode(spec)
+    comm.keep(dist.isend(hdr, dst=comm.next, group=comm.group, tag=comm.tag(idx, KIND_META, False)), hdr)
+    return comm.send_next(anchor, tensors, idx, KIND_STATE)
+
+
 class CPGenericMixer:
     """Mixin for any mixer with the state API ``forward(x, state) -> (y, state)`` (state with
     ``.map``): DeltaNet, Titans, LaCT, sliding-window and full attention. The whole mixer call is
@@ -286,22 +349,10 @@ class CPGenericMixer:
             raise ValueError("under context parallelism the memory state comes from the previous CP rank; "
                              "pass memory_state=None")
         comm, idx = self._cp_comm, self._cp_layer_idx
-        incoming = None
-        if comm.prev is not None:
-            hdr = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-            dist.recv(hdr, src=comm.prev, group=comm.group, tag=comm.tag(idx, KIND_META, False))
-            spec = _decode(hdr)
-            specs = []
-            spec.map(lambda s: specs.append(s) or s)
-            got = iter(comm.recv_prev([(torch.Size(s.shape), s.dtype) for s in specs], idx, KIND_STATE, x.device))
-            incoming = spec.map(lambda s: next(got))
+        incoming = recv_state(comm, idx, x.device) if comm.prev is not None else None
         y, new_state = super().forward(x, incoming)
         if comm.next is not None:
-            tensors = []
-            spec = new_state.map(lambda t: tensors.append(t) or _Spec(t))
-            hdr = _encode(spec)
-            comm.keep(dist.isend(hdr, dst=comm.next, group=comm.group, tag=comm.tag(idx, KIND_META, False)), hdr)
-            y = comm.send_next(y, tensors, idx, KIND_STATE)
+            y = send_state(comm, idx, y, new_state)
         return y, new_state
 
 
@@ -313,6 +364,7 @@ def swap_class(module, mixin) -> None:
     cls = type(module)
     if issubclass(cls, mixin):
         return
+    module._cp_base_cls = cls  # its single-device forward (CPBlock's packed-document path)
     key = (mixin, cls)
     if key not in _SWAPPED:
         _SWAPPED[key] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})

@@ -82,7 +82,42 @@ def _pre_forward_check(module, args, kwargs):
             raise ValueError("block-level gradient checkpointing would re-run the CP exchanges in backward; "
                              "use scan_checkpoint_group_size instead")
         module._cp_comm.flush()  # sends of the previous step (eval has no backward to flush them)
+        _cp_doc_starts(module, kwargs, dims)
     return args, kwargs
+
+
+def _cp_doc_starts(module, kwargs: dict, dims: ParallelDims) -> None:
+    """Packed documents under CP: ``doc_ids`` (numbered over the whole row, as the loader gives them)
+    → this piece's ``doc_starts``, column 0 included (a start iff the id differs from the last id of
+    rank r−1's piece: one all-gather); ``comm.varlen`` ← whether any rank's piece holds a start (one
+    all-reduce), so that every rank takes the same exchange path. All CP ranks pass the same kind of
+    argument; with neither, nothing is exchanged."""
+    from models.varlen import doc_starts_from_ids
+
+    comm = module._cp_comm
+    comm.varlen = False
+    if kwargs.get("cu_seqlens") is not None:
+        raise ValueError("under context parallelism mark documents with doc_ids [batch, seq] (numbered over the "
+                         "whole row) or doc_starts, not cu_seqlens")
+    doc_ids, starts = kwargs.get("doc_ids"), kwargs.get("doc_starts")
+    if doc_ids is None and starts is None:
+        return
+    if doc_ids is not None and starts is not None:
+        raise ValueError("pass at most one of doc_ids, doc_starts")
+    if doc_ids is not None:
+        starts = doc_starts_from_ids(doc_ids)
+        last = doc_ids[:, -1].contiguous()
+        parts = [torch.empty_like(last) for _ in range(dims.cp)]
+        dist.all_gather(parts, last, group=dims.cp_group)
+        if dims.cp_rank > 0:
+            starts[:, 0] = doc_ids[:, 0] != parts[dims.cp_rank - 1]
+    elif dims.cp_rank == 0:  # rank 0 has no incoming state to drop
+        starts = starts.clone()
+        starts[:, 0] = False
+    flag = starts.any().to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dims.cp_group)
+    comm.varlen = bool(flag.item())
+    kwargs["doc_ids"], kwargs["doc_starts"] = None, starts
 
 
 def parallelize(model, dims: ParallelDims, cp_mode: str = "pass"):

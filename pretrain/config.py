@@ -49,6 +49,10 @@ class TrainConfig:
     scan_checkpoint_group: int = _f(-1, "mini-batches per recomputed group inside the memory-layer scan (-1 = model's value, 0 = off)")
     tnt_local_chunk_sizes: str = _f("", "TNT two-stage training, stage 2: the local memories' chunk sizes (comma-separated, "
                                     "one per local memory) replacing the model's, e.g. 8,16 ('' = the model's value)")
+    # ------------------------------------------------------------------ memory state
+    reset: str = _f("boundary", "when the memory layers restart from their initial state: 'boundary' (at every document "
+                    "start; rows independent), 'never' (the state is carried across steps, truncated backprop; the data "
+                    "comes as contiguous streams per row) or 'every:N' (every N tokens of a row)")
     # ------------------------------------------------------------------ optimizer and schedule
     lr: float = _f(3e-4, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr")
@@ -97,11 +101,30 @@ class TrainConfig:
             raise ConfigError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         if self.seq_len % self.cp:
             raise ConfigError(f"--cp {self.cp} does not fit the sequence: --seq-len {self.seq_len} is not divisible by it")
+        kind, every = reset_policy(self.reset)
+        if kind == "never" and self.cp > 1:
+            raise ConfigError("--reset never carries the memory state from step to step, which context parallelism "
+                              "does not support (each rank starts from its neighbour's state): use --cp 1")
+        if kind == "every" and every > self.seq_len:
+            raise ConfigError(f"--reset every:{every} is longer than --seq-len {self.seq_len}: use 'boundary' or a "
+                              "shorter period")
         if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
             raise ConfigError(f"--deepspeed-config {self.deepspeed_config} does not exist")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def reset_policy(value: str) -> tuple[str, int | None]:
+    """``boundary`` | ``never`` | ``every:N`` → (kind, N or None); anything else is a ConfigError."""
+    text = str(value).strip().lower()
+    if text in ("boundary", "never"):
+        return text, None
+    if text.startswith("every:"):
+        n = text[len("every:"):]
+        if n.isdigit() and int(n) >= 1:
+            return "every", int(n)
+    raise ConfigError(f"--reset must be 'boundary', 'never' or 'every:N' with N ≥ 1 tokens, got {value!r}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint, fp8
-from pretrain.config import CONFIG_DIR, ConfigError, TrainConfig, parse_config
+from pretrain.config import CONFIG_DIR, ConfigError, TrainConfig, parse_config, reset_policy
 from pretrain.distributed import DeepSpeedMPU, ensure_env
 from pretrain.metrics import MetricsLogger, flops_per_token, info, memory_stats, peak_flops
 from pretrain.optim import LRSchedule, build_optimizer, build_scheduler, set_schedule
@@ -139,7 +139,42 @@ def data_config(cfg: TrainConfig, dp: int):
 
     # one loader step = one micro-batch of every DP rank; grad_accum loader steps per optimizer step
     return DataLoaderConfig(data=cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.micro_batch * dp,
-                            seed=cfg.seed, val_batches=cfg.eval_batches)
+                            seed=cfg.seed, val_batches=cfg.eval_batches,
+                            layout="streaming" if reset_policy(cfg.reset)[0] == "never" else "shuffled")
+
+
+# ------------------------------------------------------------------------ the memory's resets
+def reset_inputs(cfg: TrainConfig, batch: dict, cp_rank: int = 0) -> dict:
+    """The model's document arguments under ``cfg.reset``: ``boundary`` → the loader's ``doc_ids``
+    (numbered over the whole row, so CP pieces continue them); ``every:N`` → ids that change every
+    N tokens of the row (the global column under CP); ``never`` → none (the state is carried)."""
+    kind, every = reset_policy(cfg.reset)
+    if kind == "boundary":
+        return {"doc_ids": batch["doc_ids"]}
+    if kind == "every":
+        ids = batch["input_ids"]
+        T = ids.shape[1]
+        cols = torch.arange(cp_rank * T, (cp_rank + 1) * T, device=ids.device)
+        return {"doc_ids": (cols // every).expand(ids.shape[0], T)}
+    return {}
+
+
+class CarriedState:
+    """``--reset never``: the memory state handed from each micro-batch to the next (detached:
+    truncated backprop), dropped when the streaming data order wraps around to its first batch
+    (row b then no longer continues row b). A resumed run restarts it from the initial state."""
+
+    def __init__(self, batches_per_epoch: int, loader_steps_done: int):
+        self.period, self.count, self.state = batches_per_epoch, loader_steps_done, None
+
+    def inputs(self) -> dict:
+        if self.count % self.period == 0:
+            self.state = None
+        self.count += 1
+        return {"memory_state": self.state, "use_cache": True}
+
+    def update(self, out) -> None:
+        self.state = out.memory_state.detach()
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -266,6 +301,8 @@ def train(cfg: TrainConfig) -> int:
         if rank == 0:
             info(f"saved {folder}")
 
+    carried = CarriedState(loader.sampler.batches_per_epoch, start_step * cfg.grad_accum) \
+        if reset_policy(cfg.reset)[0] == "never" else None
     step = start_step
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -273,8 +310,14 @@ def train(cfg: TrainConfig) -> int:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(loader).items()}
+            kwargs = reset_inputs(cfg, batch, dims.cp_rank)
+            if carried is not None:
+                kwargs.update(carried.inputs())
             with autocast(cfg):
-                logits = engine(batch["input_ids"]).logits
+                out = engine(batch["input_ids"], **kwargs)
+            if carried is not None:
+                carried.update(out)
+            logits = out.logits
             loss_sum, count = local_loss(logits, batch["labels"], dims)
             global_count = count.detach().float().clone()
             dist.all_reduce(global_count, group=dims.dp_cp_group)
@@ -319,8 +362,8 @@ def evaluate(engine, val_loader, dims, cfg) -> dict:
     total = total.to(engine.device)
     for batch in val_loader:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        with autocast(cfg):
-            logits = engine(batch["input_ids"]).logits
+        with autocast(cfg):  # validation rows start fresh; documents and periods reset as in training
+            logits = engine(batch["input_ids"], **reset_inputs(cfg, batch, dims.cp_rank)).logits
         loss_sum, count = local_loss(logits, batch["labels"], dims)
         total += torch.stack([loss_sum.double().detach(), count.double()])
     dist.all_reduce(total, group=dims.dp_cp_group)
