@@ -14,6 +14,7 @@ from pathlib import Path
 
 # The files an exported folder needs; each imports only torch, transformers and its siblings.
 MODEL_CODE_FILES = [
+    "atlas.py",
     "attention.py",
     "configuration_memory.py",
     "deltanet.py",
