@@ -198,3 +198,39 @@ def test_knob_table_names_registered_layers_and_attention_is_ignored():
     cfg = MemoryLMConfig(memory_layer="ttt_linear", layer_pattern="M,S", num_hidden_layers=2, inner_grad_clip=1.0)
     assert cfg.inner_grad_clip == 1.0 and MemoryLMConfig(inner_lr_schedule="inverse:0.5").inner_lr_decay == 0.5
     assert build_mixer(cfg, 0).knobs == InnerKnobs(grad_clip=1.0)
+
+
+@pytest.mark.parametrize("layer,knobs", [("ttt_linear", dict(inner_lr_schedule="inverse:0.2", inner_loss="next_token",
+                                                             inner_init_pull=0.2)),
+                                         ("gated_deltanet", dict(inner_steps=2, inner_lr_schedule="inverse:0.2",
+                                                                 inner_loss="next_token")),
+                                         ("titans", dict(inner_grad_clip=0.1, inner_lr_schedule="inverse:0.2",
+                                                         inner_loss="next_token"))])
+def test_packed_documents_restart_schedule_and_next_token(layer, knobs):
+    """With document resets (models/varlen.py) t of the schedule restarts at 0 and a document's first
+    token has no next_token pair: a packed row = each document alone."""
+    torch.manual_seed(0)
+    cfg = preset_config("test", memory_layer=layer, mini_batch_size=4, deltanet_chunk_size=4, titans_chunk_size=4,
+                        **knobs)
+    model = perturb(MemoryLMForCausalLM(cfg), 0.05).double().eval()
+    ids = torch.randint(0, 128, (1, 17))
+    doc_ids = torch.tensor([[0] * 6 + [1] * 11])
+    with torch.no_grad():
+        packed = model(ids, doc_ids=doc_ids).logits
+        alone = torch.cat([model(ids[:, :6]).logits, model(ids[:, 6:]).logits], 1)
+        carried = model(ids).logits  # no reset: differs after the boundary
+    assert (packed - alone).abs().max() <= 1e-6
+    assert (packed[:, 6:] - carried[:, 6:]).abs().max() > 1e-4
+
+
+def test_ttt_prepare_scan_output_keeps_the_knobs():
+    """TTT's context-parallel steps apply the scan-level knobs (next_token is refused there)."""
+    m = make("ttt_mlp", InnerKnobs(grad_clip=0.05, init_pull=0.3, lr_decay=0.05, loss="mse"))
+    x = torch.randn(2, 13, 32, dtype=F64)
+    y, s = m(x)
+    state = m.init_state(2)
+    q, k, v, lr, _ = m.prepare(x, state)
+    out, _, _ = m.scan(state.weights, None, q, k, v, lr, 0)
+    assert (m.output(x, out) - y).abs().max() <= 1e-12
+    with pytest.raises(ValueError, match="next_token"):
+        make("ttt_linear", KNOBS["next_token"]).scan(state.weights, None, q, k, v, lr, 0)
