@@ -26,6 +26,7 @@ LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}  # TTT layer name → inner 
 # every mixer models.modeling_memory.build_mixer can make (chunk sizes etc. from MemoryLMConfig defaults)
 ALL_LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal",
               "titans_mac", "lact", "swa", "attention"]
+ALL_LAYERS += ["tnt", "hope"]  # family II (config defaults: TNT global chunk 2048 / local 64, Hope chunk 16)
 
 
 def _rss_mb() -> float:
@@ -83,6 +84,7 @@ def _generic(impl: str, layer: str, args):
                attention_window=args.window)
     if args.chunk:
         cfg.update(deltanet_chunk_size=args.chunk, titans_chunk_size=args.chunk, lact_chunk_size=args.chunk)
+        cfg.update(tnt_local_chunk_sizes=[args.chunk], hope_chunk_size=args.chunk)  # TNT: the local chunk
     if layer == "titans_mac":
         cfg["titans_segment_size"] = max(cfg.get("titans_chunk_size", 64), args.segment)
     mixer = build_mixer(MemoryLMConfig(**cfg), 0)

@@ -5,8 +5,8 @@ memory layer's lr gate, the MLP, and the causal convolutions (every parameter wi
 not one of the exceptions below). No decay for
 - biases and every norm's scale/shift (RMSNorm, LayerNorm, the per-head ``ttt_norm_*``);
 - the embedding (and so the tied LM head): decay would shrink rare tokens' rows toward zero;
-- the memory layer's own per-head parameters — the initial fast weights θ₀ (``W1, b1, W2, b2``)
-  and ``token_idx_offset``. θ₀ is the inner learner's starting point, not a projection: the inner
+- the memory layer's own per-head parameters — the initial fast weights θ₀ (``W1, b1, W2, b2``, and
+  whatever a layer lists in ``fast_weight_names``) and ``token_idx_offset``. θ₀ is the inner learner's starting point, not a projection: the inner
   loop moves away from it on every sequence, and pulling it to zero would only make every
   sequence start from a worse inner model (the same choice as for Mamba's ``A_log``/``D``).
 See docs/training.md.
@@ -39,8 +39,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if _is_embedding(module) or _is_norm(module):
             no_decay.update(id(p) for p in direct.values())
             continue
+        fast = set(getattr(module, "fast_weight_names", ()))  # e.g. TNT's global_W1, Hope's key_W1
         for name, p in direct.items():
-            if p.ndim < 2 or name in _NO_DECAY_NAMES or name.endswith("bias"):
+            if p.ndim < 2 or name in _NO_DECAY_NAMES or name in fast or name.endswith("bias"):
                 no_decay.add(id(p))
     decay, rest, seen = [], [], set()
     for p in model.parameters():  # deduplicated: a tied weight appears once (as the embedding)

@@ -167,3 +167,15 @@ def test_two_stage_cli_option(tmp_path):
             build_model_config(parse_config(["--model", str(tmp_path / "stage1"), "--tnt-local-chunk-sizes", value]))
     with pytest.raises(ConfigError, match="applies to TNT models"):
         build_model_config(parse_config(["--model", "test", "--tnt-local-chunk-sizes", "4"]))
+
+
+def test_initial_fast_weights_get_no_weight_decay():
+    from pretrain.optim import decay_parameter_names
+
+    for layer in ("tnt", "hope"):
+        model = MemoryLMForCausalLM(preset_config("test", memory_layer=layer, num_hidden_layers=1))
+        decayed, _ = decay_parameter_names(model)
+        mixer = model.model.layers[0].mixer
+        fast = [f"model.layers.0.mixer.{n}" for n in mixer.fast_weight_names]
+        assert fast and not set(fast) & set(decayed), layer
+        assert "model.layers.0.mixer.q_proj.weight" in decayed
