@@ -44,6 +44,13 @@ FAMILY_DEFAULTS: dict[str, dict] = {
                        attention_window=1024, num_persistent_tokens=16),
     # LaCT's LM configs (lact_llm/configs/760M_*.json): 64-dim attention heads, 4 fast-weight heads,
     # 2048-token chunks and window, RoPE base 1e6, momentum, Muon variant
+    # Miras (no official code; [sec] unverified): 64-dim heads, 2-layer MLP memory ×4, chunks of 16
+    "moneta": dict(num_attention_heads=_heads_of(64), miras_chunk_size=16, miras_memory_expansion=4),
+    "yaad": dict(num_attention_heads=_heads_of(64), miras_chunk_size=16, miras_memory_expansion=4),
+    "memora": dict(num_attention_heads=_heads_of(64), miras_chunk_size=16, miras_memory_expansion=4),
+    # ATLAS (no official code): 32-dim heads keep the degree-2 features at 560 per head; window 8, Muon
+    "atlas": dict(num_attention_heads=_heads_of(32), atlas_chunk_size=16, atlas_window=8, atlas_poly_degree=2,
+                  atlas_memory_expansion=2, inner_optimizer="muon"),
     "lact": dict(num_attention_heads=_heads_of(64), lact_num_heads=4, lact_chunk_size=2048, attention_window=2048,
                  attention_rope_theta=1e6, lact_base_lr=1e-3, lact_momentum=True, inner_optimizer="muon"),
     # TNT (no official code): Titans memories (64-wide heads, depth 2); stage-1 sizes — a global chunk

@@ -15,6 +15,7 @@ from tests.models.test_convert_official import REPO, STANDALONE
 ALL_TYPES = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal", "titans_mac",
              "lact", "swa", "attention"]
 ALL_TYPES += ["tnt", "hope"]  # family II
+ALL_TYPES += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras, ATLAS
 
 
 def all_types_model():
@@ -23,7 +24,8 @@ def all_types_model():
                         deltanet_chunk_size=4, titans_chunk_size=4, titans_segment_size=8, lact_chunk_size=6,
                         lact_num_heads=2, attention_window=5, num_persistent_tokens=2,
                         tnt_global_chunk_size=8, tnt_local_chunk_sizes=[2, 4], tnt_reset_period=8,
-                        hope_chunk_size=4, hope_cms_chunk_sizes=[3, 8])
+                        hope_chunk_size=4, hope_cms_chunk_sizes=[3, 8],
+                        miras_chunk_size=4, atlas_chunk_size=4, atlas_window=3)
     return MemoryLMForCausalLM(cfg).eval()
 
 
@@ -66,11 +68,13 @@ def test_all_layer_types_save_load_and_cached_generation(tmp_path):
     assert torch.equal(seq, gen)
 
 
-@pytest.mark.parametrize("layer", ["deltanet", "gated_deltanet", "titans", "titans_mac", "lact", "tnt", "hope"])
+@pytest.mark.parametrize("layer", ["deltanet", "gated_deltanet", "titans", "titans_mac", "lact", "tnt", "hope",
+                                   "moneta", "yaad", "memora", "atlas"])
 def test_family_presets_at_paper_sizes(layer):
     expected = {"deltanet": (100e6, 140e6), "gated_deltanet": (100e6, 140e6), "titans": (100e6, 140e6),
                 "titans_mac": (130e6, 180e6), "lact": (100e6, 140e6),
-                "tnt": (100e6, 140e6), "hope": (100e6, 140e6)}[layer]
+                "tnt": (100e6, 140e6), "hope": (100e6, 140e6), "moneta": (100e6, 140e6), "yaad": (100e6, 140e6),
+                "memora": (100e6, 140e6), "atlas": (100e6, 140e6)}[layer]
     with torch.device("meta"):
         n = sum(p.numel() for p in MemoryLMForCausalLM(preset_config("125m", memory_layer=layer)).parameters())
     assert expected[0] < n < expected[1]
