@@ -21,6 +21,7 @@ EXTRAS = {
     # CUDA-only builds: never required on CPU; every user has a pure-PyTorch fallback.
     "gpu": ["transformer-engine[pytorch]", "causal-conv1d>=1.2", "torchao>=0.8", "triton"],
     "sweep": ["scipy", "matplotlib", "pandas"],
+    "eval": ["matplotlib"],  # python -m pretrain.evaluate's plots
     "test": ["pytest>=8", "pytest-timeout", "scipy", "matplotlib", "pandas"],
 }
 

@@ -436,6 +436,10 @@ def evaluate(args) -> dict:
         raise EvalError("--tasks ppl needs --data (a prepared folder, default, synthetic or a text/jsonl file); "
                         "or pass --tasks mqar,passkey")
     bucket_edges(max(lengths), args.buckets)  # checks the spec
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise EvalError("the plots need matplotlib: pip install 'memtrain[eval]' (or matplotlib)") from None
     entries = [inspect_folder(p, n, args.trust_remote_code) for p, n in zip(paths, names)]
     if args.cp > 1:
         foreign = [e.name for e in entries if not e.own]
