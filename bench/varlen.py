@@ -30,18 +30,40 @@ def packed_doc_ids(batch: int, seq_len: int, lo: int, hi: int, seed: int = 0) ->
     return ids
 
 
-def step_time(block, x, doc_starts, steps: int) -> float:
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        y, _ = block(x, None, doc_starts, False)
-        y.square().mean().backward()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def step_time(block, x, doc_starts) -> float:
+    t0 = time.perf_counter()
+    y, _ = block(x, None, doc_starts, False)
+    y.square().mean().backward()
+    return time.perf_counter() - t0
+
+
+def compare(block, x, starts, steps: int) -> tuple[float, float]:
+    """Median step times (plain, packed), measured alternately so that load drifts hit both."""
+    step_time(block, x, None), step_time(block, x, starts)  # warm-up
+    plain, packed = [], []
+    for _ in range(steps):
+        plain.append(step_time(block, x, None))
+        packed.append(step_time(block, x, starts))
+    return statistics.median(plain), statistics.median(packed)
+
+
+def padding_ratio(starts: torch.Tensor, need_state: bool) -> tuple[float, int]:
+    """(tokens the segment batches run / real tokens, number of mixer calls) of the plan."""
+    from models.varlen import run_segments
+
+    runs = []
+
+    def count(xs, st):
+        runs.append(xs.shape[0] * xs.shape[1])
+        return xs, xs[:, -1:]
+
+    run_segments(count, torch.zeros(*starts.shape, 1), starts.cpu(), None, need_state)
+    return sum(runs) / starts.numel(), len(runs)
 
 
 def main(argv=None) -> None:
     from models import preset_config
+    from models.configuration_memory import MEMORY_LAYERS
     from models.modeling_memory import MemoryBlock
     from models.varlen import doc_starts_from_ids
 
@@ -58,15 +80,19 @@ def main(argv=None) -> None:
     starts = doc_starts_from_ids(packed_doc_ids(args.batch, args.seq_len, args.doc_min, args.doc_max)).to(args.device)
     print(f"{args.batch}×{args.seq_len} tokens, {int(starts.sum())} document starts inside the rows, "
           f"documents {args.doc_min}–{args.doc_max} tokens, {args.device}")
+    for need in (False, True):
+        ratio, calls = padding_ratio(starts, need)
+        print(f"segment plan{' (final states kept)' if need else ''}: {calls} calls per block, "
+              f"{ratio:.2f}× the tokens (padding included)")
     print(f"{'layer':<16}{'plain ms':>10}{'packed ms':>11}{'overhead':>10}")
     for layer in args.layers:
         torch.manual_seed(0)
-        cfg = preset_config(args.preset, memory_layer=layer, layer_pattern=[layer], num_hidden_layers=1,
+        memory = layer if layer in MEMORY_LAYERS else "ttt_linear"
+        cfg = preset_config(args.preset, memory_layer=memory, layer_pattern=[layer], num_hidden_layers=1,
                             lact_chunk_size=512, attention_window=512)
         block = MemoryBlock(cfg, 0).to(args.device)
         x = torch.randn(args.batch, args.seq_len, cfg.hidden_size, device=args.device, requires_grad=True)
-        plain = step_time(block, x, None, args.steps)
-        packed = step_time(block, x, starts, args.steps)
+        plain, packed = compare(block, x, starts, args.steps)
         print(f"{layer:<16}{plain * 1e3:>10.1f}{packed * 1e3:>11.1f}{packed / plain - 1:>+10.0%}")
 
 
