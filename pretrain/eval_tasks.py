@@ -68,6 +68,7 @@ class TokenStream:
     vocab_size: int            # every id is below this
     doc_ends: np.ndarray       # exclusive ends (int64)
     read: object               # (start, n) -> int64 array
+    eos_id: int | None = None  # ends every document (None: no documents)
     tokenizer_sha256: str | None = None
 
     def windows(self, length: int, count: int, align: str = "stream") -> np.ndarray:
@@ -103,6 +104,10 @@ class MarkovStream:
     def vocab_size(self) -> int:
         return self.offset + self.task_vocab
 
+    @property
+    def eos_id(self) -> int:
+        return self.offset + MarkovLMDataset.eos_id
+
     def windows(self, length: int, count: int, align: str = "stream") -> np.ndarray:
         ds = MarkovLMDataset(length, self.task_vocab, count, self.seed + VAL_SEED_OFFSET)
         rows = [np.concatenate([s["input_ids"], s["labels"][-1:]]) for s in (ds[i] for i in range(count))]
@@ -116,7 +121,7 @@ def _packed_stream(path: Path, split: str) -> TokenStream:
     if packed.num_tokens == 0:
         raise EvalError(f"the {split!r} split of {path} is empty")
     return TokenStream(f"{path} ({split})", packed.num_tokens, packed.vocab_size,
-                       np.asarray(packed.doc_ends, dtype=np.int64), packed.read, packed.tokenizer_sha256)
+                       np.asarray(packed.doc_ends, dtype=np.int64), packed.read, packed.eos_id, packed.tokenizer_sha256)
 
 
 def _text_stream(path: Path, tokenizer, text_field: str) -> TokenStream:
@@ -134,7 +139,7 @@ def _text_stream(path: Path, tokenizer, text_field: str) -> TokenStream:
         raise EvalError(f"{path} holds no text (empty files or no documents)")
     tokens = np.concatenate(pieces)
     return TokenStream(str(path), total, int(tokens.max()) + 1, np.asarray(ends, dtype=np.int64),
-                       lambda s, n: tokens[s:s + n].copy())
+                       lambda s, n: tokens[s:s + n].copy(), eos)
 
 
 def open_stream(spec: str, split: str = "val", *, synthetic: "RecallConfig", tokenizer=None,

@@ -155,29 +155,44 @@ class Scorer:
         # the KV cache's argument (and output field): `cache` in recent transformers, `past_key_values` before
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def _forward(self, piece: torch.Tensor, state):
+    def _forward(self, piece: torch.Tensor, state, docs: dict):
         carry = self.chunk is not None
         if self.dims.cp > 1:
-            return self.model(piece, use_cache=False).logits, None
+            return self.model(piece, use_cache=False, **docs).logits, None
         if self.own:
-            out = self.model(piece, memory_state=state, use_cache=carry)
+            out = self.model(piece, memory_state=state, use_cache=carry, **docs)
             return out.logits, out.memory_state
         out = self.model(input_ids=piece, use_cache=carry, **{self._cache_arg: state})
         return out.logits, (out.get(self._cache_arg) if carry else None)
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, targets: torch.Tensor):
-        """(first position of this rank's piece, nll [B, t] float64, hit [B, t] bool, counted [B, t] bool)."""
+    def __call__(self, ids: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None):
+        """(first position of this rank's piece, nll [B, t] float64, hit [B, t] bool, counted [B, t] bool).
+
+        ``doc_ids`` [B, T] (numbered over the whole window, as the loader does): this project's
+        models restart their memory where it changes (others ignore it). Pieces of a chunked
+        window get ``doc_starts`` instead, so a document that starts at a piece's first token
+        drops the carried state there too.
+        """
         from parallel.loss import cp_slice
 
         start = 0
         if self.dims.cp > 1:
             start = self.dims.cp_rank * (ids.shape[1] // self.dims.cp)
             ids, targets = cp_slice(ids, self.dims), cp_slice(targets, self.dims)
+            doc_ids = cp_slice(doc_ids, self.dims) if doc_ids is not None else None
+        if not self.own:
+            doc_ids = None
+        starts = None
+        if doc_ids is not None and self.chunk is not None:
+            starts = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=False)
         step = self.chunk or ids.shape[1]
         state, nll, hit = None, [], []
         for s in range(0, ids.shape[1], step):
-            logits, state = self._forward(ids[:, s:s + step].to(self.device), state)
+            docs = {} if doc_ids is None else \
+                {"doc_starts": starts[:, s:s + step].to(self.device)} if starts is not None else \
+                {"doc_ids": doc_ids.to(self.device)}
+            logits, state = self._forward(ids[:, s:s + step].to(self.device), state, docs)
             tgt = targets[:, s:s + step].to(self.device)
             logits = logits.float()
             nll.append(F.cross_entropy(logits.flatten(0, 1), tgt.clamp_min(0).flatten(), reduction="none")
@@ -205,13 +220,29 @@ def _my_batches(n: int, batch_size: int, dims) -> list[list[int]]:
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def position_losses(scorer: Scorer, windows: np.ndarray, edges: list[int], batch_size: int, dims, bar=None):
+def window_doc_ids(ids: torch.Tensor, reset: tuple, eos_id: int | None) -> torch.Tensor | None:
+    """The ``doc_ids`` a window gets under ``--reset`` (as training's ``reset_inputs``): ``boundary``
+    → a new document after each EOS (``data_pipeline.sequences.document_ids``); ``every:N`` → every
+    N tokens; ``never`` → None."""
+    kind, every = reset
+    if kind == "never":
+        return None
+    if kind == "every":
+        return (torch.arange(ids.shape[1]) // every).expand(ids.shape[0], -1)
+    if eos_id is None:
+        return torch.zeros_like(ids)
+    is_eos = (ids == eos_id).long()
+    return F.pad(is_eos[:, :-1].cumsum(1), (1, 0))
+
+
+def position_losses(scorer: Scorer, windows: np.ndarray, edges: list[int], batch_size: int, dims, bar=None,
+                    reset: tuple = ("never", None), eos_id: int | None = None):
     """[(bucket_start, bucket_end, tokens, loss_sum)] over all windows (summed over all ranks)."""
     sums = torch.zeros(len(edges) - 1, 2, dtype=torch.float64)
     inner = torch.tensor(edges[1:-1])
     for idx in _my_batches(len(windows), batch_size, dims):
         w = torch.from_numpy(windows[idx])
-        start, nll, _, counted = scorer(w[:, :-1], w[:, 1:])
+        start, nll, _, counted = scorer(w[:, :-1], w[:, 1:], window_doc_ids(w[:, :-1], reset, eos_id))
         bucket = torch.bucketize(start + torch.arange(nll.shape[1]), inner, right=True)
         sums[:, 0].index_add_(0, bucket, nll.sum(0))
         sums[:, 1].index_add_(0, bucket, counted.sum(0).double())
@@ -221,11 +252,13 @@ def position_losses(scorer: Scorer, windows: np.ndarray, edges: list[int], batch
     return [(edges[i], edges[i + 1], int(sums[i, 1]), float(sums[i, 0])) for i in range(len(edges) - 1)]
 
 
-def recall_scores(scorer: Scorer, ids: np.ndarray, targets: np.ndarray, batch_size: int, dims, bar=None) -> dict:
+def recall_scores(scorer: Scorer, ids: np.ndarray, targets: np.ndarray, batch_size: int, dims, bar=None,
+                  reset: tuple = ("never", None)) -> dict:
     """Answers, correct answers and exactly-solved samples over all samples (summed over all ranks)."""
     per_sample = torch.zeros(len(ids), 2, dtype=torch.float64)  # correct, answers
     for idx in _my_batches(len(ids), batch_size, dims):
-        _, _, hit, counted = scorer(torch.from_numpy(ids[idx]), torch.from_numpy(targets[idx]))
+        x = torch.from_numpy(ids[idx])  # one sequence, no EOS: only every:N resets inside it
+        _, _, hit, counted = scorer(x, torch.from_numpy(targets[idx]), window_doc_ids(x, reset, None))
         per_sample[idx, 0] += hit.sum(1).double()
         per_sample[idx, 1] += counted.sum(1).double()
         if bar is not None:
@@ -436,6 +469,12 @@ def evaluate(args) -> dict:
         raise EvalError("--tasks ppl needs --data (a prepared folder, default, synthetic or a text/jsonl file); "
                         "or pass --tasks mqar,passkey")
     bucket_edges(max(lengths), args.buckets)  # checks the spec
+    from pretrain.config import ConfigError, reset_policy
+
+    try:
+        reset = reset_policy(args.reset)
+    except ConfigError as exc:
+        raise EvalError(str(exc)) from None
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -494,7 +533,8 @@ def evaluate(args) -> dict:
                 edges = bucket_edges(length, args.buckets)
                 bar = tqdm(total=len(_my_batches(len(data), args.batch_size, dims)), disable=not rank0 or args.quiet,
                            desc=f"{entry.name} ppl L={length}", leave=False, file=sys.stderr)
-                buckets = position_losses(scorer, data, edges, args.batch_size, dims, bar)
+                buckets = position_losses(scorer, data, edges, args.batch_size, dims, bar, reset,
+                                          shared[streams[entry.name]].eos_id)
                 bar.close()
                 for lo, hi, tokens, loss_sum in buckets:
                     loss = loss_sum / tokens if tokens else float("nan")
@@ -515,7 +555,7 @@ def evaluate(args) -> dict:
                     bar = tqdm(total=len(_my_batches(len(ids), args.batch_size, dims)),
                                disable=not rank0 or args.quiet, leave=False, file=sys.stderr,
                                desc=f"{entry.name} {task} L={length}")
-                    s = recall_scores(scorer, ids, targets, args.batch_size, dims, bar)
+                    s = recall_scores(scorer, ids, targets, args.batch_size, dims, bar, reset)
                     bar.close()
                     row = {"model": entry.name, "task": task, "length": length,
                            "depth": "random" if depth is None else depth, "samples": s["samples"],
@@ -590,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward call")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="run each window in pieces of N tokens, carrying the state (memory_state / KV cache)")
+    p.add_argument("--reset", default="boundary",
+                   help="this project's models: memory restarts at each document start ('boundary': after EOS, as "
+                        "in training), 'every:N' tokens, or 'never' (the window read as one sequence)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size (under torchrun; models of this project)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the folders' own model code (third-party)")

@@ -112,6 +112,31 @@ def test_chunked_equals_one_call(folders, name):
     assert whole[1][0, :7].abs().sum() == 0 and whole[1][0, 7:].min() > 0
 
 
+@pytest.mark.parametrize("name", ["ttt", "hybrid"])
+def test_memory_restarts_at_document_starts(folders, name):
+    """--reset boundary (training's default): in a window [doc A … EOS, doc B …] the scores of doc B
+    equal those of doc B alone, in one call and in pieces (a start on or inside a piece)."""
+    entry = ev.inspect_folder(folders[name], name)
+    model = ev.load_model(entry, torch.float32, torch.device("cpu"))
+    g, eos = torch.Generator().manual_seed(2), 0
+    a, b = torch.randint(1, VOCAB, (1, 40), generator=g), torch.randint(1, VOCAB, (1, 57), generator=g)
+    a[0, -1] = eos
+    window = torch.cat([a, b], 1)
+    ids, targets = window[:, :-1], window[:, 1:]
+    docs = ev.window_doc_ids(ids, ("boundary", None), eos)
+    assert docs[0, 39] == 0 and docs[0, 40] == 1
+    score = ev.Scorer(model, True, "cpu", ParallelDims())
+    alone = score(b[:, :-1], b[:, 1:])[1]
+    whole = score(ids, targets, docs)[1]
+    assert (whole[:, 40:] - alone).abs().max().item() <= 1e-5
+    assert (score(ids, targets)[1][:, 40:] - alone).abs().max().item() > 1e-3  # without resets: not the same
+    for chunk in (20, 13):  # doc B starts at a piece's first token / inside a piece
+        pieces = ev.Scorer(model, True, "cpu", ParallelDims(), chunk_tokens=chunk)(ids, targets, docs)[1]
+        assert (pieces - whole).abs().max().item() <= 1e-5, chunk
+    assert ev.window_doc_ids(ids, ("every", 16), eos)[0, [15, 16, 95]].tolist() == [0, 1, 5]
+    assert ev.window_doc_ids(ids, ("never", None), eos) is None
+
+
 # ------------------------------------------------------------------------------ the CLI
 def test_several_models_on_one_plot(folders, tmp_path):
     out = tmp_path / "out"
@@ -218,7 +243,7 @@ def test_help():
 
 @pytest.mark.parametrize("case", ["missing_dir", "zero_length", "negative_length", "text_length", "cp_divides",
                                   "empty_data", "chunk_zero", "foreign_cp", "no_data", "cp_without_torchrun",
-                                  "unknown_task", "recall_too_short"])
+                                  "unknown_task", "recall_too_short", "bad_reset"])
 def test_bad_input_is_one_error_line(folders, tmp_path, capsys, case):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -237,6 +262,7 @@ def test_bad_input_is_one_error_line(folders, tmp_path, capsys, case):
         "cp_without_torchrun": [tok_model, "--tasks", "mqar", "--lengths", "32", "--cp", 2],
         "unknown_task": [tok_model, "--tasks", "mqar,niah", "--lengths", "32"],
         "recall_too_short": [tok_model, "--tasks", "mqar", "--lengths", "8"],  # 8 pairs and their queries
+        "bad_reset": [tok_model, "--tasks", "mqar", "--lengths", "32", "--reset", "every:0"],
     }[case]
     if case == "empty_data":  # text is tokenized with the model's tokenizer: a folder that has one
         argv[0] = _with_tokenizer(folders["llama"], tmp_path)
@@ -276,7 +302,7 @@ def test_cp2_equals_single_process(folders, tmp_path):
     """torchrun --nproc-per-node 2 ... --cp 2: every window split over two ranks (TTT state passed
     rank to rank; DeltaNet state + sliding-window halo) gives the single process's numbers."""
     args = [folders["ttt"], folders["hybrid"], "--data", "synthetic", "--lengths", "48,96", "--samples", 3,
-            "--recall-samples", 4, "--batch-size", 2, "--quiet"]
+            "--recall-samples", 4, "--batch-size", 2, "--reset", "every:20", "--quiet"]  # resets cross the ranks
     assert _run(*args, "--out", tmp_path / "one") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
