@@ -66,6 +66,36 @@ def _clip(G, X, tau):
     return G * clip_factor(X.norm(dim=-1, keepdim=True) * G.norm(dim=-1, keepdim=True), tau)
 
 
+def _ttt_linear_steps(W, Ps, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau, K):
+    """TTT-Linear with K steps (reference.memory_scan_reference) over n ≤ b tokens of one mini-batch.
+    Ps: K cumulative pending sums (step s: Σ_{k≤s} of earlier tokens) or None. With Ĝ^(s) the
+    cumulative per-token errors Σ_{k≤s} G^(k), the keys at θ_j^(s) are read by the dual form itself:
+
+        Z^(s) = K̃W̃₀ − s ⊙ K̃P_s − tril(sηᵀ ⊙ (KKᵀ + 1)) Ĝ^(s),   G^(s+1) = ∂ℓ/∂Z at Z^(s) (clipped)
+
+    Returns (z̄, the K new pending sums)."""
+    ka, qa = _with_ones(k), _with_ones(q)
+    eta = torch.tril(scale[..., :, None] * lr[..., None, :])
+    s_col = scale[..., None]
+    mix_k = eta * (k @ k.transpose(-1, -2) + 1.0)
+    z_k = ka @ W
+    G_cum, ups = None, []
+    for s in range(K):
+        z = z_k
+        if s:
+            z = z - mix_k @ G_cum
+            if Ps is not None:
+                z = z - s_col * (ka @ Ps[s - 1])
+        G = _clip(z - tgt if mse else ln_fused_l2_grad(z, tgt, ln_w, ln_b), ka, tau)
+        G_cum = G if G_cum is None else G_cum + G
+        up = (lr[..., None] * ka).transpose(-1, -2) @ G_cum
+        ups.append(up if Ps is None else up + Ps[s])
+    z_bar = qa @ W - (eta * (q @ k.transpose(-1, -2) + 1.0)) @ G_cum
+    if Ps is not None:
+        z_bar = z_bar - s_col * (qa @ Ps[-1])
+    return z_bar, ups
+
+
 def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau):
     """Dual form over n ≤ b tokens of one mini-batch with the knobs. Ws: folded [W̃1(, W̃2)] at θ₀;
     Ps: pending sums or None; Rs: λ(W̃ − W̃_init) or None. Returns (z̄, per-layer updates)."""
@@ -116,30 +146,42 @@ def ttt_scan_knobs(kind, anchor, pending, q, k, v, lr, token_offset, ln_weight, 
     (or a part of one) at a time."""
     from .ttt_chunk import fold_bias, unfold_bias
 
-    b, T = mini_batch_size, q.shape[2]
+    b, T, K = mini_batch_size, q.shape[2], knobs.steps
     in_batch = (position + torch.arange(T, device=q.device)) % b
     scale = torch.clamp_min(1.0 / (in_batch.to(token_offset.dtype) + 1.0) + token_offset[in_batch], 0.0)
     mse = knobs.loss == "mse"
     tgt = v - k
     ln_w, ln_b = ln_weight[:, None, :], ln_bias[:, None, :]
     Ws = fold_bias(anchor)
-    Ps = fold_bias(pending) if pending is not None and position % b != 0 else None
+    Ps = None
+    if pending is not None and position % b != 0:  # K > 1: one folded sum per step, "W1@s" for s < K
+        Ps = [fold_bias({n: pending[n if s == K else f"{n}@{s}"] for n in anchor})[0] for s in range(1, K + 1)]
+        Ps = Ps if K > 1 else fold_bias(pending)
     W_init = fold_bias(init) if knobs.init_pull else None
     outs, start = [], 0
     while start < T:
         stop = min(T, start + b - (position + start) % b)
         sl = slice(start, stop)
         Rs = None if W_init is None else [knobs.init_pull * (W - Wi) for W, Wi in zip(Ws, W_init)]
-        z, ups = _ttt_segment(Ws, Ps, Rs, q[:, :, sl], k[:, :, sl], tgt[:, :, sl], lr[:, :, sl], scale[sl],
-                              ln_w, ln_b, mse, knobs.grad_clip)
+        args = (q[:, :, sl], k[:, :, sl], tgt[:, :, sl], lr[:, :, sl], scale[sl], ln_w, ln_b, mse, knobs.grad_clip)
+        if K > 1:  # TTT-Linear only (one folded matrix); ups/Ps: one per step
+            z, ups = _ttt_linear_steps(Ws[0], Ps, *args, K)
+        else:
+            z, ups = _ttt_segment(Ws, Ps, Rs, *args)
         outs.append(z)
         if (position + stop) % b == 0:
-            Ws, Ps = [W - scale[stop - 1] * u for W, u in zip(Ws, ups)], None
+            Ws, Ps = ([Ws[0] - scale[stop - 1] * ups[-1]] if K > 1 else
+                      [W - scale[stop - 1] * u for W, u in zip(Ws, ups)]), None
         else:
             Ps = ups
         start = stop
     z_bar = torch.cat(outs, 2)
     out = q + (z_bar if mse else head_layer_norm(z_bar, ln_w, ln_b))
+    if Ps is not None and K > 1:
+        pend = {}
+        for s, P in enumerate(Ps, start=1):
+            pend.update({(n if s == K else f"{n}@{s}"): t for n, t in unfold_bias([P]).items()})
+        return out, unfold_bias(Ws), pend
     return out, unfold_bias(Ws), (None if Ps is None else unfold_bias(Ps))
 
 

@@ -52,12 +52,22 @@ def memory_scan_reference(
             g = grad_transform(∇ℓ(θ'; k_s, v_s));  g ← clip_per_layer(g, τ);  g ← g + λ(θ' − θ_init)
             θ, opt = token_step(anchor, θ, opt, g, gates_s, i)     (retention gates neutral for s > 1)
     and the return gets a 5th element: the last key (for next_token's ``prev_key``).
+
+    With K > 1 and ``opt`` a list of K dicts (required for frozen-gradient chunks, b > 1), one pair
+    per token, the K steps are K chains of the optimizer state (θ must follow from (anchor, opt), as in
+    mini-batch GD): step s of token t takes its gradient at θ_t^(s−1) (its weights after step s − 1;
+    θ^(0) = the anchor) and chain s is stepped with the cumulative gradient Σ_{k≤s} g_t^(k), so
+
+        θ_t^(s) = θ₀ − s_i Σ_{j≤t} η_j Σ_{k≤s} ∇ℓ_j(θ_j^(k−1))        o_t = read(θ_t^(K))
+
+    (causal: token j only ever uses tokens ≤ j; for b = 1 it is K plain GD steps; K = 1 is the rule).
     """
     with_knobs = knobs is not None
     knobs = knobs or InnerKnobs()
     b, K = recipe.chunk_size, knobs.steps
-    if K > 1 and b > 1:
-        raise ValueError("inner_steps > 1 is defined for per-token (online) rules only, not frozen-gradient chunks")
+    chains = K > 1 and isinstance(opt, list)  # one optimizer state per step (required for b > 1)
+    if K > 1 and b > 1 and not chains:
+        raise ValueError("inner_steps > 1 on frozen-gradient chunks needs one optimizer state per step (opt: a list)")
     T = q.shape[2]
     one_pair = k.dim() == 4
     if one_pair:  # one (k, v) pair per token
@@ -69,6 +79,9 @@ def memory_scan_reference(
     grad_fn = torch.func.vmap(torch.func.vmap(torch.func.grad(recipe.inner_loss)))
     read_fn = torch.func.vmap(torch.func.vmap(recipe.read))
     anchor = weights if anchor is None else anchor
+    if chains:
+        return _chained_steps(recipe, weights, anchor, opt, q, k, v, gates, extra, position, knobs, init, grad_fn,
+                              read_fn, lr_zero_first=knobs.next_token and prev_key is None, last_key=last_key)
     outputs = []
     for t in range(T):
         p = position + t
@@ -102,6 +115,35 @@ def memory_scan_reference(
     return (*result, last_key) if with_knobs else result
 
 
+def _chained_steps(recipe, weights, anchor, opts, q, k, v, gates, extra, position, knobs, init, grad_fn, read_fn,
+                   lr_zero_first, last_key):
+    """K > 1 steps on frozen-gradient chunks (see :func:`memory_scan_reference`): K optimizer chains."""
+    b, K, T = recipe.chunk_size, knobs.steps, q.shape[2]
+    thetas, opts, outputs = [weights] * K, list(opts), []
+    for t in range(T):
+        p = position + t
+        i = p % b
+        lr_scale = 0.0 if (lr_zero_first and t == 0) else 1.0 / (1.0 + p * knobs.lr_decay)
+        g_t = {n: (g[:, :, t] * (lr_scale if n in recipe.lr_gates else 1.0))[:, :, None, None] for n, g in gates.items()}
+        point, cum = recipe.grad_point(anchor, thetas[0], g_t), None
+        for s in range(K):
+            grad = grad_fn(point, k[:, :, t, 0:1], v[:, :, t, 0:1], extra)
+            if recipe.grad_transform is not None:
+                grad = recipe.grad_transform(grad)
+            grad = clip_grad_per_layer(grad, knobs.grad_clip)
+            if knobs.init_pull:
+                grad = {n: grad[n] + knobs.init_pull * (point[n] - init[n]) for n in grad}
+            cum = grad if cum is None else {n: cum[n] + grad[n] for n in grad}
+            thetas[s], opts[s] = recipe.token_step(anchor, thetas[s], opts[s], cum, g_t, i)
+            point = thetas[s]
+        outputs.append(read_fn(thetas[-1], q[:, :, t : t + 1], extra))
+        if i == b - 1:
+            weights, opt = recipe.chunk_end(anchor, thetas[-1], opts[-1], g_t)
+            thetas, opts, anchor = [weights] * K, [opt] * K, weights
+    at_boundary = (position + T) % b == 0
+    return torch.cat(outputs, dim=2), thetas[-1], (None if at_boundary else anchor), opts, last_key
+
+
 def ttt_recipe(kind: str, token_offset: torch.Tensor, mini_batch_size: int, loss: str = "ln_recon") -> Recipe:
     """TTT-Linear/MLP: LN-fused L2 on v − k, mini-batch GD (token-index scale), no retention.
 
@@ -130,6 +172,12 @@ def ttt_recipe(kind: str, token_offset: torch.Tensor, mini_batch_size: int, loss
     return Recipe(inner_loss, read, token_step, mini_batch_size, chunk_end)
 
 
+def pending_names(names, steps: int) -> list:
+    """Names of TTT's pending sums with ``inner_steps`` K: the chain of step K under the plain names,
+    steps s < K as "W1@s" (each the cumulative sum over steps ≤ s)."""
+    return list(names) + [f"{n}@{s}" for s in range(1, steps) for n in names]
+
+
 def ttt_scan_reference(
     kind: str,
     anchor: dict,
@@ -156,16 +204,24 @@ def ttt_scan_reference(
     last key as a 4th element.
     """
     B, H, T, d = q.shape
+    steps = 1 if knobs is None else knobs.steps
+    names = list(anchor)
     if pending is None:
-        pending = {n: torch.zeros_like(t) for n, t in anchor.items()}
+        pending = {n: torch.zeros_like(anchor[n.split("@")[0]]) for n in pending_names(names, steps)}
     # mid mini-batch the current weights are θ₀ − s_{i−1} P, but only θ₀ and P enter the next step
     extra = {"ln_w": ln_weight.expand(B, H, d), "ln_b": ln_bias.expand(B, H, d)}
     if knobs is not None:
         recipe = ttt_recipe(kind, token_offset, mini_batch_size, "mse" if knobs.loss == "mse" else "ln_recon")
+        opt = {"pending": pending}
+        if steps > 1:  # one pending sum per step s (cumulative over steps ≤ s): "W1@s", …; chain K: "W1"
+            opt = [{"pending": {n: pending[n if s == steps else f"{n}@{s}"] for n in names}} for s in range(1, steps + 1)]
         out, weights, mid_anchor, opt, last_key = memory_scan_reference(
-            recipe, anchor, anchor, {"pending": pending}, q, k, v, {"lr": lr}, extra, position, knobs, init, prev_key)
+            recipe, anchor, anchor, opt, q, k, v, {"lr": lr}, extra, position, knobs, init, prev_key)
         if mid_anchor is None:
             return out, weights, None, last_key
+        if steps > 1:
+            opt = {"pending": {(n if s == steps else f"{n}@{s}"): o["pending"][n]
+                               for s, o in enumerate(opt, start=1) for n in names}}
         return out, mid_anchor, opt["pending"], last_key
     recipe = ttt_recipe(kind, token_offset, mini_batch_size)
     out, weights, mid_anchor, opt = memory_scan_reference(

@@ -24,10 +24,13 @@ KNOBS = {
     "steps": InnerKnobs(steps=3),
     "all": InnerKnobs(grad_clip=0.05, init_pull=0.3, lr_decay=0.05, loss="next_token"),
     "all_steps": InnerKnobs(steps=2, init_pull=0.3, lr_decay=0.05, loss="next_token"),
+    "ttt_steps": InnerKnobs(steps=3, grad_clip=0.05, lr_decay=0.05),
+    "ttt_all_steps": InnerKnobs(steps=2, grad_clip=0.1, lr_decay=0.05, loss="next_token"),
+    "ttt_mse_steps": InnerKnobs(steps=2, loss="mse"),
 }
 # layer → the knobs its chunk form implements ("mse" is the delta rule's and Titans' own loss)
 LAYERS = {
-    "ttt_linear": ["schedule", "clip", "pull", "mse", "next_token", "all"],
+    "ttt_linear": ["schedule", "clip", "pull", "mse", "next_token", "all", "ttt_steps", "ttt_all_steps", "ttt_mse_steps"],
     "ttt_mlp": ["schedule", "clip", "pull", "mse", "next_token", "all"],
     "deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
     "gated_deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
@@ -68,12 +71,12 @@ def test_chunked_equals_reference_in_pieces(layer, knob):
     assert max_state_diff(s, s_ref) <= 1e-5
     m.knobs = None  # the knob is not a no-op
     set_impl(m, "chunk")
-    if knob != "steps" and knob != "all_steps":  # (K-wide projections need the knob)
+    if knob not in ("steps", "all_steps"):  # (K-wide projections need the knob)
         assert (m(x)[0] - y).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("layer,knob", [("ttt_linear", "all"), ("ttt_mlp", "all"), ("gated_deltanet", "all_steps"),
-                                        ("titans", "all")])
+@pytest.mark.parametrize("layer,knob", [("ttt_linear", "all"), ("ttt_linear", "ttt_all_steps"), ("ttt_mlp", "all"),
+                                        ("gated_deltanet", "all_steps"), ("titans", "all")])
 def test_one_call_equals_pieces_with_gradients(layer, knob):
     check_one_call_equals_pieces(make(layer, KNOBS[knob]), torch.randn(2, 27, 32, dtype=F64), [4, 13, 14])
 
@@ -129,6 +132,48 @@ def test_reference_delta_product_pull_schedule_by_hand():
     assert (w["S"][0, 0] - h).abs().max() <= 1e-12
 
 
+@pytest.mark.parametrize("b", [1, 4])
+def test_reference_ttt_steps_by_hand(b):
+    """TTT-Linear (mse) with K = 3: θ_t^(s) = θ₀ − s_i Σ_{j≤t} η_j Σ_{k≤s} ∇ℓ_j(θ_j^(k−1)) within each
+    mini-batch (θ_j^(0) = θ₀), o_t = q_t + q̃_t θ_t^(K); for b = 1 these are K plain GD steps."""
+    from models.reference import ttt_scan_reference
+
+    g = torch.Generator().manual_seed(2)
+    T, d, K = 9, 3, 3
+    q, k, v = (torch.randn(1, 1, T, d, generator=g, dtype=F64) for _ in range(3))
+    lr = torch.rand(1, 1, T, generator=g, dtype=F64) * 0.3
+    offset = torch.zeros(b, dtype=F64)
+    W = {"W1": 0.3 * torch.randn(1, 1, d, d, generator=g, dtype=F64), "b1": torch.zeros(1, 1, 1, d, dtype=F64)}
+    out, w, pend, _ = ttt_scan_reference("linear", W, None, q, k, v, lr, offset, torch.ones(1, d, dtype=F64),
+                                         torch.zeros(1, d, dtype=F64), 0, b, knobs=InnerKnobs(steps=K, loss="mse"))
+
+    def grad(theta, j):  # ∇ of ½‖x̃θ − (v − k)‖² at θ (folded), token j
+        x = torch.cat([k[0, 0, j], torch.ones(1, dtype=F64)])[None]
+        return x.T @ (x @ theta - (v[0, 0, j] - k[0, 0, j])[None])
+
+    theta0 = torch.cat([W["W1"][0, 0], W["b1"][0, 0]])
+    iters, outs = {}, []  # iters[(j, s)] = θ_j^(s)
+    for t in range(T):
+        i = t % b
+        if i == 0 and t:
+            theta0 = iters[(t - 1, K)]
+        start = t - i
+        iters[(t, 0)] = theta0
+        for s in range(1, K + 1):
+            total = sum(lr[0, 0, j] * grad(iters[(j, kk - 1)] if kk > 1 else theta0, j)
+                        for j in range(start, t + 1) for kk in range(1, s + 1))
+            iters[(t, s)] = theta0 - total / (i + 1)
+        qa = torch.cat([q[0, 0, t], torch.ones(1, dtype=F64)])
+        outs.append(q[0, 0, t] + qa @ iters[(t, K)])
+    assert (out[0, 0] - torch.stack(outs)).abs().max() <= 1e-12
+    if b == 1:  # K plain GD steps per token
+        theta = torch.cat([W["W1"][0, 0], W["b1"][0, 0]])
+        for t in range(T):
+            for _ in range(K):
+                theta = theta - lr[0, 0, t] * grad(theta, t)
+        assert (torch.cat([w["W1"][0, 0], w["b1"][0, 0]]) - theta).abs().max() <= 1e-12
+
+
 def test_reference_next_token_is_the_shifted_pair():
     """next_token = the plain rule on (k_{t−1}, v_t), with no step at the document's first token."""
     q, k, v, beta, alpha, S = _delta_inputs(K=1)
@@ -175,7 +220,9 @@ def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(memory_layer="ttt_linear", inner_steps=2), r"inner_steps is not supported by \['ttt_linear'\]"),
+    (dict(memory_layer="ttt_mlp", inner_steps=2), r"inner_steps is not supported by \['ttt_mlp'\]"),
+    (dict(memory_layer="ttt_linear", inner_steps=2, inner_init_pull=0.1), "inner_steps > 1 with inner_init_pull"),
+    (dict(memory_layer="titans_mac", inner_steps=2), r"inner_steps is not supported by \['titans_mac'\]"),
     (dict(memory_layer="deltanet", inner_grad_clip=1.0), r"inner_grad_clip is not supported by \['deltanet'\]"),
     (dict(memory_layer="titans", inner_loss="ln_recon"), "inner_loss=ln_recon is not supported"),
     (dict(memory_layer="lact", inner_lr_schedule="inverse:0.1"), r"inner_lr_schedule is not supported by \['lact'\]"),
