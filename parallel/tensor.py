@@ -517,12 +517,77 @@ def tp_lact(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> No
         _copy_input(layer, dims)
 
 
+def tp_tnt(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
+    """models.tnt.TNTLayer by heads, as a Titans memory: q/k/v/g column-parallel, ``gates`` is
+    [θ | η | α] × heads for each of the 1 + N memories (stride 3·(1 + N)), every memory's initial
+    weights and the convs by head/channel, o_proj row-parallel."""
+    _check_heads("num_heads", layer.num_heads, dims)
+    for name in ("q_proj", "k_proj", "v_proj", "g_proj"):
+        setattr(layer, name, column_parallel(getattr(layer, name), dims))
+    layer.gates = column_parallel(layer.gates, dims, stride=3 * layer.num_memories)
+    for conv in ("conv_q", "conv_k", "conv_v"):
+        _shard_conv(getattr(layer, conv), dims)
+    for name in layer.fast_weight_names:
+        _shard_param(layer, name, dims, 0)
+    _replicated_in_sharded(layer.o_norm.weight, dims)
+    layer.o_proj = row_parallel(layer.o_proj, dims)
+    layer.num_heads //= dims.tp
+    layer.hidden_size = layer.num_heads * layer.head_dim
+    if copy_input:
+        _copy_input(layer, dims)
+
+
+class TPCMSLevel:
+    """Mixin for Hope's CMS level: its input h is replicated (a row-parallel output); the level's own
+    heads read this rank's channels of it, its projections the whole of it, both through one
+    copy_to_tp (the residual h + … keeps the uncopied h, so its gradient is not summed twice)."""
+
+    def _split_input(self, h):
+        tpl, _ = _megatron()
+        hc = tpl.copy_to_tensor_model_parallel_region(h, group=self._tp_group)
+        C = self.hidden_size
+        return hc[..., self._tp_rank * C : (self._tp_rank + 1) * C], hc
+
+
+def tp_hope(layer: nn.Module, dims: ParallelDims) -> None:
+    """models.hope.HopeLayer by heads: q/u/g column-parallel, the five memories' initial weights and
+    the rate biases by head, o_proj row-parallel; each CMS level: v_proj/lr_gate column-parallel,
+    its fast weights by head, o_proj row-parallel, its heads read this rank's channels (TPCMSLevel)."""
+    from .context import swap_class
+
+    _check_heads("num_heads", layer.num_heads, dims)
+    for name in ("q_proj", "u_proj", "g_proj"):
+        setattr(layer, name, column_parallel(getattr(layer, name), dims))
+    for conv in ("conv_q", "conv_u"):
+        _shard_conv(getattr(layer, conv), dims)
+    for name in [*layer.fast_weight_names, "lr_bias", "decay_bias"]:
+        _shard_param(layer, name, dims, 0)
+    _replicated_in_sharded(layer.o_norm.weight, dims)
+    layer.o_proj = row_parallel(layer.o_proj, dims)
+    for level in layer.cms:
+        level.v_proj = column_parallel(level.v_proj, dims)
+        level.lr_gate = column_parallel(level.lr_gate, dims)
+        for name in level.fast_weight_names:
+            _shard_param(level, name, dims, 0)
+        _replicated_in_sharded(level.o_norm.weight, dims)
+        level.o_proj = row_parallel(level.o_proj, dims)
+        level.num_heads //= dims.tp
+        level.hidden_size = level.num_heads * level.head_dim
+        level._tp_group, level._tp_rank = dims.tp_group, dims.tp_rank
+        swap_class(level, TPCMSLevel)
+    layer.num_heads //= dims.tp
+    layer.hidden_size = layer.num_heads * layer.head_dim
+    _copy_input(layer, dims)
+
+
 def tp_mixer(mixer: nn.Module, dims: ParallelDims) -> None:
     """The TP plan of any mixer built by models.modeling_memory.build_mixer."""
     from models.attention import AttentionLayer
     from models.deltanet import DeltaNetLayer
+    from models.hope import HopeLayer
     from models.lact import LaCTLayer
     from models.titans import TitansMAC, TitansMAG, TitansMAL, TitansMemory
+    from models.tnt import TNTLayer
     from models.ttt import TTTLayer
 
     if isinstance(mixer, TTTLayer):
@@ -537,6 +602,10 @@ def tp_mixer(mixer: nn.Module, dims: ParallelDims) -> None:
         tp_titans_block(mixer, dims)
     elif isinstance(mixer, LaCTLayer):
         tp_lact(mixer, dims)
+    elif isinstance(mixer, TNTLayer):
+        tp_tnt(mixer, dims)
+    elif isinstance(mixer, HopeLayer):
+        tp_hope(mixer, dims)
     else:
         raise ValueError(f"no tensor-parallel plan for mixer {type(mixer).__name__}")
 

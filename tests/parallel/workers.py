@@ -28,6 +28,13 @@ GENERIC_VARIANTS = {
 }
 PREFIX_VARIANTS = ("gated_deltanet+swa", "deltanet+attention")
 VARIANTS.update(GENERIC_VARIANTS)
+# memory-layer family II, run in their own job (tests/parallel/test_family2_parallel.py): TNT with a
+# global chunk and reset period of 8 and local chunk 4 (CP pieces of 20/10 cut inside both), Hope
+FAMILY2_VARIANTS = {
+    "tnt": dict(memory_layer="tnt", tnt_global_chunk_size=8, tnt_local_chunk_sizes=[4], tnt_reset_period=8),
+    "hope": dict(memory_layer="hope", hope_chunk_size=4, hope_cms_chunk_sizes=[8]),
+}
+VARIANTS.update(FAMILY2_VARIANTS)
 # LaCT's Newton–Schulz/Muon step amplifies float32 rounding: the CP=4 gradients differ by 1.7e-5
 # in float32 but by 5e-15 in float64, so its exactness is checked in float64.
 DTYPES = {"lact": torch.float64}
