@@ -254,6 +254,8 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
 
     @staticmethod
     def _doc_starts(h, doc_ids, doc_starts, cu_seqlens):
+        """The document-start mask, on the CPU: the blocks plan their segments from it (one copy
+        from the device per forward, none per block)."""
         given = [n for n, v in (("doc_ids", doc_ids), ("doc_starts", doc_starts), ("cu_seqlens", cu_seqlens))
                  if v is not None]
         if len(given) > 1:
@@ -262,17 +264,17 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
             if h.shape[0] != 1:
                 raise ValueError(f"cu_seqlens describes one flattened row (batch 1), got batch {h.shape[0]}: "
                                  "use doc_ids [batch, seq] instead")
-            return doc_starts_from_cu_seqlens(cu_seqlens.to(h.device), h.shape[1])
+            return doc_starts_from_cu_seqlens(cu_seqlens.cpu(), h.shape[1])
         mask = doc_ids if doc_ids is not None else doc_starts
         if mask is None:
             return None
         if tuple(mask.shape) != tuple(h.shape[:2]):
             raise ValueError(f"{given[0]} must have the inputs' shape {tuple(h.shape[:2])}, got {tuple(mask.shape)}")
         if doc_ids is not None:
-            return doc_starts_from_ids(doc_ids.to(h.device))
+            return doc_starts_from_ids(doc_ids.cpu())
         if doc_starts.dtype != torch.bool:
             raise ValueError(f"doc_starts must be a bool tensor, got {doc_starts.dtype}")
-        return doc_starts.to(h.device)
+        return doc_starts.cpu()
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):

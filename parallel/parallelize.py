@@ -117,7 +117,7 @@ def _cp_doc_starts(module, kwargs: dict, dims: ParallelDims) -> None:
     flag = starts.any().to(torch.float32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dims.cp_group)
     comm.varlen = bool(flag.item())
-    kwargs["doc_ids"], kwargs["doc_starts"] = None, starts
+    kwargs["doc_ids"], kwargs["doc_starts"] = None, starts.cpu()
 
 
 def parallelize(model, dims: ParallelDims, cp_mode: str = "pass"):

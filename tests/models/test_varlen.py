@@ -192,3 +192,18 @@ def test_segment_batching_plan():
     ref = torch.cat([x[0, :3].cumsum(0), x[0, 3:4], x[0, 4:].cumsum(0)])
     assert torch.allclose(y[0], ref) and torch.allclose(y[1], x[1].cumsum(0))
     assert torch.allclose(st[:, 0], torch.stack([ref[-1], x[1].sum(0), x[2, 10]]))
+
+
+def test_gradient_checkpointing_with_documents():
+    model = tiny(["ttt_mlp", "titans_mag"]).train()
+    ids = torch.randint(0, 128, (2, T))
+
+    def grads():
+        model.zero_grad()
+        model(ids, doc_ids=doc_ids_of(), use_cache=False).logits.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.model.gradient_checkpointing = True
+    for a, b in zip(plain, grads()):
+        assert torch.equal(a, b)

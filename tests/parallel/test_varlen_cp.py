@@ -15,14 +15,24 @@ T = 24  # pieces of 12
 ROWS = [[0, 5, 12, 17], [0, 3]]  # row 0: starts inside both pieces and at the cut; row 1: one document across
 
 
-def _run(model, dims, ids, w, **doc):
+def _run(model, dims, ids, w, mode="pass", **doc):
+    import torch.distributed as dist
+
     from parallel import gather_full_grads, parallelize
     from parallel.loss import cp_slice
 
-    par = parallelize(copy.deepcopy(model), dims)
+    par = parallelize(copy.deepcopy(model), dims, cp_mode=mode)
     logits = par(cp_slice(ids, dims), **{k: cp_slice(v, dims) for k, v in doc.items()}).logits
-    (logits * cp_slice(w, dims)).sum().backward()
-    return logits.detach(), gather_full_grads(par, dims), par._cp_comm.varlen
+    if dims.tp > 1:  # vocab-sharded → full
+        parts = [torch.empty_like(logits) for _ in range(dims.tp)]
+        dist.all_gather(parts, logits.detach().contiguous(), group=dims.tp_group)
+        logits_full = torch.cat(parts, -1)
+        (logits * cp_slice(w, dims).chunk(dims.tp, -1)[dims.tp_rank]).sum().backward()
+        logits = logits_full
+    else:
+        (logits * cp_slice(w, dims)).sum().backward()
+    varlen = par._cp_comm.varlen if dims.cp > 1 else None
+    return logits.detach(), gather_full_grads(par, dims), varlen
 
 
 def varlen_cp_worker(kinds):
@@ -42,19 +52,24 @@ def varlen_cp_worker(kinds):
     piece = reset_inputs(every, {"input_ids": cp_slice(ids, dims)}, dims.cp_rank)["doc_ids"]
     assert torch.equal(piece, cp_slice(whole, dims))
     cases += [("ttt_mlp", whole), ("gated_deltanet", torch.zeros(2, T, dtype=torch.long))]
+    # the other CP modes (their narrow exchanges step aside for the block-state pass) and TP=2
+    cases = [(k, d, "pass", dims) for k, d in cases]
+    cases += [("ttt_linear", doc_ids_of(ROWS, T), "ulysses", dims), ("gated_deltanet", doc_ids_of(ROWS, T), "prefix", dims)]
+    tp = init_parallel(tp=2, cp=1)
+    cases += [(k, doc_ids_of(ROWS, T), "tp2", tp) for k in ("ttt_mlp", "titans_mac", "lact", "swa")]
     out = {}
-    for kind, doc_ids in cases:
+    for kind, doc_ids, mode, dims in cases:
         try:  # the model may fail to build before its CP exchange starts: then every rank fails alike
             model = tiny(kind)
         except Exception as exc:  # noqa: BLE001 - reported by that kind's test
-            out[kind, int(doc_ids.max())] = dict(error=repr(exc))
+            out[kind, int(doc_ids.max()), mode] = dict(error=repr(exc))
             continue
         ref = copy.deepcopy(model)
         ref_logits = ref(ids, doc_ids=doc_ids).logits
         (ref_logits * w).sum().backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-        logits, grads, varlen = _run(model, dims, ids, w, doc_ids=doc_ids)
-        out[kind, int(doc_ids.max())] = dict(
+        logits, grads, varlen = _run(model, dims, ids, w, "pass" if mode == "tp2" else mode, doc_ids=doc_ids)
+        out[kind, int(doc_ids.max()), mode] = dict(
             logits=(logits - cp_slice(ref_logits.detach(), dims)).abs().max().item(),
             grad=max((grads[n] - (g if g is not None else 0)).abs().max().item() for n, g in ref_grads.items()),
             varlen=varlen)
@@ -70,7 +85,7 @@ def results():
 @pytest.mark.parametrize("kind", KINDS)
 def test_cp2_packed_documents_equal_single_process(results, kind):
     for res in results:
-        r = res[kind, 3]
+        r = res[kind, 3, "pass"]
         assert "error" not in r, r
         assert r["varlen"] and r["logits"] <= TOL and r["grad"] <= GRAD_TOL, r
 
@@ -78,6 +93,18 @@ def test_cp2_packed_documents_equal_single_process(results, kind):
 @pytest.mark.slow
 def test_cp2_reset_every_n_and_no_start(results):
     for res in results:
-        every, none = res["ttt_mlp", 4], res["gated_deltanet", 0]
+        every, none = res["ttt_mlp", 4, "pass"], res["gated_deltanet", 0, "pass"]
         assert every["varlen"] and every["logits"] <= TOL and every["grad"] <= GRAD_TOL, every
         assert not none["varlen"] and none["logits"] <= TOL and none["grad"] <= GRAD_TOL, none
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [("ttt_linear", "ulysses"), ("gated_deltanet", "prefix"), ("ttt_mlp", "tp2"),
+                                  ("titans_mac", "tp2"), ("lact", "tp2"), ("swa", "tp2")], ids="-".join)
+def test_other_modes_and_tp2(results, case):
+    """cp_mode ulysses / prefix at CP=2 take the block-state pass too; TP=2 (heads split) runs the
+    segments on every TP rank alike."""
+    for res in results:
+        r = res[case[0], 3, case[1]]
+        assert r["logits"] <= TOL and r["grad"] <= GRAD_TOL, r
+        assert r["varlen"] in (True, None), r
