@@ -48,6 +48,7 @@ from pretrain.eval_tasks import (ALIGNS, RECALL_TASKS, EvalError, RecallConfig, 
 
 TASKS = ("ppl",) + RECALL_TASKS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SCORE_BLOCK = 4096  # positions whose log-softmax is taken at once
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -194,10 +195,12 @@ class Scorer:
                 {"doc_ids": doc_ids.to(self.device)}
             logits, state = self._forward(ids[:, s:s + step].to(self.device), state, docs)
             tgt = targets[:, s:s + step].to(self.device)
-            logits = logits.float()
-            nll.append(F.cross_entropy(logits.flatten(0, 1), tgt.clamp_min(0).flatten(), reduction="none")
-                       .view_as(tgt).double().cpu())
-            hit.append((logits.argmax(-1) == tgt).cpu())
+            for b in range(0, tgt.shape[1], SCORE_BLOCK):  # float32 log-softmax of a block at a time
+                lg, t = logits[:, b:b + SCORE_BLOCK].float(), tgt[:, b:b + SCORE_BLOCK]
+                nll.append(F.cross_entropy(lg.flatten(0, 1), t.clamp_min(0).flatten(), reduction="none")
+                           .view_as(t).double().cpu())
+                hit.append((lg.argmax(-1) == t).cpu())
+            del logits
         counted = targets != -100
         return start, torch.cat(nll, 1) * counted, torch.cat(hit, 1) & counted, counted
 
@@ -447,7 +450,24 @@ def _setup_parallel(cp: int):
     return dims, device
 
 
-def evaluate(args) -> dict:
+@dataclass
+class Plan:
+    """Everything checked and generated before any process group or weights: models, windows, samples."""
+
+    entries: list
+    lengths: list
+    tasks: list
+    reset: tuple
+    depths: list
+    recall: dict = field(default_factory=dict)    # model name -> RecallConfig
+    stream_of: dict = field(default_factory=dict)  # model name -> key of its token stream
+    streams: dict = field(default_factory=dict)    # key -> token stream
+    windows: dict = field(default_factory=dict)    # (stream key, length) -> [n, length + 1]
+    samples: dict = field(default_factory=dict)    # (RecallConfig, task, length, depth) -> (ids, targets)
+
+
+def plan(args) -> Plan:
+    """Checks every argument and reads all data; every ``EvalError`` of a run comes from here."""
     paths = list(args.models) + list(args.compare or [])
     names = _names(paths, args.names)
     lengths = parse_lengths(args.lengths)
@@ -461,7 +481,8 @@ def evaluate(args) -> dict:
     if args.chunk_tokens is not None and args.chunk_tokens < 1:
         raise EvalError(f"--chunk-tokens must be positive, got {args.chunk_tokens}")
     if args.chunk_tokens is not None and args.cp > 1:
-        raise EvalError("--chunk-tokens and --cp > 1 cannot be combined (under CP each rank runs its piece in one call)")
+        raise EvalError("--chunk-tokens and --cp > 1 cannot be combined (under CP each rank runs its piece in one "
+                        "call)")
     for flag in ("samples", "recall_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise EvalError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -486,91 +507,97 @@ def evaluate(args) -> dict:
             raise EvalError(f"--cp {args.cp}: context parallelism works only for models of this project "
                             f"(model_type memory_lm); {', '.join(foreign)} is not one: evaluate it with --cp 1 "
                             "(and --chunk-tokens for long windows)")
-    recall_cfgs = {e.name: task_ids(e, args.task_vocab, args.task_offset) for e in entries}
-    recall_cfgs = {k: RecallConfig(**{**asdict(c), "mqar_pairs": args.mqar_pairs,
-                                      "passkey_digits": args.passkey_digits, "seed": args.seed})
-                   for k, c in recall_cfgs.items()}
-
-    streams, shared = {}, {}  # the ppl data of every model, read before any process group or weights
-    if "ppl" in tasks:
-        for e in entries:
-            key = _stream_key(args.data, e, recall_cfgs[e.name])
-            if key not in shared:
-                shared[key] = open_stream(args.data, args.split, synthetic=recall_cfgs[e.name], tokenizer=e.tokenizer,
-                                          text_field=args.text_field)
-            streams[e.name], stream = key, shared[key]
+    out = Plan(entries, lengths, tasks, reset, depths)
+    for e in entries:
+        ids = task_ids(e, args.task_vocab, args.task_offset)
+        out.recall[e.name] = RecallConfig(**{**asdict(ids), "mqar_pairs": args.mqar_pairs,
+                                             "passkey_digits": args.passkey_digits, "seed": args.seed})
+        if "ppl" in tasks:
+            key = _stream_key(args.data, e, out.recall[e.name])
+            if key not in out.streams:
+                out.streams[key] = open_stream(args.data, args.split, synthetic=out.recall[e.name],
+                                               tokenizer=e.tokenizer, text_field=args.text_field)
+            out.stream_of[e.name], stream = key, out.streams[key]
             if stream.vocab_size > e.config.vocab_size:
                 raise EvalError(f"the data's ids reach {stream.vocab_size - 1}, beyond the vocabulary of "
                                 f"{e.name} ({e.config.vocab_size})")
             _check_tokenizer(e, stream)
-    windows = {(key, length): stream.windows(length, args.samples, args.align)  # errors (too short) come now
-               for key, stream in shared.items() for length in lengths} if "ppl" in tasks else {}
-    recall_data = {(recall_cfgs[e.name], task, length, depth): None for e in entries
-                   for task in tasks if task in RECALL_TASKS for length in lengths
-                   for depth in (depths if task == "passkey" else [None])}
-    for rcfg, task, length, depth in recall_data:
-        recall_data[rcfg, task, length, depth] = recall_batch(task, length, args.recall_samples, rcfg, depth)
-
-    dims, device = _setup_parallel(args.cp)
-    rank0 = dims.rank == 0
-    from tqdm import tqdm
-
-    results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "models": {e.name: str(e.path) for e in entries}, "ppl_by_position": [], "ppl": [], "recall": []}
-    for entry in entries:
-        if rank0 and not args.quiet:
-            info(f"loading {entry.name} from {entry.path}")
-        model = load_model(entry, DTYPES[args.dtype], device, args.trust_remote_code)
-        if dims.cp > 1:
-            from parallel import parallelize
-
-            parallelize(model, dims, cp_mode="pass")
-        scorer = Scorer(model, entry.own, device, dims, args.chunk_tokens)
-        rcfg = recall_cfgs[entry.name]
-        if "ppl" in tasks:
-            for length in lengths:
-                data = windows[streams[entry.name], length]
-                edges = bucket_edges(length, args.buckets)
-                bar = tqdm(total=len(_my_batches(len(data), args.batch_size, dims)), disable=not rank0 or args.quiet,
-                           desc=f"{entry.name} ppl L={length}", leave=False, file=sys.stderr)
-                buckets = position_losses(scorer, data, edges, args.batch_size, dims, bar, reset,
-                                          shared[streams[entry.name]].eos_id)
-                bar.close()
-                for lo, hi, tokens, loss_sum in buckets:
-                    loss = loss_sum / tokens if tokens else float("nan")
-                    results["ppl_by_position"].append({"model": entry.name, "length": length, "bucket_start": lo,
-                                                       "bucket_end": hi, "tokens": tokens, "loss": loss,
-                                                       "ppl": _ppl(loss)})
-                tokens = sum(b[2] for b in buckets)
-                loss = sum(b[3] for b in buckets) / tokens
-                results["ppl"].append({"model": entry.name, "length": length, "windows": len(data),
-                                       "tokens": tokens, "loss": loss, "ppl": _ppl(loss)})
-                if rank0 and not args.quiet:
-                    info(f"{entry.name}  ppl      L={length:<7} loss {loss:.4f}  ppl {_ppl(loss):.3f}  "
-                         f"({tokens:,} tokens, {len(data)} windows)")
+    for key, stream in out.streams.items():
+        for length in lengths:
+            out.windows[key, length] = stream.windows(length, args.samples, args.align)
+    for rcfg in dict.fromkeys(out.recall.values()):
         for task in (t for t in tasks if t in RECALL_TASKS):
             for length in lengths:
                 for depth in (depths if task == "passkey" else [None]):
-                    ids, targets = recall_data[rcfg, task, length, depth]
-                    bar = tqdm(total=len(_my_batches(len(ids), args.batch_size, dims)),
-                               disable=not rank0 or args.quiet, leave=False, file=sys.stderr,
-                               desc=f"{entry.name} {task} L={length}")
-                    s = recall_scores(scorer, ids, targets, args.batch_size, dims, bar, reset)
-                    bar.close()
-                    row = {"model": entry.name, "task": task, "length": length,
-                           "depth": "random" if depth is None else depth, "samples": s["samples"],
-                           "answers": s["answers"], "accuracy": s["correct"] / s["answers"],
-                           "exact": s["exact"] / s["samples"], "chance": rcfg.chance(task),
-                           "task_vocab": rcfg.task_vocab, "task_offset": rcfg.offset}
-                    results["recall"].append(row)
-                    if rank0 and not args.quiet:
-                        info(f"{entry.name}  {task:<8} L={length:<7} accuracy {row['accuracy']:.3f}  exact "
-                             f"{row['exact']:.3f}  (chance {row['chance']:.3f}, depth {row['depth']})")
-        if dims.cp > 1:
-            from parallel.context import flush_pending
+                    out.samples[rcfg, task, length, depth] = recall_batch(task, length, args.recall_samples, rcfg,
+                                                                          depth)
+    return out
 
-            flush_pending()
-        del model, scorer
+
+def evaluate_model(entry: ModelEntry, p: Plan, args, dims, device, results: dict) -> None:
+    """Loads one model and appends its rows to ``results``."""
+    from tqdm import tqdm
+
+    show = dims.rank == 0 and not args.quiet
+
+    def bar(n, desc):
+        return tqdm(total=len(_my_batches(n, args.batch_size, dims)), desc=desc, disable=not show, leave=False,
+                    file=sys.stderr)
+
+    if show:
+        info(f"loading {entry.name} from {entry.path}")
+    model = load_model(entry, DTYPES[args.dtype], device, args.trust_remote_code)
+    if dims.cp > 1:
+        from parallel import parallelize
+
+        parallelize(model, dims, cp_mode="pass")
+    scorer = Scorer(model, entry.own, device, dims, args.chunk_tokens)
+    if "ppl" in p.tasks:
+        stream = p.stream_of[entry.name]
+        for length in p.lengths:
+            windows = p.windows[stream, length]
+            with bar(len(windows), f"{entry.name} ppl L={length}") as b:
+                buckets = position_losses(scorer, windows, bucket_edges(length, args.buckets), args.batch_size,
+                                          dims, b, p.reset, p.streams[stream].eos_id)
+            for lo, hi, tokens, loss_sum in buckets:
+                loss = loss_sum / tokens if tokens else float("nan")
+                results["ppl_by_position"].append({"model": entry.name, "length": length, "bucket_start": lo,
+                                                   "bucket_end": hi, "tokens": tokens, "loss": loss, "ppl": _ppl(loss)})
+            tokens = sum(b[2] for b in buckets)
+            loss = sum(b[3] for b in buckets) / tokens
+            results["ppl"].append({"model": entry.name, "length": length, "windows": len(windows), "tokens": tokens,
+                                   "loss": loss, "ppl": _ppl(loss)})
+            if show:
+                info(f"{entry.name}  ppl      L={length:<7} loss {loss:.4f}  ppl {_ppl(loss):.3f}  "
+                     f"({tokens:,} tokens, {len(windows)} windows)")
+    rcfg = p.recall[entry.name]
+    for (cfg, task, length, depth), (ids, targets) in p.samples.items():
+        if cfg != rcfg:
+            continue
+        with bar(len(ids), f"{entry.name} {task} L={length}") as b:
+            s = recall_scores(scorer, ids, targets, args.batch_size, dims, b, p.reset)
+        row = {"model": entry.name, "task": task, "length": length, "depth": "random" if depth is None else depth,
+               "samples": s["samples"], "answers": s["answers"], "accuracy": s["correct"] / s["answers"],
+               "exact": s["exact"] / s["samples"], "chance": rcfg.chance(task), "task_vocab": rcfg.task_vocab,
+               "task_offset": rcfg.offset}
+        results["recall"].append(row)
+        if show:
+            info(f"{entry.name}  {task:<8} L={length:<7} accuracy {row['accuracy']:.3f}  exact {row['exact']:.3f}  "
+                 f"(chance {row['chance']:.3f}, depth {row['depth']})")
+    if dims.cp > 1:
+        from parallel.context import flush_pending
+
+        flush_pending()  # the last sends of this model before it is dropped
+
+
+def evaluate(args) -> dict:
+    """Every model on every task and length; returns the rows of the CSVs (on every rank)."""
+    p = plan(args)
+    dims, device = _setup_parallel(args.cp)
+    results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "models": {e.name: str(e.path) for e in p.entries}, "ppl_by_position": [], "ppl": [], "recall": []}
+    for entry in p.entries:
+        evaluate_model(entry, p, args, dims, device, results)
     return results
 
 
