@@ -220,8 +220,8 @@ def _train_mqar(steps: int, seed: int = 0) -> MemoryLMForCausalLM:
 
 
 def test_trained_model_beats_chance_untrained_does_not(tmp_path):
-    """Chance is 1/32 (a value among 32); measured: trained 0.56 at length 32, 0.64 at 128 (it
-    generalises to longer gaps); untrained ≈ 0.01."""
+    """Chance is 1/32 = 0.031 (a value among 32). Measured: trained 0.54 at length 32 and 0.66 at 128 (it
+    generalises to longer gaps), untrained 0.027 and 0.031; training takes ~7 s on an idle core."""
     t0 = time.perf_counter()
     save_model_folder(_train_mqar(400), tmp_path / "trained")
     seconds = time.perf_counter() - t0
