@@ -364,7 +364,6 @@ def swap_class(module, mixin) -> None:
     cls = type(module)
     if issubclass(cls, mixin):
         return
-    module._cp_base_cls = cls  # its single-device forward (CPBlock's packed-document path)
     key = (mixin, cls)
     if key not in _SWAPPED:
         _SWAPPED[key] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
@@ -511,5 +510,6 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
             mixin = CPPrefixDeltaNet
         else:
             mixin = CPGenericMixer
+        m._cp_base_cls = type(m)  # its forward without CP exchanges (CPBlock's packed-document path)
         swap_class(m, mixin)
     return comm
