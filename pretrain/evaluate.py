@@ -486,6 +486,8 @@ def plan(args) -> Plan:
     for flag in ("samples", "recall_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise EvalError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalError(f"--out {args.out} exists and is not a folder")
     if "ppl" in tasks and not args.data:
         raise EvalError("--tasks ppl needs --data (a prepared folder, default, synthetic or a text/jsonl file); "
                         "or pass --tasks mqar,passkey")
@@ -588,6 +590,9 @@ def evaluate_model(entry: ModelEntry, p: Plan, args, dims, device, results: dict
         from parallel.context import flush_pending
 
         flush_pending()  # the last sends of this model before it is dropped
+    del scorer, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def evaluate(args) -> dict:
@@ -677,7 +682,11 @@ def main(argv=None) -> int:
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:
-            for path in write_outputs(Path(args.out), results):
+            try:
+                written = write_outputs(Path(args.out), results)
+            except OSError as exc:
+                raise EvalError(f"cannot write the results to {args.out}: {exc}") from None
+            for path in written:
                 if not args.quiet:
                     info(f"wrote {path}")
         return 0

@@ -243,12 +243,11 @@ def test_help():
 
 @pytest.mark.parametrize("case", ["missing_dir", "zero_length", "negative_length", "text_length", "cp_divides",
                                   "empty_data", "chunk_zero", "foreign_cp", "no_data", "cp_without_torchrun",
-                                  "unknown_task", "recall_too_short", "bad_reset"])
+                                  "unknown_task", "recall_too_short", "bad_reset", "out_is_file"])
 def test_bad_input_is_one_error_line(folders, tmp_path, capsys, case):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     tok_model = folders["ttt"]
-    base = ["--out", tmp_path / "out", "--quiet"]
     argv = {
         "missing_dir": [tmp_path / "nope", "--tasks", "mqar", "--lengths", "32"],
         "zero_length": [tok_model, "--tasks", "mqar", "--lengths", "0"],
@@ -263,9 +262,11 @@ def test_bad_input_is_one_error_line(folders, tmp_path, capsys, case):
         "unknown_task": [tok_model, "--tasks", "mqar,niah", "--lengths", "32"],
         "recall_too_short": [tok_model, "--tasks", "mqar", "--lengths", "8"],  # 8 pairs and their queries
         "bad_reset": [tok_model, "--tasks", "mqar", "--lengths", "32", "--reset", "every:0"],
+        "out_is_file": [tok_model, "--tasks", "mqar", "--lengths", "32", "--out", empty],
     }[case]
     if case == "empty_data":  # text is tokenized with the model's tokenizer: a folder that has one
         argv[0] = _with_tokenizer(folders["llama"], tmp_path)
+    base = ["--quiet"] + ([] if "--out" in argv else ["--out", tmp_path / "out"])
     assert _run(*argv, *base) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
