@@ -632,9 +632,17 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # the default where there is one and the help does not name it
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+                formatter_class=_Formatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="Hugging Face folder(s) to evaluate")
     p.add_argument("--compare", action="append", metavar="DIR", help="another model folder for the same plots "
                    "(repeatable; same as another MODEL_DIR)")
