@@ -17,12 +17,14 @@ MODEL_CODE_FILES = [
     "atlas.py",
     "attention.py",
     "configuration_memory.py",
+    "configuration_vit3.py",
     "deltanet.py",
     "hope.py",
     "inner_knobs.py",
     "lact.py",
     "miras.py",
     "modeling_memory.py",
+    "modeling_vit3.py",
     "modules.py",
     "parts.py",
     "reference.py",
@@ -33,11 +35,21 @@ MODEL_CODE_FILES = [
     "ttt.py",
     "ttt_chunk.py",
     "varlen.py",
+    "vit3.py",
 ]
 AUTO_MAP = {
     "AutoConfig": "configuration_memory.MemoryLMConfig",
     "AutoModel": "modeling_memory.MemoryLMModel",
     "AutoModelForCausalLM": "modeling_memory.MemoryLMForCausalLM",
+}
+# config.model_type → its auto_map (the ViT³ image classifier beside the language model)
+AUTO_MAPS = {
+    "memory_lm": AUTO_MAP,
+    "vit3": {
+        "AutoConfig": "configuration_vit3.ViT3Config",
+        "AutoModel": "modeling_vit3.ViT3Model",
+        "AutoModelForImageClassification": "modeling_vit3.ViT3ForImageClassification",
+    },
 }
 
 
@@ -82,7 +94,7 @@ def copy_model_code(out_dir: str | Path) -> None:
 
 def save_model_folder(model, out_dir: str | Path, max_shard_size: str = "5GB") -> None:
     """save_pretrained (safetensors) + generation config + the model code with its auto_map."""
-    model.config.auto_map = dict(AUTO_MAP)
+    model.config.auto_map = dict(AUTO_MAPS[model.config.model_type])
     model.config.architectures = [type(model).__name__]
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     copy_model_code(out_dir)
