@@ -27,6 +27,8 @@ LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}  # TTT layer name → inner 
 ALL_LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal",
               "titans_mac", "lact", "swa", "attention"]
 ALL_LAYERS += ["tnt", "hope"]  # family II (config defaults: TNT global chunk 2048 / local 64, Hope chunk 16)
+ALL_LAYERS += ["vit3"]  # ViT³ (non-causal, vision): seq-len tokens on the most square h×w grid
+ALL_LAYERS += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras (chunk 16), ATLAS (chunk 16, window 8, Muon)
 
 
 def _rss_mb() -> float:
@@ -75,6 +77,8 @@ def build(impl: str, layer: str, args):
 
 def _generic(impl: str, layer: str, args):
     """Any other mixer, built by the model's own factory from a config with this size."""
+    if layer == "vit3":
+        return _vit3(impl, args)
     from models.configuration_memory import MemoryLMConfig
     from models.modeling_memory import build_mixer
 
@@ -96,6 +100,25 @@ def _generic(impl: str, layer: str, args):
 
         def forward(self, x):
             return self.inner(x)[0]
+
+    module = Mixer()
+    return torch.compile(module) if impl == "compiled" else module
+
+
+def _vit3(impl: str, args):
+    """ViT³'s mixer: one inner step on all seq_len tokens, laid out on the most square h×w grid."""
+    from models.vit3 import ViT3Layer
+
+    h = max(i for i in range(1, int(args.seq_len**0.5) + 1) if args.seq_len % i == 0)
+    layer = ViT3Layer(args.hidden, args.heads, scan_impl="reference" if impl == "reference" else "chunk")
+
+    class Mixer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = layer
+
+        def forward(self, x):
+            return self.inner(x, grid=(h, x.shape[1] // h))[0]
 
     module = Mixer()
     return torch.compile(module) if impl == "compiled" else module
@@ -135,6 +158,37 @@ def measure(impl: str, layer: str, args) -> dict:
             "peak_mem_mb": peak}
 
 
+def interleaved(layer: str, impls: list[str], args) -> list[dict]:
+    """Every implementation built in one process and timed in turn, step by step (A B A B ...): on a
+    shared machine each sees the same load, so their ratio is fair even when absolute times move."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    steps = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        module = build(impl, layer, args).to(device=device, dtype=dtype).train()
+        x = torch.randn(args.batch, args.seq_len, args.hidden, device=device, dtype=dtype, requires_grad=True)
+
+        def step(module=module, x=x):
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            module(x).float().square().mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        step()  # warm-up (and compilation)
+        steps[impl] = step
+    times = {impl: [] for impl in impls}
+    for _ in range(args.iters):
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t0)
+    load = open("/proc/loadavg").read().split()[0] if sys.platform.startswith("linux") else "n/a"
+    return [{"impl": impl, "layer": layer, "seq_len": args.seq_len, "step_s": statistics.median(times[impl]),
+             "tokens_per_s": args.batch * args.seq_len / statistics.median(times[impl]), "peak_mem_mb": float("nan"),
+             "load_avg_1m": load} for impl in impls]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", nargs="+", default=ALL_LAYERS, choices=ALL_LAYERS)
@@ -156,11 +210,18 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--scan-checkpoint", type=int, default=0, help="scan_checkpoint_group_size (0 = off)")
     p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the implementations of a layer in one process, alternating steps (fair ratios on a "
+                        "loaded machine; no peak memory)")
     p.add_argument("--_one", nargs=2, metavar=("IMPL", "LAYER"), help=argparse.SUPPRESS)
+    p.add_argument("--_inter", nargs="+", metavar="LAYER IMPL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._one:
         print(json.dumps(measure(args._one[0], args._one[1], args)))
+        return 0
+    if args._inter:
+        print(json.dumps(interleaved(args._inter[0], args._inter[1:], args)))
         return 0
 
     impls = list(args.impls) + (["reference"] if args.reference and "reference" not in args.impls else [])
@@ -173,19 +234,24 @@ def main(argv=None):
     print(f"{'layer':<14} {'impl':<10} {'seq':>6} {'step s':>9} {'tokens/s':>10} {'peak MB':>9}", flush=True)
     rows = []
     for layer in args.layers:
-        for impl in impls:
-            if impl == "official" and layer not in LAYERS:
-                continue
-            res = subprocess.run([sys.executable, "-m", "bench.layer", *passthrough, "--_one", impl, layer],
-                                 capture_output=True, text=True)
+        layer_impls = [i for i in impls if not (i == "official" and layer not in LAYERS)]
+        if args.interleave:
+            layer_impls = [i for i in layer_impls if i != "reference"]  # other sequence length
+            jobs = [["--_inter", layer, *layer_impls]] + ([["--_one", "reference", layer]] if "reference" in impls else [])
+        else:
+            jobs = [["--_one", impl, layer] for impl in layer_impls]
+        for job in jobs:
+            res = subprocess.run([sys.executable, "-m", "bench.layer", *passthrough, *job], capture_output=True, text=True)
             if res.returncode != 0:
-                print(f"{layer:<14} {impl:<10} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
+                print(f"{layer:<14} {' '.join(job[1:]):<10} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            print(json.dumps(r) if args.json else
-                  f"{layer:<14} {impl:<10} {r['seq_len']:>6} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
-                  f"{r['peak_mem_mb']:>9.0f}", flush=True)
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+            for r in out if isinstance(out, list) else [out]:
+                rows.append(r)
+                print(json.dumps(r) if args.json else
+                      f"{layer:<14} {r['impl']:<10} {r['seq_len']:>6} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
+                      f"{r['peak_mem_mb']:>9.0f}" + (f"   load {r['load_avg_1m']}" if "load_avg_1m" in r else ""),
+                      flush=True)
     if args.official:
         for layer in args.layers:
             off = [r for r in rows if r["layer"] == layer and r["impl"] == "official"]

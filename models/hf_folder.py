@@ -34,6 +34,7 @@ MODEL_CODE_FILES = [
     "tnt.py",
     "ttt.py",
     "ttt_chunk.py",
+    "ttt_fused.py",
     "varlen.py",
     "vit3.py",
 ]

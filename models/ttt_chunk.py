@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .parts import gelu_tanh, head_layer_norm
 from .parts import gelu_tanh_grad_fused as gelu_tanh_grad
 from .parts import ln_fused_l2_grad_fused as ln_fused_l2_grad
+from .ttt_fused import linear_scan, mlp_scan
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
@@ -99,18 +100,10 @@ def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
     kq = torch.cat([ka, qa], dim=-2)  # one matmul gives K̃W and Q̃W
     mix = _causal_eta(scale, lr) * (q @ k.transpose(-1, -2) + 1.0)
     down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
-    b = q.shape[-2]
-    # unbind once: indexing x[i] per step would make backward allocate a full-size zero grad each time
-    kq, tgt, mix, down = (t.unbind(0) for t in (kq, tgt, mix, down))
 
-    def run(W, start, stop):
-        outs = []
-        for i in range(start, stop):
-            zz = kq[i] @ W
-            grad = ln_fused_l2_grad(zz[..., :b, :], tgt[i], ln_w, ln_b)
-            outs.append(zz[..., b:, :] - mix[i] @ grad)
-            W = W - down[i] @ grad
-        return W, torch.stack(outs)
+    def run(W, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
+        out, W = linear_scan(W, kq[start:stop], tgt[start:stop], mix[start:stop], down[start:stop], ln_w, ln_b)
+        return W, out
 
     return _grouped(run, [W], q.shape[0], group)
 
@@ -122,22 +115,11 @@ def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
     mix1 = eta * (q @ k.transpose(-1, -2) + 1.0)
     s_lr = (scale[-1] * lr)[..., None]
     down1 = (s_lr * ka).transpose(-1, -2)
-    b = q.shape[-2]
-    kq, tgt, eta, mix1, s_lr, down1 = (t.unbind(0) for t in (kq, tgt, eta, mix1, s_lr, down1))
 
-    def run(W1, W2, start, stop):
-        outs = []
-        for i in range(start, stop):
-            zz = kq[i] @ W1
-            z1 = zz[..., :b, :]
-            x2a = _with_ones(gelu_tanh(z1))
-            g2 = ln_fused_l2_grad(x2a @ W2, tgt[i], ln_w, ln_b)
-            g1 = (g2 @ W2[..., :-1, :].transpose(-1, -2)) * gelu_tanh_grad(z1)
-            x2_bar_a = _with_ones(gelu_tanh(zz[..., b:, :] - mix1[i] @ g1))
-            outs.append(x2_bar_a @ W2 - (eta[i] * (x2_bar_a @ x2a.transpose(-1, -2))) @ g2)
-            W1 = W1 - down1[i] @ g1
-            W2 = W2 - (s_lr[i] * x2a).transpose(-1, -2) @ g2
-        return W1, W2, torch.stack(outs)
+    def run(W1, W2, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
+        sl = slice(start, stop)
+        out, W1, W2 = mlp_scan(W1, W2, kq[sl], tgt[sl], eta[sl], mix1[sl], down1[sl], s_lr[sl], ln_w, ln_b)
+        return W1, W2, out
 
     return _grouped(run, [W1, W2], q.shape[0], group)
 
