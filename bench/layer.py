@@ -28,7 +28,6 @@ ALL_LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "
               "titans_mac", "lact", "swa", "attention"]
 ALL_LAYERS += ["tnt", "hope"]  # family II (config defaults: TNT global chunk 2048 / local 64, Hope chunk 16)
 ALL_LAYERS += ["vit3"]  # ViT³ (non-causal, vision): seq-len tokens on the most square h×w grid
-ALL_LAYERS += ["vit3"]  # ViT³ (non-causal, vision): seq-len tokens on the most square h×w grid
 ALL_LAYERS += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras (chunk 16), ATLAS (chunk 16, window 8, Muon)
 
 
@@ -80,8 +79,6 @@ def _generic(impl: str, layer: str, args):
     """Any other mixer, built by the model's own factory from a config with this size."""
     if layer == "vit3":
         return _vit3(impl, args)
-    if layer == "vit3":
-        return _vit3(impl, args)
     from models.configuration_memory import MemoryLMConfig
     from models.modeling_memory import build_mixer
 
@@ -103,25 +100,6 @@ def _generic(impl: str, layer: str, args):
 
         def forward(self, x):
             return self.inner(x)[0]
-
-    module = Mixer()
-    return torch.compile(module) if impl == "compiled" else module
-
-
-def _vit3(impl: str, args):
-    """ViT³'s mixer: one inner step on all seq_len tokens, laid out on the most square h×w grid."""
-    from models.vit3 import ViT3Layer
-
-    h = max(i for i in range(1, int(args.seq_len**0.5) + 1) if args.seq_len % i == 0)
-    layer = ViT3Layer(args.hidden, args.heads, scan_impl="reference" if impl == "reference" else "chunk")
-
-    class Mixer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = layer
-
-        def forward(self, x):
-            return self.inner(x, grid=(h, x.shape[1] // h))[0]
 
     module = Mixer()
     return torch.compile(module) if impl == "compiled" else module
