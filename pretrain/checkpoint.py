@@ -1,8 +1,9 @@
 """Atomic, verifiable training checkpoints: ``RUN_DIR/checkpoints/step_XXXXXXXX/`` + ``latest``.
 
 A checkpoint holds DeepSpeed's own files (module, ZeRO-partitioned optimizer, LR scheduler),
-``trainer_state.json`` (step, tokens seen, data-loader position, the configuration) and one
-``rng_rankNNNNN.pt`` per process (python, numpy, torch CPU and CUDA generators).
+``trainer_state.json`` (step, tokens seen, data-loader position, the configuration), one
+``rng_rankNNNNN.pt`` per process (python, numpy, torch CPU and CUDA generators) and, when the
+trainer carries the memory state across steps (``--reset never``), one ``memory_rankNNNNN.pt``.
 
 How a save stays atomic (a crash at any moment never leaves a checkpoint that looks complete):
 1. every rank writes into ``checkpoints/.tmp-step_X/step_X/`` (a name that is never loaded);
@@ -185,8 +186,9 @@ def verify_crcs(folder: Path, manifest: dict) -> None:
 
 # -------------------------------------------------------------------------------------- saving
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int = 0, local_rank: int = 0,
-         before_publish=None) -> Path:
-    """Collective: every rank calls it. Returns the published folder."""
+         before_publish=None, memory_state=None) -> Path:
+    """Collective: every rank calls it. Returns the published folder. ``memory_state``: this rank's
+    carried memory state (any picklable object of tensors), saved beside its RNG state."""
     rank, world = _world()
     ckdir = checkpoints_dir(run_dir)
     tag = tag_for(step)
@@ -199,6 +201,8 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int 
     folder = tmp_root / tag
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), folder / f"rng_rank{rank:05d}.pt")
+    if memory_state is not None:
+        torch.save(memory_state, folder / f"memory_rank{rank:05d}.pt")
     if rank == 0:
         (folder / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, default=int), encoding="utf-8")
     _barrier()
@@ -242,6 +246,19 @@ def _prune(ckdir: Path, keep: int, current: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- loading
+def load_memory_state(folder: Path, manifest: dict):
+    """This rank's carried memory state from a checkpoint, or None if it has none or was saved by
+    another number of processes (rows then belong to other ranks: the memory restarts)."""
+    rank, world = _world()
+    path = folder / f"memory_rank{rank:05d}.pt"
+    if manifest.get("world_size") != world or not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {folder}: {path.name}: {exc}") from None
+
+
 def load(engine, folder: Path, manifest: dict) -> dict:
     """Restores engine (module, optimizer, scheduler) and this rank's RNG; returns trainer_state."""
     verify_crcs(folder, manifest)

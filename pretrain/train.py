@@ -162,10 +162,11 @@ def reset_inputs(cfg: TrainConfig, batch: dict, cp_rank: int = 0) -> dict:
 class CarriedState:
     """``--reset never``: the memory state handed from each micro-batch to the next (detached:
     truncated backprop), dropped when the streaming data order wraps around to its first batch
-    (row b then no longer continues row b). A resumed run restarts it from the initial state."""
+    (row b then no longer continues row b). Saved in checkpoints, so a resume continues it (a
+    resume with another number of processes restarts it)."""
 
-    def __init__(self, batches_per_epoch: int, loader_steps_done: int):
-        self.period, self.count, self.state = batches_per_epoch, loader_steps_done, None
+    def __init__(self, batches_per_epoch: int, loader_steps_done: int, state=None):
+        self.period, self.count, self.state = batches_per_epoch, loader_steps_done, state
 
     def inputs(self) -> dict:
         if self.count % self.period == 0:
@@ -272,9 +273,10 @@ def train(cfg: TrainConfig) -> int:
     scheduler = build_scheduler(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            mpu=DeepSpeedMPU(dims), config=deepspeed_config(cfg))
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, memory_state = 0, 0, None
     if resume is not None:
         state = checkpoint.load(engine, *resume)
+        memory_state = checkpoint.load_memory_state(*resume)
         start_step, tokens_seen = state["step"], state["tokens"]
         loader.load_state_dict(state["data"])
         set_schedule(scheduler, schedule)
@@ -297,11 +299,13 @@ def train(cfg: TrainConfig) -> int:
 
     def save(step):
         trainer_state = {"step": step, "tokens": tokens_seen, "data": loader.state_dict(), "config": cfg.to_dict()}
-        folder = checkpoint.save(engine, cfg.out, step, trainer_state, cfg.keep_checkpoints, local_rank)
+        folder = checkpoint.save(engine, cfg.out, step, trainer_state, cfg.keep_checkpoints, local_rank,
+                                 memory_state=carried.state if carried is not None else None)
         if rank == 0:
             info(f"saved {folder}")
 
-    carried = CarriedState(loader.sampler.batches_per_epoch, start_step * cfg.grad_accum) \
+    carried = CarriedState(loader.sampler.batches_per_epoch, start_step * cfg.grad_accum,
+                           None if memory_state is None else memory_state.map(lambda t: t.to(engine.device))) \
         if reset_policy(cfg.reset)[0] == "never" else None
     step = start_step
     while step < cfg.steps:

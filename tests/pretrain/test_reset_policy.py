@@ -68,3 +68,18 @@ def _leaves(state):
     from models.varlen import _leaves
 
     return [t for blk in state.layers for t in _leaves(blk)]
+
+
+@pytest.mark.slow
+def test_never_resumes_exactly_with_the_carried_state(tmp_path):
+    """--reset never: 4 steps in one run = 2 steps, then a re-run to 4 (the carried memory state is
+    in the checkpoint), bitwise."""
+    from tests.pretrain.test_train import losses, run
+
+    args = ("--reset", "never", "--micro-batch", 2, "--zero-stage", 0, "--save-every", 2)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for out, steps in ((whole, 4), (part, 2), (part, 4)):
+        res = run(out, "--steps", steps, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (part / "checkpoints" / "step_00000002" / "memory_rank00000.pt").is_file()
+    assert losses(part) == losses(whole)
