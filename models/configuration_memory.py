@@ -31,12 +31,12 @@ _TTT, _DELTA = ("ttt_linear", "ttt_mlp"), ("deltanet", "gated_deltanet")
 _TITANS = ("titans", "titans_mac", "titans_mag", "titans_mal")
 INNER_KNOB_LAYERS = {
     "inner_steps": _DELTA + ("ttt_linear",),
-    "inner_grad_clip": _TTT + _TITANS,
-    "inner_init_pull": _TTT + _DELTA + _TITANS,
-    "inner_lr_schedule": _TTT + _DELTA + _TITANS,
+    "inner_grad_clip": _TTT + _TITANS + ("lact",),
+    "inner_init_pull": _TTT + _DELTA + _TITANS + ("lact",),
+    "inner_lr_schedule": _TTT + _DELTA + _TITANS + ("lact",),
     "inner_loss=ln_recon": _TTT,
     "inner_loss=mse": _TTT + _DELTA + _TITANS,
-    "inner_loss=next_token": _TTT + _DELTA + _TITANS,
+    "inner_loss=next_token": _TTT + _DELTA + _TITANS + ("lact",),
 }
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .attention import windowed_attention
 from .modules import HeadRMSNorm, apply_rotate_half_rope, rope_cos_sin
-from .parts import Recipe, column_norms, dot_product_loss, l2_normalize, newton_schulz, swiglu_memory
+from .parts import InnerKnobs, Recipe, column_norms, dot_product_loss, l2_normalize, newton_schulz, swiglu_memory
 from .reference import memory_scan_reference
 from .state import LayerState
 
@@ -116,7 +116,7 @@ def lact_recipe(chunk_size: int, init_norms: dict, muon: bool, use_momentum: boo
             new["momentum"] = mom
         return theta, new
 
-    return Recipe(inner_loss, read, token_step, chunk_size, chunk_end)
+    return Recipe(inner_loss, read, token_step, chunk_size, chunk_end, lr_gates=("lr0", "lr1", "lr2"))
 
 
 def lact_scan_reference(weights, pending, m_sum, momentum, q, k, v, lr0, lr1, lr2, m, init_norms, position: int,
@@ -146,8 +146,13 @@ class LaCTLayer(nn.Module):
 
     def __init__(self, hidden_size: int, num_attn_heads: int, num_lact_heads: int = 4, chunk_size: int = 2048,
                  window: int | None = 2048, inter_multi: int = 1, base_lr: float = 1e-3, optimizer: str = "muon",
-                 momentum: bool = True, rope_theta: float = 1e6, norm_eps: float = 1e-6, scan_impl: str = "chunk"):
+                 momentum: bool = True, rope_theta: float = 1e6, norm_eps: float = 1e-6, scan_impl: str = "chunk",
+                 knobs: InnerKnobs | None = None):
         super().__init__()
+        if knobs is not None and (knobs.steps != 1 or knobs.loss not in (None, "next_token")):
+            raise ValueError(f"LaCT supports inner_grad_clip, inner_init_pull, inner_lr_schedule and inner_loss "
+                             f"next_token, got {knobs}")
+        self.knobs = None if knobs == InnerKnobs() else knobs  # inner-loop knobs (models/inner_knobs.py)
         for n, h in (("num_attn_heads", num_attn_heads), ("num_lact_heads", num_lact_heads)):
             if hidden_size % h:
                 raise ValueError(f"hidden_size {hidden_size} is not divisible by {n} {h}")
@@ -237,9 +242,18 @@ class LaCTLayer(nn.Module):
         cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
         init_norms = {n: column_norms(getattr(self, n).to(compute)) for n in NAMES}
         m_sum = state.opt.get("m_sum")
-        o, weights, pending, m_sum, mom = LACT_SCANS[self.scan_impl](
-            cast(state.weights), cast(state.opt.get("pending")), None if m_sum is None else m_sum.to(compute),
-            cast(state.opt.get("momentum")), fq, fk, fv, lr0, lr1, lr2, m, init_norms, pos, self.chunk_size, self.muon)
+        args = (cast(state.weights), cast(state.opt.get("pending")), None if m_sum is None else m_sum.to(compute),
+                cast(state.opt.get("momentum")))
+        extra = {}
+        if self.knobs is not None:
+            from .inner_knobs import lact_scan_with_knobs
+
+            o, weights, pending, m_sum, mom, last_key = lact_scan_with_knobs(
+                self, args, fq, fk, fv, lr0, lr1, lr2, m, init_norms, pos, state.extra.get("prev_key"))
+            extra = {} if last_key is None else {"prev_key": last_key}
+        else:
+            o, weights, pending, m_sum, mom = LACT_SCANS[self.scan_impl](
+                *args, fq, fk, fv, lr0, lr1, lr2, m, init_norms, pos, self.chunk_size, self.muon)
         o = self.ttt_norm(o.to(x.dtype)) * F.silu(self.scale_proj(x)).transpose(1, 2)[..., None]
         y = self.o_proj(attn + o.transpose(1, 2).flatten(2))
         opt = {}
@@ -249,4 +263,4 @@ class LaCTLayer(nn.Module):
             opt["pending"] = pending
             if self.use_momentum:
                 opt["m_sum"] = m_sum
-        return y, LayerState(weights=weights, opt=opt, cache=new_cache, position=pos + T)
+        return y, LayerState(weights=weights, opt=opt, cache=new_cache, extra=extra, position=pos + T)

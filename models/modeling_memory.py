@@ -99,7 +99,8 @@ def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
                          chunk_size=config.lact_chunk_size, window=config.attention_window,
                          inter_multi=config.lact_inter_multi, base_lr=config.lact_base_lr,
                          optimizer=config.inner_optimizer or "muon", momentum=config.lact_momentum,
-                         rope_theta=rope_attn, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl)
+                         rope_theta=rope_attn, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl,
+                         knobs=InnerKnobs.from_config(config))
     return TTTLayer(
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,

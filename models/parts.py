@@ -328,6 +328,12 @@ class InnerKnobs:
     def next_token(self) -> bool:
         return self.loss == "next_token"
 
+    @property
+    def inputs_only(self) -> bool:
+        """Only the schedule and next_token are on: they change the per-token inputs (lr gates, keys),
+        so a layer's plain chunked scan runs unchanged on the changed inputs."""
+        return self.steps == 1 and self.grad_clip is None and not self.init_pull and self.loss in (None, "next_token")
+
     @classmethod
     def from_config(cls, config) -> "InnerKnobs":
         return cls(steps=int(getattr(config, "inner_steps", 1) or 1), grad_clip=getattr(config, "inner_grad_clip", None),

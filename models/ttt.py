@@ -215,6 +215,9 @@ class TTTLayer(nn.Module):
         last_key = None
         if self.knobs.next_token:
             k, (lr,), last_key = next_token_pairs(k, [lr], prev_key)
+        if self.knobs.inputs_only:  # schedule / next_token change only the inputs: the plain fast scan
+            return (*ttt_scan_chunked(self.inner, cast(weights), cast(pending), q, k, v, lr, *args,
+                                      self.scan_checkpoint_group_size if self.training else 0), last_key)
         return (*ttt_scan_knobs(self.inner, cast(weights), cast(pending), q, k, v, lr, *args, self.knobs, init),
                 last_key)
 

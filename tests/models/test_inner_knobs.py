@@ -7,6 +7,7 @@ import torch
 from models import MemoryLMConfig, MemoryLMForCausalLM, preset_config
 from models.configuration_memory import INNER_KNOB_LAYERS, MEMORY_LAYERS
 from models.deltanet import DeltaNetLayer, delta_rule_recipe
+from models.lact import LaCTLayer
 from models.modeling_memory import build_mixer
 from models.parts import InnerKnobs, clip_grad_per_layer
 from models.reference import memory_scan_reference
@@ -27,6 +28,7 @@ KNOBS = {
     "ttt_steps": InnerKnobs(steps=3, grad_clip=0.05, lr_decay=0.05),
     "ttt_all_steps": InnerKnobs(steps=2, grad_clip=0.1, lr_decay=0.05, loss="next_token"),
     "ttt_mse_steps": InnerKnobs(steps=2, loss="mse"),
+    "all_no_pull": InnerKnobs(grad_clip=0.01, lr_decay=0.05, loss="next_token"),
 }
 # layer → the knobs its chunk form implements ("mse" is the delta rule's and Titans' own loss)
 LAYERS = {
@@ -37,6 +39,8 @@ LAYERS = {
     "titans_depth1": ["schedule", "clip", "pull", "next_token", "all"],
     "titans": ["schedule", "clip", "pull", "next_token", "all"],
     "titans_sgd": ["schedule", "clip", "pull", "next_token", "all"],
+    "lact": ["schedule", "clip", "next_token", "all_no_pull"],
+    "lact_sgd": ["schedule", "clip", "pull", "next_token", "all"],
 }
 
 
@@ -44,6 +48,9 @@ def make(layer, knobs):
     torch.manual_seed(0)
     if layer.startswith("ttt"):
         m = TTTLayer(32, 4, inner=layer[4:], mini_batch_size=8, knobs=knobs)
+    elif layer.startswith("lact"):
+        m = LaCTLayer(32, 4, num_lact_heads=2, chunk_size=6, window=5, base_lr=0.1,
+                      optimizer="sgd" if layer == "lact_sgd" else "muon", knobs=knobs)
     elif layer.endswith("deltanet"):
         m = DeltaNetLayer(32, 4, gated=layer == "gated_deltanet", chunk_size=8, conv_kernel=3, knobs=knobs)
     else:
@@ -76,7 +83,8 @@ def test_chunked_equals_reference_in_pieces(layer, knob):
 
 
 @pytest.mark.parametrize("layer,knob", [("ttt_linear", "all"), ("ttt_linear", "ttt_all_steps"), ("ttt_mlp", "all"),
-                                        ("gated_deltanet", "all_steps"), ("titans", "all")])
+                                        ("gated_deltanet", "all_steps"), ("titans", "all"), ("lact", "all_no_pull"),
+                                        ("lact_sgd", "all")])
 def test_one_call_equals_pieces_with_gradients(layer, knob):
     check_one_call_equals_pieces(make(layer, KNOBS[knob]), torch.randn(2, 27, 32, dtype=F64), [4, 13, 14])
 
@@ -205,11 +213,12 @@ def test_clip_per_layer():
 
 @pytest.mark.parametrize("layer,knobs", [("ttt_mlp", dict(inner_grad_clip=0.5, inner_loss="next_token")),
                                          ("gated_deltanet", dict(inner_steps=2, inner_lr_schedule="inverse:0.01")),
-                                         ("titans_mag", dict(inner_init_pull=0.1, inner_loss="next_token"))])
+                                         ("titans_mag", dict(inner_init_pull=0.1, inner_loss="next_token")),
+                                         ("lact", dict(inner_grad_clip=0.5, inner_loss="next_token"))])
 def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
     torch.manual_seed(0)
     cfg = preset_config("test", memory_layer=layer, mini_batch_size=4, deltanet_chunk_size=4, titans_chunk_size=4,
-                        attention_window=5, num_persistent_tokens=2, **knobs)
+                        attention_window=5, num_persistent_tokens=2, lact_chunk_size=6, lact_num_heads=2, **knobs)
     model = MemoryLMForCausalLM(cfg).to(F64).eval()
     ids = torch.randint(0, 128, (2, 15))
     with torch.no_grad():
@@ -225,9 +234,9 @@ def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
     (dict(memory_layer="titans_mac", inner_steps=2), r"inner_steps is not supported by \['titans_mac'\]"),
     (dict(memory_layer="deltanet", inner_grad_clip=1.0), r"inner_grad_clip is not supported by \['deltanet'\]"),
     (dict(memory_layer="titans", inner_loss="ln_recon"), "inner_loss=ln_recon is not supported"),
-    (dict(memory_layer="lact", inner_lr_schedule="inverse:0.1"), r"inner_lr_schedule is not supported by \['lact'\]"),
-    (dict(memory_layer="ttt_linear", layer_pattern="M,lact", num_hidden_layers=2, inner_init_pull=0.1),
-     r"inner_init_pull is not supported by \['lact'\]"),
+    (dict(memory_layer="lact", inner_loss="mse"), r"inner_loss=mse is not supported by \['lact'\]"),
+    (dict(memory_layer="ttt_linear", layer_pattern="M,atlas", num_hidden_layers=2, inner_init_pull=0.1),
+     r"inner_init_pull is not supported by \['atlas'\]"),
     (dict(memory_layer="gated_deltanet", inner_init_pull=1.0), "must be < 1"),
     (dict(memory_layer="ttt_linear", inner_lr_schedule="cosine"), "unknown inner_lr_schedule"),
     (dict(memory_layer="ttt_linear", inner_lr_schedule="inverse:-1"), "unknown inner_lr_schedule"),
