@@ -8,7 +8,7 @@ forgetting gate, per-token soft-clamped gradients; ``models/titans.py``), sharin
     global  V_t = Titans step of V_{t−1} with ∇ℓ_t(V_{ξ(t,C_G)})       o^G_t = V_{ξ(t,C_G)}(q_t)
     local   W⁽ᵐ⁾_t = W⁽ᵐ⁾_init                      if t ≡ 0 (mod S_L)   (reset; momentum ← 0)
             W⁽ᵐ⁾_t = Titans step with ∇ℓ_t(W⁽ᵐ⁾_{ξ(t,C_L⁽ᵐ⁾)})  otherwise,  o⁽ᵐ⁾_t = W⁽ᵐ⁾_t(q̃_t)
-    Q-K projection  P_t = Σ_{τ=ξ(t,S_L)}^{t} k_τ k_τᵀ/‖k_τ‖²,   q̃_t = L2(P_t q_t)
+    Q-K projection  P_t = Σ_{τ=ξ(t,S_L)}^{t} k_τ k_τᵀ/‖k_τ‖²,   q̃_t = P_t q_t / √(1 + ‖P_t q_t‖²)
     output  o_t = o^G_t + Σ_m o⁽ᵐ⁾_t
 
 ξ(t, C) = t − (t mod C). The global memory is read with its weights at the start of the current
@@ -102,11 +102,16 @@ def global_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
 # ------------------------------------------------------------------------------ the whole scan
 
 
+def soft_unit(x: torch.Tensor) -> torch.Tensor:
+    """x / √(1 + ‖x‖²): unit length for large x, ≈ x for small x (no amplification near 0)."""
+    return x * torch.rsqrt(1 + x.pow(2).sum(-1, keepdim=True))
+
+
 def qk_project(P: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-    """q̃_t = L2(P_t q_t), P_t = P + Σ_{τ≤t} k_τ k_τᵀ/‖k_τ‖² (one reset segment). Returns (q̃, P_T)."""
+    """q̃_t = soft_unit(P_t q_t), P_t = P + Σ_{τ≤t} k_τ k_τᵀ/‖k_τ‖² (one reset segment). Returns (q̃, P_T)."""
     kn = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))
     scores = (q @ kn.transpose(-1, -2)).tril()
-    return l2_normalize(q @ P + scores @ kn), P + kn.transpose(-1, -2) @ kn
+    return soft_unit(q @ P + scores @ kn), P + kn.transpose(-1, -2) @ kn
 
 
 def _segments(position: int, T: int, period: int):
@@ -224,7 +229,7 @@ def tnt_scan_reference(glob: LayerState, locs: list, P, inits: list, q, k, v, ga
         step(g_mem, g_mem["a"], t, gates[0])
         k_t = k[:, :, t : t + 1]
         P = P + (k_t / k_t.norm(dim=-1, keepdim=True)).transpose(-1, -2) @ (k_t / k_t.norm(dim=-1, keepdim=True))
-        q_t = l2_normalize(q[:, :, t : t + 1] @ P)
+        q_t = soft_unit(q[:, :, t : t + 1] @ P)
         for m, mem in enumerate(l_mem):
             if p % local_chunks[m] == 0:
                 mem["a"] = mem["w"]
