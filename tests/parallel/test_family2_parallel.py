@@ -31,3 +31,11 @@ def test_equals_single_process(results, key):
 def test_heads_not_divisible_by_tp(variant):
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor parallel size tp=8"):
         parallelize(workers.build_reference(variant), ParallelDims(tp=8))
+
+
+@pytest.mark.parametrize("variant", list(workers.FAMILY2_VARIANTS))
+def test_prefix_and_ulysses_refused(variant):
+    with pytest.raises(ValueError, match="affine"):
+        parallelize(workers.build_reference(variant), ParallelDims(cp=2), cp_mode="prefix")
+    with pytest.raises(ValueError, match="ulysses"):
+        parallelize(workers.build_reference(variant), ParallelDims(cp=2), cp_mode="ulysses")
