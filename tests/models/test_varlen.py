@@ -13,9 +13,14 @@ from tests.models.helpers import max_state_diff, perturb
 
 KINDS = sorted(MEMORY_LAYERS) + sorted(ATTENTION_LAYERS)
 # float64 models, but RMSNorm computes in float32 and logits are float32: the packed and the alone
-# runs differ by float32 rounding of differently ordered sums (measured ≤ ~1e-7 outputs, ~2e-6 gradients)
+# runs differ by float32 rounding of differently ordered sums. Measured over every mixer: outputs and
+# states mostly bit-equal (≤ 1.2e-7), gradients ≤ 1.4e-7 relative to the parameter's gradient scale.
 TOL = 1e-6
-GRAD_TOL = 1e-5
+GRAD_TOL = 1e-6  # relative: |Δg| ≤ GRAD_TOL · max(1, max |g|), per parameter
+
+
+def grad_err(g, ref):
+    return ((g - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
 SMALL = dict(mini_batch_size=4, deltanet_chunk_size=4, titans_chunk_size=4, titans_segment_size=8, lact_chunk_size=6,
              lact_num_heads=2, attention_window=5, num_persistent_tokens=2, pre_conv=True, conv_kernel=3)
 # document starts of the two rows: inside chunks, a 1-token document, a start at the last column
@@ -83,7 +88,7 @@ def test_packed_row_equals_documents_alone(kind):
     for (name, _), g1, g2 in zip(model.named_parameters(), g_packed, g_alone):
         assert (g1 is None) == (g2 is None), name
         if g1 is not None:
-            assert (g1 - g2).abs().max() <= GRAD_TOL, name
+            assert grad_err(g1, g2) <= GRAD_TOL, name
     # rows end at positions 9 and 1: a per-row state, each row equal to its last document's
     assert all(isinstance(blk, RowStates) for blk in out.memory_state.layers)
     for b in range(2):
