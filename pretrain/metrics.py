@@ -79,6 +79,17 @@ def _scan_flops(config, kind: str, seq_len: int) -> float:
         dh = dl * config.lact_inter_multi
         # LaCT's own count per fast-weight head: 4 (apply to keys) + 8 (gradient) + 6 (apply to queries) × d·d_h
         return config.lact_num_heads * 18 * dl * dh + attention * _mean_context(seq_len, config.attention_window)
+    if kind == "tnt":  # 1 + N Titans memories (as above) + the Q-K projection, a linear attention per reset segment
+        e, depth = config.titans_memory_expansion * d, config.titans_memory_depth
+        params = d * d if depth == 1 else 2 * d * e + (depth - 2) * e * e
+        reset = config.tnt_reset_period or config.tnt_global_chunk_size
+        return (1 + len(config.tnt_local_chunk_sizes)) * H * 12 * params + attention * _mean_context(seq_len, reset)
+    if kind == "hope":
+        e = config.hope_memory_expansion * d
+        P, P1 = 2 * d * e, d * e + e  # a d → e → d memory; the lr/decay memories (d → e → 1)
+        # key/value/memory: generation (key, value) 4P, targets 6P, gradients 18P, read 2P; lr/decay: 20 P1;
+        # each CMS level: read 2P + gradient 4P (its forward is the read)
+        return H * (30 * P + 20 * P1 + len(config.hope_cms_chunk_sizes) * 6 * P)
     if kind == "swa":
         return attention * _mean_context(seq_len, config.attention_window)
     if kind == "attention":
