@@ -96,6 +96,57 @@ def _ttt_linear_steps(W, Ps, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau, K):
     return z_bar, ups
 
 
+def _ttt_mlp_steps(W1, W2, Ps, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau, K):
+    """TTT-MLP with K steps over n ≤ b tokens of one mini-batch (as :func:`_ttt_linear_steps`). Layer 1's
+    inputs are the keys at every step, so its errors accumulate (Ĝ1); layer 2's inputs X̃2^(k) change
+    with the step, so its term is a sum over the steps so far, and the backprop through each token's own
+    W₂ iterate is a dual form too: G2_j W2_jᵀ = G2_j W2₀ᵀ − s_j G2_j P2ᵀ − Σ_k Σ_{l≤j} s_j η_l (G2_j·G2_l^(k)) x2_l^(k).
+    Ps: K pairs [P1_s, P2_s] of cumulative pending sums, or None. Returns (z̄, K pairs of new sums)."""
+    ka, qa = _with_ones(k), _with_ones(q)
+    eta = torch.tril(scale[..., :, None] * lr[..., None, :])
+    s_col = scale[..., None]
+    mix_k = eta * (k @ k.transpose(-1, -2) + 1.0)
+    z1_k = ka @ W1
+    G1_cum, X2s, G2s, ups = None, [], [], []
+    for s in range(K):
+        z1 = z1_k
+        if s:
+            z1 = z1 - mix_k @ G1_cum
+            if Ps is not None:
+                z1 = z1 - s_col * (ka @ Ps[s - 1][0])
+        x2a = _with_ones(gelu_tanh(z1))
+        z2 = x2a @ W2
+        back = W2[..., :-1, :].transpose(-1, -2)
+        for X, G in zip(X2s, G2s):
+            z2 = z2 - (eta * (x2a @ X.transpose(-1, -2))) @ G
+        if s and Ps is not None:
+            z2 = z2 - s_col * (x2a @ Ps[s - 1][1])
+        G2 = z2 - tgt if mse else ln_fused_l2_grad(z2, tgt, ln_w, ln_b)
+        d1 = G2 @ back
+        for X, G in zip(X2s, G2s):
+            d1 = d1 - (eta * (G2 @ G.transpose(-1, -2))) @ X[..., :-1]
+        if s and Ps is not None:
+            d1 = d1 - s_col * (G2 @ Ps[s - 1][1][..., :-1, :].transpose(-1, -2))
+        G1 = _clip(d1 * gelu_tanh_grad(z1), ka, tau)
+        G2 = _clip(G2, x2a, tau)
+        G1_cum = G1 if G1_cum is None else G1_cum + G1
+        X2s.append(x2a)
+        G2s.append(G2)
+        up1 = (lr[..., None] * ka).transpose(-1, -2) @ G1_cum
+        up2 = sum((lr[..., None] * X).transpose(-1, -2) @ G for X, G in zip(X2s, G2s))
+        ups.append([up1, up2] if Ps is None else [up1 + Ps[s][0], up2 + Ps[s][1]])
+    z1b = qa @ W1 - (eta * (q @ k.transpose(-1, -2) + 1.0)) @ G1_cum
+    if Ps is not None:
+        z1b = z1b - s_col * (qa @ Ps[-1][0])
+    x2b = _with_ones(gelu_tanh(z1b))
+    z = x2b @ W2
+    for X, G in zip(X2s, G2s):
+        z = z - (eta * (x2b @ X.transpose(-1, -2))) @ G
+    if Ps is not None:
+        z = z - s_col * (x2b @ Ps[-1][1])
+    return z, ups
+
+
 def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau):
     """Dual form over n ≤ b tokens of one mini-batch with the knobs. Ws: folded [W̃1(, W̃2)] at θ₀;
     Ps: pending sums or None; Rs: λ(W̃ − W̃_init) or None. Returns (z̄, per-layer updates)."""
@@ -155,7 +206,7 @@ def ttt_scan_knobs(kind, anchor, pending, q, k, v, lr, token_offset, ln_weight, 
     Ws = fold_bias(anchor)
     Ps = None
     if pending is not None and position % b != 0:  # K > 1: one folded sum per step, "W1@s" for s < K
-        Ps = [fold_bias({n: pending[n if s == K else f"{n}@{s}"] for n in anchor})[0] for s in range(1, K + 1)]
+        Ps = [fold_bias({n: pending[n if s == K else f"{n}@{s}"] for n in anchor}) for s in range(1, K + 1)]
         Ps = Ps if K > 1 else fold_bias(pending)
     W_init = fold_bias(init) if knobs.init_pull else None
     outs, start = [], 0
@@ -164,14 +215,17 @@ def ttt_scan_knobs(kind, anchor, pending, q, k, v, lr, token_offset, ln_weight, 
         sl = slice(start, stop)
         Rs = None if W_init is None else [knobs.init_pull * (W - Wi) for W, Wi in zip(Ws, W_init)]
         args = (q[:, :, sl], k[:, :, sl], tgt[:, :, sl], lr[:, :, sl], scale[sl], ln_w, ln_b, mse, knobs.grad_clip)
-        if K > 1:  # TTT-Linear only (one folded matrix); ups/Ps: one per step
-            z, ups = _ttt_linear_steps(Ws[0], Ps, *args, K)
+        if K > 1 and len(Ws) == 1:  # ups/Ps: one list of folded sums per step
+            z, ups = _ttt_linear_steps(Ws[0], None if Ps is None else [P[0] for P in Ps], *args, K)
+            ups = [[u] for u in ups]
+        elif K > 1:
+            z, ups = _ttt_mlp_steps(*Ws, Ps, *args, K)
         else:
             z, ups = _ttt_segment(Ws, Ps, Rs, *args)
         outs.append(z)
         if (position + stop) % b == 0:
-            Ws, Ps = ([Ws[0] - scale[stop - 1] * ups[-1]] if K > 1 else
-                      [W - scale[stop - 1] * u for W, u in zip(Ws, ups)]), None
+            last = ups[-1] if K > 1 else ups
+            Ws, Ps = [W - scale[stop - 1] * u for W, u in zip(Ws, last)], None
         else:
             Ps = ups
         start = stop
@@ -180,7 +234,7 @@ def ttt_scan_knobs(kind, anchor, pending, q, k, v, lr, token_offset, ln_weight, 
     if Ps is not None and K > 1:
         pend = {}
         for s, P in enumerate(Ps, start=1):
-            pend.update({(n if s == K else f"{n}@{s}"): t for n, t in unfold_bias([P]).items()})
+            pend.update({(n if s == K else f"{n}@{s}"): t for n, t in unfold_bias(P).items()})
         return out, unfold_bias(Ws), pend
     return out, unfold_bias(Ws), (None if Ps is None else unfold_bias(Ps))
 

@@ -101,8 +101,8 @@ class TTTLayer(nn.Module):
             knobs = InnerKnobs(knobs.steps, knobs.grad_clip, knobs.init_pull, knobs.lr_decay, None)
         if knobs is not None and knobs.loss not in (None, "mse", "next_token"):
             raise ValueError(f"TTT supports inner_loss ln_recon/mse/next_token, got {knobs.loss!r}")
-        if knobs is not None and knobs.steps != 1 and (inner != "linear" or knobs.init_pull):
-            raise ValueError("inner_steps > 1 is implemented for TTT-Linear without inner_init_pull only")
+        if knobs is not None and knobs.steps != 1 and knobs.init_pull:
+            raise ValueError("inner_steps > 1 is implemented for TTT without inner_init_pull only")
         self.knobs = None if knobs == InnerKnobs() else knobs  # None: exactly the plain TTT code path
 
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)

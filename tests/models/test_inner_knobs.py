@@ -33,7 +33,7 @@ KNOBS = {
 # layer → the knobs its chunk form implements ("mse" is the delta rule's and Titans' own loss)
 LAYERS = {
     "ttt_linear": ["schedule", "clip", "pull", "mse", "next_token", "all", "ttt_steps", "ttt_all_steps", "ttt_mse_steps"],
-    "ttt_mlp": ["schedule", "clip", "pull", "mse", "next_token", "all"],
+    "ttt_mlp": ["schedule", "clip", "pull", "mse", "next_token", "all", "ttt_steps", "ttt_all_steps", "ttt_mse_steps"],
     "deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
     "gated_deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
     "titans_depth1": ["schedule", "clip", "pull", "next_token", "all"],
@@ -83,6 +83,7 @@ def test_chunked_equals_reference_in_pieces(layer, knob):
 
 
 @pytest.mark.parametrize("layer,knob", [("ttt_linear", "all"), ("ttt_linear", "ttt_all_steps"), ("ttt_mlp", "all"),
+                                        ("ttt_mlp", "ttt_all_steps"),
                                         ("gated_deltanet", "all_steps"), ("titans", "all"), ("lact", "all_no_pull"),
                                         ("lact_sgd", "all")])
 def test_one_call_equals_pieces_with_gradients(layer, knob):
@@ -229,8 +230,8 @@ def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(memory_layer="ttt_mlp", inner_steps=2), r"inner_steps is not supported by \['ttt_mlp'\]"),
-    (dict(memory_layer="ttt_linear", inner_steps=2, inner_init_pull=0.1), "inner_steps > 1 with inner_init_pull"),
+    (dict(memory_layer="ttt_mlp", inner_steps=2, inner_init_pull=0.1), "inner_steps > 1 with inner_init_pull"),
+    (dict(memory_layer="lact", inner_steps=2), r"inner_steps is not supported by \['lact'\]"),
     (dict(memory_layer="titans_mac", inner_steps=2), r"inner_steps is not supported by \['titans_mac'\]"),
     (dict(memory_layer="deltanet", inner_grad_clip=1.0), r"inner_grad_clip is not supported by \['deltanet'\]"),
     (dict(memory_layer="titans", inner_loss="ln_recon"), "inner_loss=ln_recon is not supported"),
