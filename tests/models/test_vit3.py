@@ -73,7 +73,7 @@ def test_non_causal_and_per_image():
     x2 = x.clone()
     x2[0, 35] += 1.0  # bottom-right token of image 0
     y2, _ = m(x2)
-    assert (y2[0, :30] - y[0, :30]).abs().amin(-1).min() > 0  # every token of image 0 changed, incl. the first
+    assert (y2[0, :30] - y[0, :30]).abs().amax(-1).min() > 1e-2  # every token of image 0 changed (measured ≥ 0.09)
     assert (y2[1] - y[1]).abs().max() == 0
 
 
