@@ -27,6 +27,7 @@ LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}  # TTT layer name → inner 
 ALL_LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal",
               "titans_mac", "lact", "swa", "attention"]
 ALL_LAYERS += ["tnt", "hope"]  # family II (config defaults: TNT global chunk 2048 / local 64, Hope chunk 16)
+ALL_LAYERS += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras (chunk 16), ATLAS (chunk 16, window 8, Muon)
 ALL_LAYERS += ["vit3"]  # ViT³ (non-causal, vision): seq-len tokens on the most square h×w grid
 ALL_LAYERS += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras (chunk 16), ATLAS (chunk 16, window 8, Muon)
 
@@ -89,6 +90,7 @@ def _generic(impl: str, layer: str, args):
     if args.chunk:
         cfg.update(deltanet_chunk_size=args.chunk, titans_chunk_size=args.chunk, lact_chunk_size=args.chunk)
         cfg.update(tnt_local_chunk_sizes=[args.chunk], hope_chunk_size=args.chunk)  # TNT: the local chunk
+        cfg.update(miras_chunk_size=args.chunk, atlas_chunk_size=args.chunk)
     if layer == "titans_mac":
         cfg["titans_segment_size"] = max(cfg.get("titans_chunk_size", 64), args.segment)
     mixer = build_mixer(MemoryLMConfig(**cfg), 0)

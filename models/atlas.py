@@ -30,8 +30,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .miras import decay_coefficients
+from .miras import coefficient_outer, decay_coefficients
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import Recipe, gelu_tanh, l2_normalize, newton_schulz
 from .reference import memory_scan_reference
@@ -104,13 +105,12 @@ def _segment(cur, anc, mom, window, q, k, v, g, c: int, optimizer: str):
     h = q
     new_w, new_m = {}, {}
     for i, name in enumerate(NAMES):
-        u = xs[i][..., :, None] * ds[i][..., None, :]  # [B, H, n + c − 1, d_in, d_out]
-        S = torch.einsum("bhtj,bhjio->bhtio", K, u)
+        S = coefficient_outer(K, xs[i], ds[i])  # [B, H, n, d_in, d_out]
         if P_mom is not None:
             S = S + P_mom[..., None, None] * mom[name][:, :, None]
             new_m[name] = S[:, :, -1]
         N = newton_schulz(S) if optimizer == "muon" else S
-        M = P[..., None, None] * cur[name][:, :, None] + torch.einsum("bhtj,bhjio->bhtio", C, N)
+        M = P[..., None, None] * cur[name][:, :, None] + torch.einsum("bhtj,bhjio->bhtio", C, N)  # M_t per token
         z = (h[..., None, :] @ M)[..., 0, :]
         new_w[name] = M[:, :, -1]
         h = gelu_tanh(z) if i == 0 else z
@@ -133,8 +133,10 @@ def atlas_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | None
         stop = min(T, start + b - (position + start) % b)
         sl = slice(start, stop)
         gs = {n: t[:, :, sl] for n, t in gates.items()}
-        o, cur, momentum, window = _segment(cur, anc, momentum, window, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, c,
-                                            optimizer)
+        seg = (cur, anc, momentum, window, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, c, optimizer)
+        # S_t, NS(S_t), M_t of every token: recomputed in the backward instead of kept
+        o, cur, momentum, window = (checkpoint(_segment, *seg, use_reentrant=False) if torch.is_grad_enabled()
+                                    else _segment(*seg))
         if (position + stop) % b == 0:
             anc = cur
         outs.append(o)

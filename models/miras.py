@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import Recipe, gelu_tanh, head_layer_norm, l2_normalize
@@ -119,6 +120,12 @@ def decay_coefficients(lr: torch.Tensor, keep: torch.Tensor):
     return cum.exp(), -lr[..., None, :] * gap.exp()
 
 
+def coefficient_outer(K: torch.Tensor, X: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Σ_j K_tj X_jᵀ D_j for every t: K [.., n, m], X [.., m, i], D [.., m, o] → [.., n, i, o] (the
+    per-token outer products u_j = X_jᵀ D_j are never formed)."""
+    return (K[..., :, :, None] * X[..., None, :, :]).transpose(-1, -2) @ D[..., None, :, :]
+
+
 def _dual_layer(h, w, P, C, X, D):
     """h [.., n, d_in] read through W_t = P_t W + Σ_{j≤t} C_tj X_jᵀ D_j without forming W_t."""
     return P[..., None] * (h @ w) + (C * (h @ X.transpose(-1, -2))) @ D
@@ -164,8 +171,7 @@ def _memora_segment(cur, anc, q, k, v, g, ln_w, ln_b):
     h = q
     new = {}
     for i, n in enumerate(NAMES):
-        u = xs[i][..., :, None] * ds[i][..., None, :]  # [B, H, n, d_in, d_out]
-        L = P[..., None, None] * cur[n][:, :, None] + torch.einsum("bhtj,bhjio->bhtio", C, u)
+        L = P[..., None, None] * cur[n][:, :, None] + coefficient_outer(C, xs[i], ds[i])  # [B, H, n, d_in, d_out]
         W = math.sqrt(L.shape[-2]) * torch.softmax(L, dim=-2)
         z = (h[..., None, :] @ W)[..., 0, :]
         new[n] = L[:, :, -1]
@@ -187,8 +193,10 @@ def miras_scan_chunked(variant: str, weights: dict, anchor: dict | None, opt: di
         sl = slice(start, stop)
         ends = (position + stop) % b == 0
         gs = {n: t[:, :, sl] for n, t in gates.items()}
-        if variant == "memora":
-            o, cur = _memora_segment(cur, anc, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, lw, lb)
+        if variant == "memora":  # per-token weights: recomputed in the backward instead of kept
+            seg = (cur, anc, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, lw, lb)
+            o, cur = checkpoint(_memora_segment, *seg, use_reentrant=False) if torch.is_grad_enabled() else \
+                _memora_segment(*seg)
         else:
             o, cur, opt = _linear_segment(variant, cur, anc, opt, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, lw, lb,
                                           ends, p, qn)
