@@ -187,6 +187,8 @@ class ViT3Layer(nn.Module):
     [H, d, d] and w3 [d, 1, 3, 3] (trunc-normal 0.02, as the authors), the output projection.
     ``scan_impl="reference"`` runs :func:`vit3_reference` (slow; for tests)."""
 
+    fast_weight_names = ("w1", "w2", "w3")  # the initial fast weights W⁰ (no weight decay in pretrain.optim)
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, inner_lr: float = 1.0,
                  scale: float | None = None, scan_impl: str = "chunk"):
         super().__init__()
@@ -208,7 +210,7 @@ class ViT3Layer(nn.Module):
 
     def reset_memory_parameters(self, init=None) -> None:
         """Initial fast weights: trunc-normal(0, 0.02) (through transformers' guarded init if given)."""
-        for p in (self.w1, self.w2, self.w3):
+        for p in (getattr(self, n) for n in self.fast_weight_names):
             if init is not None and hasattr(init, "trunc_normal_"):
                 init.trunc_normal_(p, std=0.02)
             else:

@@ -225,6 +225,14 @@ def test_presets_match_the_paper_sizes(name, low, high):
     assert vit3_preset_config(name, num_labels=10).num_labels == 10
 
 
+def test_initial_fast_weights_get_no_weight_decay():
+    from pretrain.optim import decay_parameter_names
+
+    decayed, kept = decay_parameter_names(small_model())
+    assert {"vit3.blocks.0.mixer.w1", "vit3.blocks.0.mixer.w2", "vit3.blocks.0.mixer.w3"} <= set(kept)
+    assert "vit3.blocks.0.mixer.qkv.weight" in decayed
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(hidden_size=30, num_attention_heads=4), "not divisible"),
     (dict(image_size=30, patch_size=16), "not a multiple"),
