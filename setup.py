@@ -22,7 +22,8 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]", "causal-conv1d>=1.2", "torchao>=0.8", "triton"],
     "sweep": ["scipy", "matplotlib", "pandas"],
     "eval": ["matplotlib"],  # python -m pretrain.evaluate's plots
-    "test": ["pytest>=8", "pytest-timeout", "scipy", "matplotlib", "pandas"],
+    # triton: its CPU interpreter runs the Triton kernels' tests (tests/models/test_triton_ttt.py)
+    "test": ["pytest>=8", "pytest-timeout", "scipy", "matplotlib", "pandas", "triton>=3.0"],
 }
 
 setup(

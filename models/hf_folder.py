@@ -32,6 +32,8 @@ MODEL_CODE_FILES = [
     "state.py",
     "titans.py",
     "tnt.py",
+    "triton_ttt.py",
+    "triton_ttt_kernels.py",
     "ttt.py",
     "ttt_chunk.py",
     "ttt_fused.py",

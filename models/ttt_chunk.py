@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .parts import gelu_tanh, head_layer_norm
 from .parts import gelu_tanh_grad_fused as gelu_tanh_grad
 from .parts import ln_fused_l2_grad_fused as ln_fused_l2_grad
+from .triton_ttt import triton_linear_scan, use_triton
 from .ttt_fused import linear_scan, mlp_scan
 
 
@@ -101,8 +102,14 @@ def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
     mix = _causal_eta(scale, lr) * (q @ k.transpose(-1, -2) + 1.0)
     down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
 
+    fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
+
     def run(W, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
-        out, W = linear_scan(W, kq[start:stop], tgt[start:stop], mix[start:stop], down[start:stop], ln_w, ln_b)
+        sl = slice(start, stop)
+        if fused:
+            out, W = triton_linear_scan(W, q[sl], k[sl], tgt[sl], mix[sl], scale[-1] * lr[sl], ln_w, ln_b)
+        else:
+            out, W = linear_scan(W, kq[sl], tgt[sl], mix[sl], down[sl], ln_w, ln_b)
         return W, out
 
     return _grouped(run, [W], q.shape[0], group)

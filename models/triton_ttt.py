@@ -1,0 +1,92 @@
+"""Triton kernels for the chunk step of TTT-Linear (dual form), forward and backward.
+
+One program per (batch, head) keeps the fast weights W, b (fp32) on chip and walks the N full
+mini-batches of a call; per mini-batch i (b tokens, inputs in fp32 or bf16, math in fp32):
+
+    Z = K W + b,  G = ∇LN-L2(Z, t)                                (the inner gradient at θ_i)
+    Z̄ = Q W + b − mix G,   mix = tril(s ηᵀ ⊙ (Q Kᵀ + 1))          (the reads of the dual form)
+    W ← W − (s_b η ⊙ K)ᵀ G,   b ← b − Σ_r s_b η_r G_r
+
+The forward stores W, b once per mini-batch (N·d², not T·d²); the backward walks the mini-batches
+in reverse, recomputes Z and G from the stored weights and carries ∂L/∂W, ∂L/∂b (the same
+recursion as ``ttt_fused.LinearScan``). ``mix`` and s_b η come from PyTorch (autograd takes their
+gradients on). Selected by :func:`use_triton` on CUDA tensors; everywhere else the chunked scan
+runs ``ttt_fused.LinearScan``. The kernels run on CPU under ``TRITON_INTERPRET=1`` (the tests).
+Importable without triton (``AVAILABLE`` is then False); the kernels live in triton_ttt_kernels.py,
+imported on first use. Only torch is imported here: this file is copied into HF folders.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+# Without triton, or in an exported folder whose loader did not copy the kernels file, the PyTorch
+# path is used. The kernels module imports triton, so it is imported only when a kernel runs.
+AVAILABLE = (importlib.util.find_spec("triton") is not None
+             and os.path.exists(os.path.join(os.path.dirname(__file__), "triton_ttt_kernels.py")))
+
+
+def _kernels():
+    return importlib.import_module(f"{__package__}.triton_ttt_kernels")
+
+
+def use_triton(x: torch.Tensor, mini_batch: int, head_dim: int) -> bool:
+    """The Triton path: on CUDA when triton is installed, or anywhere with MEMTRAIN_TRITON=1 (the
+    interpreter); never with MEMTRAIN_TRITON=0. tl.dot needs power-of-two sizes ≥ 16; the kernels
+    compute in fp32, so float64 stays on the PyTorch path."""
+    flag = os.environ.get("MEMTRAIN_TRITON", "")
+    if not AVAILABLE or flag == "0":
+        return False
+    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (mini_batch, head_dim))
+    return shapes_ok and x.dtype != torch.float64 and (x.is_cuda or flag == "1")
+
+
+class TritonLinearScan(torch.autograd.Function):
+    """N full mini-batches of TTT-Linear: W̃ = [W; b]: [B,H,d+1,d] (fp32), q, k, tgt: [N,B,H,b,d],
+    mix: [N,B,H,b,b], slr = s_b η: [N,B,H,b], ln_w, ln_b: [H,1,d] → (Z̄ [N,B,H,b,d] fp32, W̃_N)."""
+
+    @staticmethod
+    def forward(ctx, W, q, k, tgt, mix, slr, ln_w, ln_b, eps=1e-6):
+        N, B, H, b, d = q.shape
+        BH = B * H
+        w0 = W[..., :d, :].float().contiguous()
+        b0 = W[..., d, :].float().contiguous()
+        q, k, tgt, mix, slr = (t.contiguous() for t in (q, k, tgt, mix, slr))
+        lnw = ln_w.float().expand(B, H, 1, d).contiguous()
+        lnb = ln_b.float().expand(B, H, 1, d).contiguous()
+        f32 = dict(device=q.device, dtype=torch.float32)
+        out = torch.empty(N, B, H, b, d, **f32)
+        ws, bs = torch.empty(N, BH, d, d, **f32), torch.empty(N, BH, d, **f32)
+        wn, bn = torch.empty(BH, d, d, **f32), torch.empty(BH, d, **f32)
+        _kernels()._ttt_linear_fwd[(BH,)](w0, b0, q, k, tgt, mix, slr, lnw, lnb, out, ws, bs, wn, bn, N, BH, eps,
+                                          BLK=b, D=d)
+        ctx.save_for_backward(ws, bs, q, k, tgt, mix, slr, lnw, lnb)
+        ctx.eps, ctx.dtypes = eps, (W.dtype, q.dtype, mix.dtype, slr.dtype, ln_w.dtype)
+        return out, torch.cat([wn, bn[:, None]], dim=1).view(B, H, d + 1, d).to(W.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out, d_W):
+        ws, bs, q, k, tgt, mix, slr, lnw, lnb = ctx.saved_tensors
+        N, B, H, b, d = q.shape
+        BH = B * H
+        f32 = dict(device=q.device, dtype=torch.float32)
+        d_out = torch.zeros(N, B, H, b, d, **f32) if d_out is None else d_out.float().contiguous()
+        d_W = torch.zeros(B, H, d + 1, d, **f32) if d_W is None else d_W.float()
+        dwn, dbn = d_W[..., :d, :].contiguous(), d_W[..., d, :].contiguous()
+        dw0, db0 = torch.empty(BH, d, d, **f32), torch.empty(BH, d, **f32)
+        dq, dk, dtgt = (torch.empty(N, B, H, b, d, **f32) for _ in range(3))
+        dmix, dslr = torch.empty(N, B, H, b, b, **f32), torch.empty(N, B, H, b, **f32)
+        dlnw, dlnb = torch.empty(BH, d, **f32), torch.empty(BH, d, **f32)
+        _kernels()._ttt_linear_bwd[(BH,)](ws, bs, q, k, tgt, mix, slr, lnw, lnb, d_out, dwn, dbn,
+                               dw0, db0, dq, dk, dtgt, dmix, dslr, dlnw, dlnb, N, BH, ctx.eps, BLK=b, D=d)
+        w_dt, x_dt, mix_dt, slr_dt, ln_dt = ctx.dtypes
+        dW = torch.cat([dw0, db0[:, None]], dim=1).view(B, H, d + 1, d).to(w_dt)
+        d_ln = [t.view(B, H, 1, d).sum(0).to(ln_dt) for t in (dlnw, dlnb)]
+        return (dW, dq.to(x_dt), dk.to(x_dt), dtgt.to(x_dt), dmix.to(mix_dt), dslr.to(slr_dt), *d_ln, None)
+
+
+def triton_linear_scan(W, q, k, tgt, mix, slr, ln_w, ln_b, eps: float = 1e-6):
+    """:class:`TritonLinearScan` (Z̄ of every mini-batch and the final folded weights)."""
+    return TritonLinearScan.apply(W, q, k, tgt, mix, slr, ln_w, ln_b, eps)

@@ -1,0 +1,134 @@
+"""The Triton chunk kernels of TTT-Linear (models/triton_ttt.py) under TRITON_INTERPRET=1 on CPU,
+against the PyTorch chunked path: outputs, final weights and every gradient (fp32, ≤ 1e-4 relative
+to the largest value).
+
+Triton picks its interpreter when it is imported, so the checks run in one child process started
+with TRITON_INTERPRET=1 (``python -m tests.models.test_triton_ttt`` prints them as JSON).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import triton_ttt
+
+REPO = Path(__file__).resolve().parents[2]
+TOL = 1e-4
+
+
+def _inputs(dtype, N=3, B=1, H=2, b=16, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype).requires_grad_()
+
+    W = rnd(B, H, d + 1, d, scale=0.3).detach().float().requires_grad_()
+    q, k, tgt = rnd(N, B, H, b, d), rnd(N, B, H, b, d), rnd(N, B, H, b, d)
+    lr = (0.1 * torch.rand(N, B, H, b, generator=g)).requires_grad_()
+    scale = torch.rand(b, generator=g).requires_grad_()
+    ln_w = (1 + 0.1 * torch.randn(H, 1, d, generator=g)).requires_grad_()
+    ln_b = (0.1 * torch.randn(H, 1, d, generator=g)).requires_grad_()
+    return [W, q, k, tgt, lr, scale, ln_w, ln_b]
+
+
+def _run(fused, W, q, k, tgt, lr, scale, ln_w, ln_b):
+    from models import ttt_chunk
+    from models.ttt_fused import linear_scan
+
+    q32, k32, t32 = q.float(), k.float(), tgt.float()
+    mix = ttt_chunk._causal_eta(scale, lr) * (q32 @ k32.transpose(-1, -2) + 1.0)
+    if fused:
+        return triton_ttt.triton_linear_scan(W, q, k, tgt, mix, scale[-1] * lr, ln_w, ln_b)
+    ka = ttt_chunk._with_ones(k32)
+    kq = torch.cat([ka, ttt_chunk._with_ones(q32)], dim=-2)
+    down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
+    return linear_scan(W, kq, t32, mix, down, ln_w, ln_b)
+
+
+def _err(a, b):
+    """max |a − b| relative to max(1, max |b|)."""
+    return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
+
+
+def _kernel_errors(dtype):
+    """bf16 q, k, v − k: both paths read the same rounded values and compute in fp32."""
+    inputs = _inputs(dtype)
+    res = {}
+    for fused in (False, True):
+        z, w = _run(fused, *inputs)
+        gen = torch.Generator().manual_seed(5)
+        loss = (z * torch.randn(z.shape, generator=gen)).sum() + (w * torch.randn(w.shape, generator=gen)).sum()
+        res[fused] = (z, w, torch.autograd.grad(loss, inputs))
+    (z0, w0, g0), (z1, w1, g1) = res[False], res[True]
+    errs = {"out": _err(z1, z0), "weights": _err(w1, w0), "out_fp32": float(z1.dtype == torch.float32)}
+    errs.update({f"d_{n}": _err(a, b) for n, a, b in zip("W q k tgt lr scale ln_w ln_b".split(), g1, g0)})
+    errs["grad_dtypes_match"] = float(all(a.dtype == b.dtype for a, b in zip(g1, g0)))
+    return errs
+
+
+def _layer_errors():
+    """A whole TTT-Linear layer (2 full mini-batches + a tail of 8) with the kernels selected
+    (MEMTRAIN_TRITON=1) against the PyTorch path (=0): output, state, every gradient."""
+    from models.ttt import TTTLayer
+    from tests.models.helpers import perturb
+
+    torch.manual_seed(0)
+    layer = perturb(TTTLayer(32, 2, inner="linear", mini_batch_size=16))  # head dim 16
+    x = torch.randn(1, 40, 32, requires_grad=True)
+    res = {}
+    for flag in ("0", "1"):
+        os.environ["MEMTRAIN_TRITON"] = flag
+        y, state = layer(x)
+        loss = y.square().sum() + state.weights["W1"].sum()
+        res[flag] = (y, state.weights, torch.autograd.grad(loss, [x, *layer.parameters()]))
+    errs = {"out": _err(res["1"][0], res["0"][0])}
+    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    errs.update({f"d_{n}": _err(a, b) for n, a, b in zip(names, res["1"][2], res["0"][2])})
+    return errs
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton: the tests use its CPU interpreter)")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "tests.models.test_triton_ttt"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ["kernel_float32", "kernel_bfloat16", "layer"])
+def test_triton_matches_pytorch(interpreted, case):
+    errs = interpreted[case]
+    flags = {n: v for n, v in errs.items() if n in ("out_fp32", "grad_dtypes_match")}
+    assert all(v == 1.0 for v in flags.values()), flags
+    # gradients of bf16 inputs are bf16: the two paths round differently summed fp32 values (2 ulps)
+    bf16_grads = ("d_q", "d_k", "d_tgt") if case == "kernel_bfloat16" else ()
+    bad = {n: v for n, v in errs.items() if n not in flags and not v <= (2**-7 if n in bf16_grads else TOL)}
+    assert not bad, bad
+    assert len(errs) > 5  # outputs, weights and the gradients were all compared
+
+
+def test_selection(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.delenv("MEMTRAIN_TRITON", raising=False)
+    assert not triton_ttt.use_triton(x, 16, 64)  # CPU tensors: the PyTorch path
+    monkeypatch.setenv("MEMTRAIN_TRITON", "1")
+    assert triton_ttt.use_triton(x, 16, 64) == triton_ttt.AVAILABLE
+    assert not triton_ttt.use_triton(x, 16, 24)  # tl.dot needs powers of two ≥ 16
+    assert not triton_ttt.use_triton(x, 8, 64)
+    assert not triton_ttt.use_triton(x.double(), 16, 64)  # fp32 kernels
+    monkeypatch.setenv("MEMTRAIN_TRITON", "0")
+    assert not triton_ttt.use_triton(x, 16, 64)
+
+
+if __name__ == "__main__":  # the child process of the `interpreted` fixture
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    out = {"kernel_float32": _kernel_errors(torch.float32), "kernel_bfloat16": _kernel_errors(torch.bfloat16),
+           "layer": _layer_errors()}
+    print(json.dumps(out))
