@@ -77,6 +77,9 @@ FAMILIES = {
     # chunk 0, the queries read the weights chunk 0 wrote)
     "swa+lact": (dict(memory_layer="lact", layer_pattern="swa,lact", lact_chunk_size=8, attention_window=4,
                       lact_num_heads=2, lact_base_lr=0.01), 300, 0.3),
+    # TNT: local chunk 4 reset every 16 tokens (the whole sequence), global chunk 8
+    "tnt": (dict(memory_layer="tnt", num_hidden_layers=1, tnt_global_chunk_size=8, tnt_local_chunk_sizes=[4],
+                 tnt_reset_period=16), 300, 0.3),
 }
 
 
@@ -92,6 +95,9 @@ SLOW_FAMILIES = {
     "titans_mal": (dict(memory_layer="titans_mal", num_hidden_layers=1, titans_chunk_size=4, attention_window=4), 1000, 0.3),
     "swa+titans_mac": (dict(memory_layer="titans_mac", layer_pattern="swa,titans_mac", attention_window=4,
                             titans_chunk_size=4, titans_segment_size=8), 800, 0.3),
+    # Hope: self-modifying memory with chunk 4 (the pairs reach the memories after each 4 tokens), one CMS level
+    "hope": (dict(memory_layer="hope", num_hidden_layers=1, hope_chunk_size=4, hope_cms_chunk_sizes=[8],
+                  hope_memory_expansion=1), 300, 0.3),
 }
 
 
