@@ -147,11 +147,16 @@ def _ttt_mlp_steps(W1, W2, Ps, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau, K):
     return z, ups
 
 
-def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau):
+def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau, pre=None):
     """Dual form over n ≤ b tokens of one mini-batch with the knobs. Ws: folded [W̃1(, W̃2)] at θ₀;
-    Ps: pending sums or None; Rs: λ(W̃ − W̃_init) or None. Returns (z̄, per-layer updates)."""
-    ka, qa = _with_ones(k), _with_ones(q)
-    eta = torch.tril(scale[..., :, None] * lr[..., None, :])  # s_i η_j, j ≤ i
+    Ps: pending sums or None; Rs: λ(W̃ − W̃_init) or None; pre: (K̃, Q̃, sηᵀ, sηᵀ ⊙ (QKᵀ + 1)) when
+    computed for all mini-batches at once. Returns (z̄, per-layer updates)."""
+    if pre is None:
+        ka, qa = _with_ones(k), _with_ones(q)
+        eta = torch.tril(scale[..., :, None] * lr[..., None, :])  # s_i η_j, j ≤ i
+        mix = eta * (q @ k.transpose(-1, -2) + 1.0)
+    else:
+        ka, qa, eta, mix = pre
     s_col = scale[..., None]
     pull = None if Rs is None else (scale * lr.cumsum(-1))[..., None]  # s_i Σ_{j≤i} η_j
 
@@ -161,7 +166,7 @@ def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau):
     if len(Ws) == 1:
         (W,) = Ws
         G = _clip(grad_out(ka @ W), ka, tau)
-        z = qa @ W - (eta * (q @ k.transpose(-1, -2) + 1.0)) @ G
+        z = qa @ W - mix @ G
         ups = [(lr[..., None] * ka).transpose(-1, -2) @ G]
         xs = [qa]
     else:
@@ -171,7 +176,7 @@ def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau):
         G2 = grad_out(x2a @ W2)
         G1 = _clip((G2 @ W2[..., :-1, :].transpose(-1, -2)) * gelu_tanh_grad(z1), ka, tau)
         G2 = _clip(G2, x2a, tau)
-        z1b = qa @ W1 - (eta * (q @ k.transpose(-1, -2) + 1.0)) @ G1
+        z1b = qa @ W1 - mix @ G1
         if Ps is not None:
             z1b = z1b - s_col * (qa @ Ps[0])
         if Rs is not None:
@@ -188,6 +193,37 @@ def _ttt_segment(Ws, Ps, Rs, q, k, tgt, lr, scale, ln_w, ln_b, mse, tau):
         z = z - pull * (x_last @ Rs[-1])
         ups = [u + lr.sum(-1)[..., None, None] * R for u, R in zip(ups, Rs)]
     return z, ups
+
+
+def _ttt_blocks(Ws, Ps, W_init, q, k, tgt, lr, token_offset, ln_w, ln_b, position: int, b: int, knobs: InnerKnobs):
+    """One knob step (K = 1) over T tokens: the sequence is padded onto the mini-batch grid (tokens with
+    η = 0 in front of a call that starts mid-mini-batch and after one that ends mid-mini-batch: they
+    change nothing), everything that does not depend on θ₀ is computed for all mini-batches at once,
+    and the loop holds only the θ₀-dependent products. Returns (z̄ [B, H, T, d], Ws, Ps-or-None)."""
+    T, off = q.shape[2], position % b
+    N = -(-(off + T) // b)
+    back = N * b - off - T
+
+    def blocks(x):  # [B, H, T, ...] → N × [B, H, b, ...]
+        x = F.pad(x, (0, 0, off, back)) if x.dim() == 4 else F.pad(x, (off, back))
+        return x.unflatten(2, (N, b)).movedim(2, 0)
+
+    idx = torch.arange(b, device=q.device)
+    scale = torch.clamp_min(1.0 / (idx.to(token_offset.dtype) + 1.0) + token_offset, 0.0)
+    qb, kb, tb, lrb = (blocks(x) for x in (q, k, tgt, lr))
+    eta = torch.tril(scale[:, None] * lrb[..., None, :])
+    pre = zip(_with_ones(kb).unbind(0), _with_ones(qb).unbind(0), eta.unbind(0),
+              (eta * (qb @ kb.transpose(-1, -2) + 1.0)).unbind(0))
+    outs = []
+    for i, (p, qi, ki, ti, li) in enumerate(zip(pre, qb.unbind(0), kb.unbind(0), tb.unbind(0), lrb.unbind(0))):
+        Rs = None if W_init is None else [knobs.init_pull * (W - Wi) for W, Wi in zip(Ws, W_init)]
+        z, ups = _ttt_segment(Ws, Ps, Rs, qi, ki, ti, li, scale, ln_w, ln_b, knobs.loss == "mse", knobs.grad_clip, p)
+        outs.append(z)
+        if i < N - 1 or back == 0:
+            Ws, Ps = [W - scale[-1] * u for W, u in zip(Ws, ups)], None
+        else:
+            Ps = ups
+    return torch.cat(outs, 2)[:, :, off : off + T], Ws, Ps
 
 
 def ttt_scan_knobs(kind, anchor, pending, q, k, v, lr, token_offset, ln_weight, ln_bias, position, mini_batch_size,
@@ -209,6 +245,10 @@ def ttt_scan_knobs(kind, anchor, pending, q, k, v, lr, token_offset, ln_weight, 
         Ps = [fold_bias({n: pending[n if s == K else f"{n}@{s}"] for n in anchor}) for s in range(1, K + 1)]
         Ps = Ps if K > 1 else fold_bias(pending)
     W_init = fold_bias(init) if knobs.init_pull else None
+    if K == 1:
+        z_bar, Ws, Ps = _ttt_blocks(Ws, Ps, W_init, q, k, tgt, lr, token_offset, ln_w, ln_b, position, b, knobs)
+        out = q + (z_bar if mse else head_layer_norm(z_bar, ln_w, ln_b))
+        return out, unfold_bias(Ws), (None if Ps is None else unfold_bias(Ps))
     outs, start = [], 0
     while start < T:
         stop = min(T, start + b - (position + start) % b)

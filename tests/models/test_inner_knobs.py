@@ -291,3 +291,16 @@ def test_ttt_prepare_scan_output_keeps_the_knobs():
     assert (m.output(x, out) - y).abs().max() <= 1e-12
     with pytest.raises(ValueError, match="next_token"):
         make("ttt_linear", KNOBS["next_token"]).scan(state.weights, None, q, k, v, lr, 0)
+
+
+def test_knobs_survive_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    cfg = preset_config("test", memory_layer="ttt_mlp", mini_batch_size=4, inner_steps=2, inner_grad_clip=0.5,
+                        inner_lr_schedule="inverse:0.1", inner_loss="next_token")
+    model = MemoryLMForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    loaded = MemoryLMForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.inner_lr_decay == 0.1 and loaded.config.inner_steps == 2
+    ids = torch.randint(0, 128, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
