@@ -41,7 +41,7 @@ from .modules import CausalConv1d, HeadRMSNorm
 from .parts import deep_mlp_memory, l2_loss, l2_normalize
 from .state import LayerState
 from .titans import _backprop_at, soft_clamp_factor, titans_scan_chunked
-from .tnt import _advance
+from .tnt import _advance, chunk_end_coefficients
 
 MEMORIES = ("key", "value", "lr", "decay", "memory")
 RESIDUAL = {"key": True, "value": True, "lr": False, "decay": False, "memory": True}
@@ -78,11 +78,12 @@ def self_modifying_chunked(weights: dict, anchor: dict | None, q, u, lr_bias, de
         sl = slice(t, stop)
         k, targets, lr, forget = hope_generate(anc, u[:, :, sl], lr_bias, decay_bias, base_lr)
         eta = torch.zeros_like(lr)
+        coeffs = chunk_end_coefficients(lr, eta, forget)  # shared by the four memories that are not read
         new = {}
         for m in MEMORIES[:-1]:
             names = sorted(cur[m])
             w, _ = _advance([cur[m][n] for n in names], [anc[m][n] for n in names], None, k, targets[m], lr, eta,
-                            forget, max_grad_norm)
+                            forget, max_grad_norm, coeffs)
             new[m] = dict(zip(names, w))
         y, new["memory"], _, _ = titans_scan_chunked(cur["memory"], None if pos % chunk_size == 0 else anc["memory"],
                                                      None, q[:, :, sl], k, targets["memory"], lr, eta, forget, pos,

@@ -62,10 +62,11 @@ def chunk_end_coefficients(lr, eta, alpha):
     return -lr * r, eta[..., 0] * r[..., 0], beta, -lr * E, eta[..., 0] * E[..., 0]
 
 
-def _advance(cur: list, anchor: list, mom: list | None, k, v, lr, eta, alpha, max_norm):
-    """(M, S) after n tokens whose gradients are taken at ``anchor``; no per-token read."""
+def _advance(cur: list, anchor: list, mom: list | None, k, v, lr, eta, alpha, max_norm, coeffs=None):
+    """(M, S) after n tokens whose gradients are taken at ``anchor``; no per-token read.
+    ``coeffs``: chunk_end_coefficients(lr, eta, alpha) when the caller already has them."""
     xs, ds = _backprop_at(anchor, k, v, max_norm)
-    c, f, beta, s, m = chunk_end_coefficients(lr, eta, alpha)
+    c, f, beta, s, m = chunk_end_coefficients(lr, eta, alpha) if coeffs is None else coeffs
     new_w = [beta[..., None, None] * W + (c[..., None] * X).transpose(-1, -2) @ D for W, X, D in zip(cur, xs, ds)]
     if mom is None:
         return new_w, None
