@@ -101,6 +101,13 @@ class MemoryLMConfig(PretrainedConfig):
             (‖g‖ → τ·tanh(‖g‖/τ); None = off), a stability guard against inner-loop divergence.
         num_persistent_tokens: learnable always-visible tokens of the Titans blocks' attention.
         inner_optimizer: Titans ``momentum`` | ``sgd``; LaCT ``muon`` | ``sgd`` (None = the default).
+        miras_chunk_size / miras_memory_expansion / miras_base_lr: frozen-gradient chunk, MLP width
+            factor and upper bound of the inner step of Moneta, Yaad and Memora.
+        miras_p / miras_q: Moneta's ℓ_p attentional bias and ℓ_q retention exponents (p ≥ 1, q ≥ 2).
+        atlas_chunk_size / atlas_window / atlas_poly_degree / atlas_memory_expansion / atlas_base_lr:
+            ATLAS's frozen-gradient chunk, Omega-rule window c (c = 1: the current token only), degree
+            of the polynomial feature map of keys/queries, MLP width factor, upper bound of the step;
+            its ``inner_optimizer``: ``muon`` (default) | ``momentum`` | ``sgd`` (OmegaNet).
         inner_steps / inner_grad_clip / inner_init_pull / inner_lr_schedule / inner_loss: the inner
             loop's knobs (docs/models.md "Inner-loop knobs"; ``INNER_KNOB_LAYERS`` lists which layers
             take each): K sub-steps per token (DeltaProduct), per-token gradient clip τ (None = off),

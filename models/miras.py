@@ -303,7 +303,8 @@ class MirasLayer(nn.Module):
 
     def reset_memory_parameters(self, init=None) -> None:
         """Memory ~ N(0, 1/d_in) (Memora: logits ~ N(0, 1)); LN γ = 1, β = 0; gate biases: η ≈ base_lr/2,
-        retention ≈ 0.98, δ ≈ 1."""
+        retention ≈ 0.98, δ ≈ √d (the typical ‖M(k) − v‖ at init: the LN output has unit RMS, so
+        both branches of the Huber bias occur)."""
         init = init or nn.init
         for n in NAMES:
             p = getattr(self, n)
@@ -313,7 +314,7 @@ class MirasLayer(nn.Module):
         H = self.num_heads
         parts = [torch.zeros(H), torch.full((H,), -4.0 if self.variant == "yaad" else 4.0)]
         if self.variant == "yaad":
-            parts.append(torch.full((H,), _inv_softplus(1.0)))
+            parts.append(torch.full((H,), _inv_softplus(self.head_dim ** 0.5)))
         bias = torch.cat(parts)
         if hasattr(init, "copy_"):
             init.copy_(self.gates.bias, bias.to(self.gates.bias.dtype))

@@ -580,11 +580,34 @@ def tp_hope(layer: nn.Module, dims: ParallelDims) -> None:
     _copy_input(layer, dims)
 
 
+def tp_miras_atlas(layer: nn.Module, dims: ParallelDims) -> None:
+    """models.miras.MirasLayer (Moneta/Yaad/Memora) and models.atlas.AtlasLayer by heads: q/k/v/g
+    column-parallel, ``gates`` ([η | retention | (δ)] or [η | θ | α | γ] × heads) sharded with the
+    number of gate blocks as stride, convs by channel, the memory's initial weights (and Miras's LN,
+    ATLAS's feature coefficients) by head, o_proj row-parallel."""
+    _check_heads("num_heads", layer.num_heads, dims)
+    for name in ("q_proj", "k_proj", "v_proj", "g_proj"):
+        setattr(layer, name, column_parallel(getattr(layer, name), dims))
+    layer.gates = column_parallel(layer.gates, dims, stride=layer.gates.out_features // layer.num_heads)
+    for conv in ("conv_q", "conv_k", "conv_v"):
+        _shard_conv(getattr(layer, conv), dims)
+    for name in ("W1", "W2", "ln_weight", "ln_bias", "poly_coef"):
+        if hasattr(layer, name):
+            _shard_param(layer, name, dims, 0)
+    _replicated_in_sharded(layer.o_norm.weight, dims)
+    layer.o_proj = row_parallel(layer.o_proj, dims)
+    layer.num_heads //= dims.tp
+    layer.hidden_size = layer.num_heads * layer.head_dim
+    _copy_input(layer, dims)
+
+
 def tp_mixer(mixer: nn.Module, dims: ParallelDims) -> None:
     """The TP plan of any mixer built by models.modeling_memory.build_mixer."""
     from models.attention import AttentionLayer
     from models.deltanet import DeltaNetLayer
+    from models.atlas import AtlasLayer
     from models.hope import HopeLayer
+    from models.miras import MirasLayer
     from models.lact import LaCTLayer
     from models.titans import TitansMAC, TitansMAG, TitansMAL, TitansMemory
     from models.tnt import TNTLayer
@@ -606,6 +629,8 @@ def tp_mixer(mixer: nn.Module, dims: ParallelDims) -> None:
         tp_tnt(mixer, dims)
     elif isinstance(mixer, HopeLayer):
         tp_hope(mixer, dims)
+    elif isinstance(mixer, (MirasLayer, AtlasLayer)):
+        tp_miras_atlas(mixer, dims)
     else:
         raise ValueError(f"no tensor-parallel plan for mixer {type(mixer).__name__}")
 

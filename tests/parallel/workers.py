@@ -34,10 +34,18 @@ FAMILY2_VARIANTS = {
     "tnt": dict(memory_layer="tnt", tnt_global_chunk_size=8, tnt_local_chunk_sizes=[4], tnt_reset_period=8),
     "hope": dict(memory_layer="hope", hope_chunk_size=4, hope_cms_chunk_sizes=[8]),
 }
+FAMILY2_VARIANTS.update({  # Miras (one per state kind) and ATLAS: chunk 8, so CP pieces of 20/10 end mid-chunk
+    "moneta": dict(memory_layer="moneta", miras_chunk_size=8),
+    "memora": dict(memory_layer="memora", miras_chunk_size=8),
+    "atlas": dict(memory_layer="atlas", atlas_chunk_size=8, atlas_window=3),
+})
 VARIANTS.update(FAMILY2_VARIANTS)
 # LaCT's Newton–Schulz/Muon step amplifies float32 rounding: the CP=4 gradients differ by 1.7e-5
 # in float32 but by 5e-15 in float64, so its exactness is checked in float64.
 DTYPES = {"lact": torch.float64}
+# Memora's positive (softmax) weights make the LayerNorm inside its memory ill-conditioned and ATLAS
+# has Newton–Schulz per token: float32 TP/CP differences reach 2e-5 / 8e-6, so both are checked in float64
+DTYPES.update(memora=torch.float64, atlas=torch.float64)
 
 
 def supported(tp: int, cp: int, variant: str, mode: str) -> bool:
