@@ -54,6 +54,15 @@ def _check(model, dims: ParallelDims, cp_mode: str) -> None:
     kinds = _mixer_kinds(model)
     if dims.tp > 1:
         check_tp(model.config, dims)
+    cfg = model.config
+    knobs = (int(getattr(cfg, "inner_steps", 1) or 1) != 1 or getattr(cfg, "inner_loss", None) is not None
+             or bool(getattr(cfg, "inner_init_pull", 0)) or bool(getattr(cfg, "inner_lr_decay", 0)))
+    if dims.tp > 1 and "affine" in kinds and int(getattr(cfg, "inner_steps", 1) or 1) > 1:
+        raise ValueError("inner_steps > 1 (DeltaProduct) is not supported under tensor parallelism: its K-times-wider "
+                         "k/v/β projections are not laid out by heads")
+    if dims.cp > 1 and cp_mode == "prefix" and "affine" in kinds and knobs:
+        raise ValueError("cp_mode='prefix' does not take the inner-loop knobs (inner_steps, inner_init_pull, "
+                         "inner_lr_schedule, inner_loss) of DeltaNet: use cp_mode='pass'")
     if dims.cp > 1:
         if cp_mode == "prefix":
             bad = sorted(kinds.get("ttt", set()) | kinds.get("other", set()))

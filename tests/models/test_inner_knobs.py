@@ -304,3 +304,68 @@ def test_knobs_survive_save_and_load(tmp_path):
     ids = torch.randint(0, 128, (1, 11))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+# ------------------------------------------------------------------ context parallelism (CP = 2)
+
+CP_VARIANTS = {  # (config, float dtype): TTT through its prepare/scan/output CP path, the others by state pass
+    "ttt_mlp_clip_pull": (dict(memory_layer="ttt_mlp", inner_grad_clip=0.5, inner_init_pull=0.2,
+                               inner_lr_schedule="inverse:0.05"), torch.float32),
+    "ttt_linear_steps": (dict(memory_layer="ttt_linear", inner_steps=2, inner_grad_clip=0.5), torch.float32),
+    "titans_next_token": (dict(memory_layer="titans", titans_chunk_size=4, inner_grad_clip=0.5, inner_init_pull=0.2,
+                               inner_loss="next_token"), torch.float32),
+    "lact_next_token": (dict(memory_layer="lact", lact_chunk_size=6, lact_num_heads=2, inner_optimizer="sgd",
+                             attention_window=5, inner_grad_clip=0.5, inner_loss="next_token"), torch.float64),
+    "gdn_steps_next_token": (dict(memory_layer="gated_deltanet", deltanet_chunk_size=4, inner_steps=2,
+                                  inner_loss="next_token", inner_lr_schedule="inverse:0.05"), torch.float32),
+}
+
+
+def cp_worker(names):
+    """CP = 2 (sequence split over 2 ranks) vs one process: max |Δ| of logits, loss and every grad."""
+    import copy
+
+    from parallel import init_parallel
+    from parallel.loss import cp_slice
+    from tests.parallel.workers import batch, parallel_run, reference_run
+
+    dims, out = init_parallel(tp=1, cp=2), {}
+    for name in names:
+        cfg, dtype = CP_VARIANTS[name]
+        torch.manual_seed(0)
+        model = perturb(MemoryLMForCausalLM(preset_config("test", mini_batch_size=4, conv_kernel=3, **cfg)), 0.05)
+        model = model.to(dtype)
+        ids, tgt = batch(model.config, 24)
+        logits, loss, grads, n = reference_run(copy.deepcopy(model), ids, tgt)
+        try:
+            _, plogits, ploss, _, pgrads = parallel_run(model, dims, "pass", ids, tgt, n)
+        except ValueError as exc:
+            out[name] = str(exc)
+            continue
+        out[name] = dict(logits=(plogits - cp_slice(logits, dims)).abs().max().item(),
+                         loss=abs(ploss.item() - loss.item()) / n.item(),
+                         grad=max((pgrads[k] - grads[k]).abs().max().item() for k in grads))
+    return out
+
+
+@pytest.mark.slow
+def test_knobs_under_context_parallelism():
+    from parallel.launch import run_distributed
+
+    results = run_distributed(cp_worker, 2, args=(list(CP_VARIANTS),), timeout=300)
+    for res in results:  # rank 0, rank 1 (whose piece starts from the state rank 0 sent)
+        for name in CP_VARIANTS:
+            r = res[name]
+            assert isinstance(r, dict) and r["logits"] <= 1e-5 and r["loss"] <= 1e-5 and r["grad"] <= 1e-5, (name, r)
+
+
+def test_parallel_modes_refuse_knobs_they_cannot_run():
+    from parallel import ParallelDims, parallelize
+
+    def model(**kw):
+        return MemoryLMForCausalLM(preset_config("test", memory_layer="gated_deltanet", **kw))
+
+    with pytest.raises(ValueError, match="cp_mode='prefix' does not take the inner-loop knobs"):
+        parallelize(model(inner_lr_schedule="inverse:0.1"), ParallelDims(cp=2), cp_mode="prefix")
+    with pytest.raises(ValueError, match="not supported under tensor parallelism"):
+        parallelize(model(inner_steps=2), ParallelDims(tp=2))
