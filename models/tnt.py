@@ -108,11 +108,28 @@ def soft_unit(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(1 + x.pow(2).sum(-1, keepdim=True))
 
 
+QK_CHUNK = 64  # the Q-K projection's linear attention runs in chunks of this many tokens
+
+
 def qk_project(P: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-    """q̃_t = soft_unit(P_t q_t), P_t = P + Σ_{τ≤t} k_τ k_τᵀ/‖k_τ‖² (one reset segment). Returns (q̃, P_T)."""
+    """q̃_t = soft_unit(P_t q_t), P_t = P + Σ_{τ≤t} k_τ k_τᵀ/‖k_τ‖² (one reset segment). Returns (q̃, P_T).
+
+    As chunked linear attention: per chunk c, P q = Q_c P_c + tril(Q_c K_cᵀ) K_c with P_c the sum at the
+    chunk's start (so the cost is O(T·d²), not O(T²·d))."""
     kn = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True).clamp_min(1e-12))
-    scores = (q @ kn.transpose(-1, -2)).tril()
-    return soft_unit(q @ P + scores @ kn), P + kn.transpose(-1, -2) @ kn
+    T, c = q.shape[-2], QK_CHUNK
+    if T <= c:
+        return soft_unit(q @ P + (q @ kn.transpose(-1, -2)).tril() @ kn), P + kn.transpose(-1, -2) @ kn
+    pad = (-T) % c  # zero keys add nothing to P
+
+    def chunks(t):
+        return F.pad(t, (0, 0, 0, pad)).unflatten(-2, (-1, c))  # [..., n, c, d]
+
+    qc, kc = chunks(q), chunks(kn)
+    sums = kc.transpose(-1, -2) @ kc  # [..., n, d, d]
+    starts = P.unsqueeze(-3) + sums.cumsum(-3) - sums
+    out = qc @ starts + (qc @ kc.transpose(-1, -2)).tril() @ kc
+    return soft_unit(out.flatten(-3, -2)[..., :T, :]), P + sums.sum(-3)
 
 
 def _segments(position: int, T: int, period: int):

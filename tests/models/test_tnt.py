@@ -179,3 +179,16 @@ def test_initial_fast_weights_get_no_weight_decay():
         fast = [f"model.layers.0.mixer.{n}" for n in mixer.fast_weight_names]
         assert fast and not set(fast) & set(decayed), layer
         assert "model.layers.0.mixer.q_proj.weight" in decayed
+
+
+def test_qk_projection_in_chunks(monkeypatch):
+    """The chunked linear attention of the Q-K projection (chunks of 3 here) = the token loop."""
+    import models.tnt as tnt
+
+    monkeypatch.setattr(tnt, "QK_CHUNK", 3)
+    layer = mixer(tnt_global_chunk_size=16, tnt_local_chunk_sizes=[2], tnt_reset_period=16)
+    x = torch.randn(2, 37, 32, dtype=F64)
+    y, s = run_pieces(layer, x, [5, 30])
+    layer.scan_impl = "reference"
+    y_ref, s_ref = run_pieces(layer, x, [5, 30])
+    assert (y - y_ref).abs().max() <= 1e-10 and max_state_diff(s, s_ref) <= 1e-10
