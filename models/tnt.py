@@ -154,16 +154,13 @@ def tnt_scan_chunked(glob: LayerState, locs: list, P, inits: list, q, k, v, gate
     head, n_full, tail = _segments(position, T, reset_period)
     use_mom = mom is not None
 
-    def run(sl, states, P0, pos, Bx):  # one piece of a reset segment for every local memory
-        def cut(t):
-            return t[:, :, sl]
-
-        qt, Pn = qk_project(P0, cut(q), cut(k))
+    def run(sl, states, P0, pos):  # one piece of a reset segment, every local memory
+        qt, Pn = qk_project(P0, q[:, :, sl], k[:, :, sl])
         outs, new = 0, []
         for m, st in enumerate(states):
-            lr, eta, alpha = (Bx(cut(g)) for g in gates[1 + m])
-            y, w, a, mo = titans_scan_chunked(st.weights, st.anchor, st.opt.get("momentum"), Bx(qt), Bx(cut(k)),
-                                              Bx(cut(v)), lr, eta, alpha, pos, local_chunks[m], max_grad_norm)
+            lr, eta, alpha = (g[:, :, sl] for g in gates[1 + m])
+            y, w, a, mo = titans_scan_chunked(st.weights, st.anchor, st.opt.get("momentum"), qt, k[:, :, sl],
+                                              v[:, :, sl], lr, eta, alpha, pos, local_chunks[m], max_grad_norm)
             outs = outs + y
             new.append(LayerState(weights=w, anchor=a, opt={} if mo is None else {"momentum": mo}))
         return outs, new, Pn
@@ -176,7 +173,7 @@ def tnt_scan_chunked(glob: LayerState, locs: list, P, inits: list, q, k, v, gate
 
     pieces = []
     if head:
-        y, locs, P = run(slice(0, head), locs, P, position, lambda t: t)
+        y, locs, P = run(slice(0, head), locs, P, position)
         pieces.append(y)
     if n_full:  # complete segments are independent: all at once, segments folded into the batch
         S = reset_period
@@ -205,7 +202,7 @@ def tnt_scan_chunked(glob: LayerState, locs: list, P, inits: list, q, k, v, gate
         P = Pn.unflatten(0, (B, n_full))[:, -1]
         pieces.append(y.unflatten(0, (B, n_full)).movedim(1, 2).flatten(2, 3))
     if tail:
-        y, locs, P = run(slice(T - tail, T), fresh(B), torch.zeros_like(P), 0, lambda t: t)
+        y, locs, P = run(slice(T - tail, T), fresh(B), torch.zeros_like(P), 0)
         pieces.append(y)
     if (position + T) % reset_period == 0:  # the state at a reset boundary is the reset state
         locs, P = fresh(B), torch.zeros_like(P)
