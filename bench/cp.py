@@ -2,6 +2,7 @@
 
     python -m bench.cp [--layers 4] [--seq 8192] [--hidden 128] [--heads 4] [--steps 5] [--json out.json]
     python -m bench.cp --layer gated_deltanet --mode prefix     # the all-gather + prefix-combine scheme
+    python -m bench.cp --docs 300-1000     # packed documents: every block takes the block-state pass
 
 A training step is forward + backward of the whole LM (mean cross-entropy) on one sequence of
 ``--seq`` tokens. CP=1 runs the plain single-device model in one process; CP=2 runs
@@ -52,10 +53,16 @@ def worker(args, cp: int):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (1, args.seq), generator=gen)
     tgt = causal_targets(ids)
+    doc = {}
+    if args.docs:  # packed documents (bench/varlen.py): doc_ids numbered over the whole row
+        from bench.varlen import packed_doc_ids
+
+        lo, hi = map(int, args.docs.split("-"))
+        doc = {"doc_ids": packed_doc_ids(1, args.seq, lo, hi)}
     if cp == 1:
         def step():
             model.zero_grad(set_to_none=True)
-            logits = model(ids).logits
+            logits = model(ids, **doc, use_cache=False).logits
             F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100).backward()
         return _steps(step, args.steps)
 
@@ -64,11 +71,12 @@ def worker(args, cp: int):
     dims = init_parallel(tp=1, cp=cp)
     parallelize(model, dims, cp_mode=args.mode)
     ids_l, tgt_l = cp_slice(ids, dims), cp_slice(tgt, dims)
+    doc_l = {k: cp_slice(v, dims) for k, v in doc.items()}
 
     def step():
         dist.barrier()
         model.zero_grad(set_to_none=True)
-        loss_sum, n = parallel_cross_entropy(model(ids_l).logits, tgt_l, dims)
+        loss_sum, n = parallel_cross_entropy(model(ids_l, **doc_l).logits, tgt_l, dims)
         global_mean_loss(loss_sum, n, dims).backward()
         dist.barrier()  # a step ends when the slowest rank is done
 
@@ -118,13 +126,15 @@ def main(argv=None):
     p.add_argument("--layer", default="ttt_linear", choices=["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet"])
     p.add_argument("--mode", default="pass", choices=["pass", "prefix"], help="CP scheme (prefix: DeltaNet family)")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--docs", default="", metavar="MIN-MAX", help="pack documents of MIN–MAX tokens (doc_ids)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     from parallel.launch import run_distributed
 
     print(f"model: {args.layer} (cp_mode={args.mode}), {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
-          f"mini-batch {args.mini_batch}, vocab {args.vocab}; one sequence of {args.seq} tokens; float32")
+          f"mini-batch {args.mini_batch}, vocab {args.vocab}; one sequence of {args.seq} tokens; float32"
+          + (f"; documents of {args.docs} tokens" if args.docs else ""))
     print("torch threads: 1 per rank in every CP run (plus CP=1 with 2 threads for reference)")
     # best of --steps (the machine is shared: the minimum is the least disturbed measurement)
     r1 = run_distributed(worker, 1, args=(args, 1), timeout=1200, threads=1)[0]
