@@ -105,19 +105,20 @@ def linear_scan(W, kq, tgt, mix, down, ln_w, ln_b, eps: float = 1e-6):
     return LinearScan.apply(W, kq, tgt, mix, down, ln_w, ln_b, eps)
 
 
-def _gelu_tanh_d12(x):
-    """gelu'(x) in the closed form of :func:`parts.gelu_tanh_grad` and its derivative gelu''(x)."""
+def _gelu_tanh_parts(x, second: bool = False):
+    """gelu(x) (tanh form), gelu'(x) and optionally gelu''(x) from one tanh:
+    t = tanh(c x (1 + 0.044715 x²)), gelu = ½x(1 + t), gelu' = ½(1 + t) + ½x(1 − t²)u', u' = c + 0.1070322243 x²
+    (gelu' is :func:`parts.gelu_tanh_grad`, the closed form of the official TTT-MLP)."""
     x2 = x * x
     t = torch.tanh(GELU_C * x * (1 + 0.044715 * x2))
     du = GELU_C + 0.1070322243 * x2
     sech2 = 1 - t * t
-    d1 = 0.5 * x * (sech2 * du) + 0.5 * (1 + t)
+    half_1t = 0.5 * (1 + t)
+    d1 = 0.5 * x * (sech2 * du) + half_1t
+    if not second:
+        return x * half_1t, d1
     d2 = sech2 * (du + 0.5 * x * (2 * 0.1070322243 * x - 2 * t * du * du))
-    return d1, d2
-
-
-def _gelu_backward(grad, x):
-    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+    return x * half_1t, d1, d2
 
 
 def _pad1(x):
@@ -151,16 +152,17 @@ class MLPScan(torch.autograd.Function):
         for i in range(N):
             zz = torch.bmm(kq3[i], w1)
             z1, z1q = zz[:, :b], zz[:, b:]
-            x2a = _pad1(F.gelu(z1, approximate="tanh"))
+            x2, gp, gpp = _gelu_tanh_parts(z1, second=True)  # gelu' is both G1's factor and gelu's derivative
+            x2a = _pad1(x2)
             g2, x_hat, rstd, resid, g_hat = _ln_l2_forward(torch.bmm(x2a, w2), tgt3[i], lw, lb, eps)
-            gp, gpp = _gelu_tanh_d12(z1)
             M = torch.bmm(g2, w2[:, :h].transpose(-1, -2))
             g1 = M * gp
             z1bar = torch.baddbmm(z1q, mix3[i], g1, alpha=-1.0)
-            x2bar_a = _pad1(F.gelu(z1bar, approximate="tanh"))
+            x2bar, gp_bar = _gelu_tanh_parts(z1bar)
+            x2bar_a = _pad1(x2bar)
             P = torch.bmm(x2bar_a, x2a.transpose(-1, -2))
             torch.baddbmm(torch.bmm(x2bar_a, w2), eta3[i] * P, g2, alpha=-1.0, out=out[i])
-            keep.append((w1, w2, z1, gp, gpp, M, g1, z1bar, x2a, x2bar_a, P, g2, x_hat, rstd, resid, g_hat))
+            keep.append((w1, w2, gp, gpp, M, g1, gp_bar, x2a, x2bar_a, P, g2, x_hat, rstd, resid, g_hat))
             w1 = torch.baddbmm(w1, down3[i], g1, alpha=-1.0)
             w2 = torch.baddbmm(w2, (slr3[i] * x2a).transpose(-1, -2), g2, alpha=-1.0)
         # through save_for_backward (not ctx attributes) so that scan checkpointing can drop them
@@ -183,7 +185,7 @@ class MLPScan(torch.autograd.Function):
         d_slr = torch.empty_like(slr3)
         a_all, terms = [None] * N, [None] * N
         for i in range(N - 1, -1, -1):
-            w1, w2, z1, gp, gpp, M, g1, z1bar, x2a, x2bar_a, P, g2, xh, r, resid, gh = keep[i]
+            w1, w2, gp, gpp, M, g1, gp_bar, x2a, x2bar_a, P, g2, xh, r, resid, gh = keep[i]
             do, et = d_out[i], eta3[i]
             # reads: Z̄ = X̄2 W̃2 − (eta ⊙ P) G2,  P = X̄2 X̃2ᵀ
             dW2 = torch.baddbmm(A2, x2bar_a.transpose(-1, -2), do)
@@ -193,7 +195,7 @@ class MLPScan(torch.autograd.Function):
             torch.mul(dS, P, out=d_eta[i])
             dX2bar = torch.baddbmm(torch.bmm(do, w2.transpose(-1, -2)), dP, x2a)
             dX2a = torch.bmm(dP.transpose(-1, -2), x2bar_a)
-            dZ1bar = _gelu_backward(dX2bar[..., :h], z1bar)
+            dZ1bar = dX2bar[..., :h] * gp_bar
             torch.bmm(dZ1bar, g1.transpose(-1, -2), out=d_mix[i]).neg_()
             dG1 = -torch.bmm(mix3[i].transpose(-1, -2), dZ1bar)
             # weight updates: W̃1' = W̃1 − down1 G1, W̃2' = W̃2 − Uᵀ G2 with U = s_lr ⊙ X̃2
@@ -219,7 +221,7 @@ class MLPScan(torch.autograd.Function):
             # Z2 = X̃2 W̃2, X2 = gelu(Z1), [Z1; Z1q] = [K̃; Q̃] W̃1
             dW2 = torch.baddbmm(dW2, x2a.transpose(-1, -2), dZ2)
             dX2a = torch.baddbmm(dX2a, dZ2, w2.transpose(-1, -2))
-            dZ1 = dZ1 + _gelu_backward(dX2a[..., :h], z1)
+            dZ1 = dZ1 + dX2a[..., :h] * gp
             dzz = torch.cat([dZ1, dZ1bar], dim=1)
             torch.bmm(dzz, w1.transpose(-1, -2), out=d_kq[i])
             A1 = torch.baddbmm(A1, kq3[i].transpose(-1, -2), dzz)
