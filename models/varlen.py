@@ -181,20 +181,9 @@ def _length_groups(lengths: list) -> list:
     return groups[::-1]
 
 
-def run_segments(fn, x: torch.Tensor, starts: torch.Tensor, state=None, need_state: bool = True):
-    """``fn(x, state) -> (y, state)`` (a causal sequence map) applied to every document of every
-    row of ``x`` [B, T, C] separately; ``starts`` [B, T] marks document starts (column 0 True:
-    that row ignores its incoming state). Returns (y [B, T, C'], final state or None)."""
-    B, T = starts.shape
-    rows_in = split_rows(state, B)
-    starts_cpu = starts.detach().to("cpu", torch.bool)
-    # jobs: (row, begin, end, initial state or None, final state wanted)
-    jobs = []
-    for b in range(B):
-        cuts = [0, *[t for t in torch.nonzero(starts_cpu[b]).flatten().tolist() if t > 0], T]
-        for a, e in zip(cuts[:-1], cuts[1:]):
-            init = rows_in[b] if a == 0 and not bool(starts_cpu[b, 0]) else None
-            jobs.append((b, a, e, init, need_state and e == T))
+def _plan(jobs: list) -> list:
+    """Jobs (row, begin, end, initial state or None, final state wanted) → batches (indices,
+    keep the state): by starting state, then by length (exact for kept states)."""
     batches: dict = {}
     for j, (b, a, e, init, final) in enumerate(jobs):
         key = (init is not None, signature(init) if init is not None else None, (e - a) if final else None)
@@ -205,25 +194,54 @@ def run_segments(fn, x: torch.Tensor, starts: torch.Tensor, state=None, need_sta
             split.append((idx, True))
         else:
             split.extend(([idx[i] for i in g], False) for g in _length_groups([jobs[j][2] - jobs[j][1] for j in idx]))
+    return split
+
+
+def run_segments(fn, x: torch.Tensor, starts: torch.Tensor, state=None, need_state: bool = True):
+    """``fn(x, state) -> (y, state)`` (a causal sequence map) applied to every document of every
+    row of ``x`` [B, T, C] separately; ``starts`` [B, T] marks document starts (column 0 True:
+    that row ignores its incoming state). Returns (y [B, T, C'], final state or None).
+
+    ``state`` may be a zero-argument callable returning it: it is called (always, once) after the
+    segments that start fresh have run — under CP the receive from the previous rank then waits
+    behind this rank's own documents."""
+    B, T = starts.shape
+    starts_cpu = starts.detach().to("cpu", torch.bool)
+    lazy = callable(state) and not isinstance(state, torch.Tensor)
+    fresh, cont = [], []  # (row, begin, end, final state wanted)
+    for b in range(B):
+        cuts = [0, *[t for t in torch.nonzero(starts_cpu[b]).flatten().tolist() if t > 0], T]
+        for a, e in zip(cuts[:-1], cuts[1:]):
+            continues = a == 0 and not bool(starts_cpu[b, 0]) and state is not None
+            (cont if continues else fresh).append((b, a, e, need_state and e == T))
 
     ar = torch.arange(T, device=x.device)
     pieces, where = [], torch.empty(B * T, dtype=torch.long)
     finals: list = [None] * B
     offset = 0
-    for idx, keep_state in split:
-        L = max(jobs[j][2] - jobs[j][1] for j in idx)
-        rows = torch.tensor([jobs[j][0] for j in idx], device=x.device)
-        begin = torch.tensor([jobs[j][1] for j in idx], device=x.device)
-        cols = (begin[:, None] + ar[None, :L]).clamp(max=T - 1)
-        xs = x[rows[:, None], cols]
-        inits = [jobs[j][3] for j in idx]
-        y, st = fn(xs, stack_rows(inits) if inits[0] is not None else None)
-        pieces.append(y.reshape(len(idx) * L, *y.shape[2:]))
-        for n, j in enumerate(idx):
-            b, a, e, _, final = jobs[j]
-            where[b * T + a: b * T + e] = torch.arange(offset + n * L, offset + n * L + e - a)
-            if final and keep_state:
-                finals[b] = map_tree(st, lambda t, n=n: t[n:n + 1])
-        offset += len(idx) * L
+
+    def run(jobs):
+        nonlocal offset
+        for idx, keep_state in _plan(jobs):
+            L = max(jobs[j][2] - jobs[j][1] for j in idx)
+            rows = torch.tensor([jobs[j][0] for j in idx], device=x.device)
+            begin = torch.tensor([jobs[j][1] for j in idx], device=x.device)
+            cols = (begin[:, None] + ar[None, :L]).clamp(max=T - 1)
+            inits = [jobs[j][3] for j in idx]
+            y, st = fn(x[rows[:, None], cols], stack_rows(inits) if inits[0] is not None else None)
+            pieces.append(y.reshape(len(idx) * L, *y.shape[2:]))
+            for n, j in enumerate(idx):
+                b, a, e, _, final = jobs[j]
+                where[b * T + a: b * T + e] = torch.arange(offset + n * L, offset + n * L + e - a)
+                if final and keep_state:
+                    finals[b] = map_tree(st, lambda t, n=n: t[n:n + 1])
+            offset += len(idx) * L
+
+    run([(b, a, e, None, final) for b, a, e, final in fresh])
+    if lazy:
+        state = state()
+    if cont:
+        rows_in = split_rows(state, B)
+        run([(b, a, e, rows_in[b], final) for b, a, e, final in cont])
     y = torch.cat(pieces, 0)[where.to(x.device)].view(B, T, *pieces[0].shape[1:])
     return y, (merge_rows(finals) if need_state else None)

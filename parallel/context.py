@@ -274,13 +274,18 @@ class CPBlock:
         from models.varlen import needs_segments, run_segments
 
         comm, idx = self._cp_comm, self.layer_idx
-        incoming = recv_state(comm, idx, x.device) if comm.prev is not None else None
-        if doc_starts is None:
-            doc_starts = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-        if needs_segments(doc_starts, incoming):
-            x, new_state = run_segments(self._local_mix, x, doc_starts, incoming, need_state=comm.next is not None)
+        need = comm.next is not None
+        if doc_starts is not None and bool(doc_starts.any()):
+            # the segments that start fresh run before the receive (they do not need it)
+            incoming = (lambda: recv_state(comm, idx, x.device)) if comm.prev is not None else None
+            x, new_state = run_segments(self._local_mix, x, doc_starts, incoming, need_state=need)
         else:
-            x, new_state = self._local_mix(x, incoming)
+            incoming = recv_state(comm, idx, x.device) if comm.prev is not None else None
+            if needs_segments(None, incoming):  # rows of rank r−1 at different positions
+                starts = torch.zeros(x.shape[:2], dtype=torch.bool)
+                x, new_state = run_segments(self._local_mix, x, starts, incoming, need_state=need)
+            else:
+                x, new_state = self._local_mix(x, incoming)
         if comm.next is not None:
             x = send_state(comm, idx, x, new_state)
         x = x + self.mlp(self.mlp_norm(x))

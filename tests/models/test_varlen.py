@@ -212,3 +212,29 @@ def test_gradient_checkpointing_with_documents():
     model.model.gradient_checkpointing = True
     for a, b in zip(plain, grads()):
         assert torch.equal(a, b)
+
+
+def test_lazy_incoming_state_is_fetched_once_after_the_fresh_segments():
+    """CP's receive: a callable state is called once, after the segments that start fresh ran,
+    and also when no row continues it (the sender has sent it anyway)."""
+    x = torch.randn(2, 6, 1, dtype=torch.float64)
+    calls = []
+
+    def cumsum(xs, st):
+        calls.append("run" if st is None else "run with state")
+        y = xs.cumsum(1) + (0 if st is None else st)
+        return y, y[:, -1:]
+
+    def incoming():
+        calls.append("fetch")
+        return torch.ones(2, 1, 1, dtype=torch.float64)
+
+    starts = torch.zeros(2, 6, dtype=torch.bool)
+    starts[0, 2] = True
+    y, _ = run_segments(cumsum, x, starts, incoming, need_state=False)
+    assert calls == ["run", "fetch", "run with state"]
+    assert torch.allclose(y[0, :2], 1 + x[0, :2].cumsum(0)) and torch.allclose(y[0, 2:], x[0, 2:].cumsum(0))
+    calls.clear()
+    starts[:, 0] = True
+    run_segments(cumsum, x, starts, incoming, need_state=False)
+    assert calls == ["run", "fetch"]
