@@ -30,7 +30,7 @@ ATTENTION_LAYERS = {"swa": "sliding_window", "attention": "full"}
 _TTT, _DELTA = ("ttt_linear", "ttt_mlp"), ("deltanet", "gated_deltanet")
 _TITANS = ("titans", "titans_mac", "titans_mag", "titans_mal")
 INNER_KNOB_LAYERS = {
-    "inner_steps": _DELTA + _TTT,
+    "inner_steps": _DELTA + _TTT + _TITANS,
     "inner_grad_clip": _TTT + _TITANS + ("lact",),
     "inner_init_pull": _TTT + _DELTA + _TITANS + ("lact",),
     "inner_lr_schedule": _TTT + _DELTA + _TITANS + ("lact",),
@@ -324,9 +324,9 @@ class MemoryLMConfig(PretrainedConfig):
             if bad:
                 raise ValueError(f"{knob} is not supported by {bad}; layers that support it: "
                                  f"{list(INNER_KNOB_LAYERS[knob])}")
-        if int(self.inner_steps) > 1 and self.inner_init_pull and any(k in _TTT for k in memories):
-            raise ValueError("inner_steps > 1 with inner_init_pull is not supported by TTT (the pull at each token's "
-                             "own iterate has no dual form here); use one of them")
+        if int(self.inner_steps) > 1 and self.inner_init_pull and any(k in _TTT + _TITANS for k in memories):
+            raise ValueError("inner_steps > 1 with inner_init_pull is not supported by TTT and Titans (the pull at "
+                             "each token's own iterate has no dual form here); use one of them")
         if self.inner_init_pull >= 1 and any(k in ("deltanet", "gated_deltanet") for k in memories):
             raise ValueError(f"inner_init_pull must be < 1 for (gated) DeltaNet (its pull is a decay 1 − β·λ > 0), "
                              f"got {self.inner_init_pull}")

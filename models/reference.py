@@ -54,13 +54,16 @@ def memory_scan_reference(
     and the return gets a 5th element: the last key (for next_token's ``prev_key``).
 
     With K > 1 and ``opt`` a list of K dicts (required for frozen-gradient chunks, b > 1), one pair
-    per token, the K steps are K chains of the optimizer state (θ must follow from (anchor, opt), as in
-    mini-batch GD): step s of token t takes its gradient at θ_t^(s−1) (its weights after step s − 1;
-    θ^(0) = the anchor) and chain s is stepped with the cumulative gradient Σ_{k≤s} g_t^(k), so
+    per token, the K steps are K chains of (θ, optimizer state), all starting at the chunk start
+    (``weights`` may then be a list of K dicts: the chains' weights mid-chunk): step s of token t takes
+    its gradient at θ_t^(s−1) (its weights in chain s − 1; θ^(0) = the anchor) and chain s is stepped
+    with the cumulative gradient Σ_{k≤s} g_t^(k); the output reads chain K; a chunk end resets all
+    chains to chain K. For mini-batch GD (TTT) that is
 
         θ_t^(s) = θ₀ − s_i Σ_{j≤t} η_j Σ_{k≤s} ∇ℓ_j(θ_j^(k−1))        o_t = read(θ_t^(K))
 
     (causal: token j only ever uses tokens ≤ j; for b = 1 it is K plain GD steps; K = 1 is the rule).
+    Weights and optimizer states are then returned as lists (one per chain).
     """
     with_knobs = knobs is not None
     knobs = knobs or InnerKnobs()
@@ -78,7 +81,7 @@ def memory_scan_reference(
         k = torch.cat([first, k[:, :, :-1]], 2)
     grad_fn = torch.func.vmap(torch.func.vmap(torch.func.grad(recipe.inner_loss)))
     read_fn = torch.func.vmap(torch.func.vmap(recipe.read))
-    anchor = weights if anchor is None else anchor
+    anchor = (weights[-1] if isinstance(weights, list) else weights) if anchor is None else anchor
     if chains:
         return _chained_steps(recipe, weights, anchor, opt, q, k, v, gates, extra, position, knobs, init, grad_fn,
                               read_fn, lr_zero_first=knobs.next_token and prev_key is None, last_key=last_key)
@@ -117,9 +120,12 @@ def memory_scan_reference(
 
 def _chained_steps(recipe, weights, anchor, opts, q, k, v, gates, extra, position, knobs, init, grad_fn, read_fn,
                    lr_zero_first, last_key):
-    """K > 1 steps on frozen-gradient chunks (see :func:`memory_scan_reference`): K optimizer chains."""
+    """K > 1 steps on frozen-gradient chunks (see :func:`memory_scan_reference`): K optimizer chains
+    (``weights`` one dict, or a list of K when the chains' weights differ mid-chunk, as with Titans'
+    recurrent memory). Returns the K chains' weights and optimizer states as lists."""
     b, K, T = recipe.chunk_size, knobs.steps, q.shape[2]
-    thetas, opts, outputs = [weights] * K, list(opts), []
+    thetas = list(weights) if isinstance(weights, list) else [weights] * K
+    opts, outputs = list(opts), []
     for t in range(T):
         p = position + t
         i = p % b
@@ -141,7 +147,7 @@ def _chained_steps(recipe, weights, anchor, opts, q, k, v, gates, extra, positio
             weights, opt = recipe.chunk_end(anchor, thetas[-1], opts[-1], g_t)
             thetas, opts, anchor = [weights] * K, [opt] * K, weights
     at_boundary = (position + T) % b == 0
-    return torch.cat(outputs, dim=2), thetas[-1], (None if at_boundary else anchor), opts, last_key
+    return torch.cat(outputs, dim=2), thetas, (None if at_boundary else anchor), opts, last_key
 
 
 def ttt_recipe(kind: str, token_offset: torch.Tensor, mini_batch_size: int, loss: str = "ln_recon") -> Recipe:
@@ -217,6 +223,8 @@ def ttt_scan_reference(
             opt = [{"pending": {n: pending[n if s == steps else f"{n}@{s}"] for n in names}} for s in range(1, steps + 1)]
         out, weights, mid_anchor, opt, last_key = memory_scan_reference(
             recipe, anchor, anchor, opt, q, k, v, {"lr": lr}, extra, position, knobs, init, prev_key)
+        if isinstance(weights, list):
+            weights = weights[-1]
         if mid_anchor is None:
             return out, weights, None, last_key
         if steps > 1:

@@ -234,8 +234,9 @@ class TitansMemory(nn.Module):
         self.max_grad_norm = max_grad_norm
         if knobs is not None and knobs.loss == "mse":  # Titans' own loss
             knobs = InnerKnobs(knobs.steps, knobs.grad_clip, knobs.init_pull, knobs.lr_decay, None)
-        if knobs is not None and (knobs.steps != 1 or knobs.loss not in (None, "next_token")):
-            raise ValueError(f"Titans supports inner_steps=1 and inner_loss mse/next_token, got {knobs}")
+        if knobs is not None and (knobs.loss not in (None, "next_token") or (knobs.steps > 1 and knobs.init_pull)):
+            raise ValueError(f"Titans supports inner_loss mse/next_token and inner_steps > 1 without inner_init_pull, "
+                             f"got {knobs}")
         self.knobs = None if knobs == InnerKnobs() else knobs  # inner-loop knobs (models/inner_knobs.py)
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -298,10 +299,9 @@ class TitansMemory(nn.Module):
         if self.knobs is not None:
             from .inner_knobs import titans_scan_with_knobs
 
-            o, weights, anchor, mom, last_key = titans_scan_with_knobs(self, state, q, k, v, lr, eta, alpha)
+            o, weights, anchor, mom, extra = titans_scan_with_knobs(self, state, q, k, v, lr, eta, alpha)
             return o, LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom},
-                                 conv=conv, extra={} if last_key is None else {"prev_key": last_key},
-                                 position=state.position + T)
+                                 conv=conv, extra=extra, position=state.position + T)
         o, weights, anchor, mom = TITANS_SCANS[self.scan_impl](
             cast(state.weights), cast(state.anchor), cast(state.opt.get("momentum")), q, k, v, lr, eta, alpha,
             state.position, self.chunk_size, self.max_grad_norm)

@@ -29,6 +29,8 @@ KNOBS = {
     "ttt_all_steps": InnerKnobs(steps=2, grad_clip=0.1, lr_decay=0.05, loss="next_token"),
     "ttt_mse_steps": InnerKnobs(steps=2, loss="mse"),
     "all_no_pull": InnerKnobs(grad_clip=0.01, lr_decay=0.05, loss="next_token"),
+    "titans_steps": InnerKnobs(steps=2),
+    "titans_all_steps": InnerKnobs(steps=3, grad_clip=0.05, lr_decay=0.1, loss="next_token"),
 }
 # layer → the knobs its chunk form implements ("mse" is the delta rule's and Titans' own loss)
 LAYERS = {
@@ -36,9 +38,9 @@ LAYERS = {
     "ttt_mlp": ["schedule", "clip", "pull", "mse", "next_token", "all", "ttt_steps", "ttt_all_steps", "ttt_mse_steps"],
     "deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
     "gated_deltanet": ["schedule", "pull", "next_token", "steps", "all_steps"],
-    "titans_depth1": ["schedule", "clip", "pull", "next_token", "all"],
-    "titans": ["schedule", "clip", "pull", "next_token", "all"],
-    "titans_sgd": ["schedule", "clip", "pull", "next_token", "all"],
+    "titans_depth1": ["schedule", "clip", "pull", "next_token", "all", "titans_steps", "titans_all_steps"],
+    "titans": ["schedule", "clip", "pull", "next_token", "all", "titans_steps", "titans_all_steps"],
+    "titans_sgd": ["schedule", "clip", "pull", "next_token", "all", "titans_steps", "titans_all_steps"],
     "lact": ["schedule", "clip", "next_token", "all_no_pull"],
     "lact_sgd": ["schedule", "clip", "pull", "next_token", "all"],
 }
@@ -84,7 +86,8 @@ def test_chunked_equals_reference_in_pieces(layer, knob):
 
 @pytest.mark.parametrize("layer,knob", [("ttt_linear", "all"), ("ttt_linear", "ttt_all_steps"), ("ttt_mlp", "all"),
                                         ("ttt_mlp", "ttt_all_steps"),
-                                        ("gated_deltanet", "all_steps"), ("titans", "all"), ("lact", "all_no_pull"),
+                                        ("gated_deltanet", "all_steps"), ("titans", "all"), ("titans", "titans_all_steps"),
+                                        ("lact", "all_no_pull"),
                                         ("lact_sgd", "all")])
 def test_one_call_equals_pieces_with_gradients(layer, knob):
     check_one_call_equals_pieces(make(layer, KNOBS[knob]), torch.randn(2, 27, 32, dtype=F64), [4, 13, 14])
@@ -215,6 +218,7 @@ def test_clip_per_layer():
 @pytest.mark.parametrize("layer,knobs", [("ttt_mlp", dict(inner_grad_clip=0.5, inner_loss="next_token")),
                                          ("gated_deltanet", dict(inner_steps=2, inner_lr_schedule="inverse:0.01")),
                                          ("titans_mag", dict(inner_init_pull=0.1, inner_loss="next_token")),
+                                         ("titans_mac", dict(inner_steps=2, inner_grad_clip=0.5)),
                                          ("lact", dict(inner_grad_clip=0.5, inner_loss="next_token"))])
 def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
     torch.manual_seed(0)
@@ -232,7 +236,7 @@ def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(memory_layer="ttt_mlp", inner_steps=2, inner_init_pull=0.1), "inner_steps > 1 with inner_init_pull"),
     (dict(memory_layer="lact", inner_steps=2), r"inner_steps is not supported by \['lact'\]"),
-    (dict(memory_layer="titans_mac", inner_steps=2), r"inner_steps is not supported by \['titans_mac'\]"),
+    (dict(memory_layer="titans_mac", inner_steps=2, inner_init_pull=0.1), "inner_steps > 1 with inner_init_pull"),
     (dict(memory_layer="deltanet", inner_grad_clip=1.0), r"inner_grad_clip is not supported by \['deltanet'\]"),
     (dict(memory_layer="titans", inner_loss="ln_recon"), "inner_loss=ln_recon is not supported"),
     (dict(memory_layer="lact", inner_loss="mse"), r"inner_loss=mse is not supported by \['lact'\]"),
@@ -314,6 +318,8 @@ CP_VARIANTS = {  # (config, float dtype): TTT through its prepare/scan/output CP
     "ttt_linear_steps": (dict(memory_layer="ttt_linear", inner_steps=2, inner_grad_clip=0.5), torch.float32),
     "titans_next_token": (dict(memory_layer="titans", titans_chunk_size=4, inner_grad_clip=0.5, inner_init_pull=0.2,
                                inner_loss="next_token"), torch.float32),
+    "titans_mag_steps": (dict(memory_layer="titans_mag", titans_chunk_size=4, attention_window=5, inner_steps=2,
+                              inner_loss="next_token"), torch.float32),
     "lact_next_token": (dict(memory_layer="lact", lact_chunk_size=6, lact_num_heads=2, inner_optimizer="sgd",
                              attention_window=5, inner_grad_clip=0.5, inner_loss="next_token"), torch.float64),
     "gdn_steps_next_token": (dict(memory_layer="gated_deltanet", deltanet_chunk_size=4, inner_steps=2,
