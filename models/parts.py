@@ -293,7 +293,7 @@ class Recipe:
     chunk_size: int = 1
     chunk_end: Callable = _no_chunk_end
     grad_point: Callable = _keep_anchor
-    # for the inner-loop knobs (reference.InnerKnobs): the gates that are learning rates (scaled by the
+    # for the inner-loop knobs (InnerKnobs): the gates that are learning rates (scaled by the
     # lr schedule, zeroed for a token without a training pair) and the retention gates with their
     # neutral value (applied once per token: sub-steps 2..K of ``inner_steps`` use the neutral value)
     lr_gates: tuple = ("lr",)
@@ -307,8 +307,10 @@ class InnerKnobs:
     """The inner loop's knobs (config fields ``inner_steps``, ``inner_grad_clip``, ``inner_init_pull``,
     ``inner_lr_schedule``, ``inner_loss``); the defaults leave a layer exactly as it is.
 
-    steps:      K sub-steps per token, each with its own (k, v, lr) and the gradient at the weights
-                after the previous sub-step; retention once per token (DeltaProduct)
+    steps:      K steps per token: online rules (delta rule) take K sub-steps with their own (k, v, β),
+                each with the gradient at the weights after the previous one, retention once per token
+                (DeltaProduct); frozen-gradient chunks (TTT, Titans) run K chains, step s's gradient at
+                each token's own weights in chain s − 1 (reference.memory_scan_reference)
     grad_clip:  τ: each token's inner gradient, per layer (weight matrix with its bias), clipped to
                 Frobenius norm ≤ τ: g ← g·min(1, τ/‖g‖)
     init_pull:  λ: the gradient gets λ(θ' − θ_init) (θ' where the gradient is taken, θ_init the
@@ -339,14 +341,6 @@ class InnerKnobs:
         return cls(steps=int(getattr(config, "inner_steps", 1) or 1), grad_clip=getattr(config, "inner_grad_clip", None),
                    init_pull=float(getattr(config, "inner_init_pull", 0.0) or 0.0),
                    lr_decay=float(getattr(config, "inner_lr_decay", 0.0) or 0.0), loss=getattr(config, "inner_loss", None))
-
-
-def shift_keys(k: torch.Tensor, prev_key: torch.Tensor | None):
-    """next_token: the key of token t's training pair is k_{t−1} (``prev_key`` before the first token;
-    zeros with ``has_pair`` False at a document start). k: [B, H, T, ...]; prev_key: [B, H, ...].
-    Returns (shifted keys, the last key for the next call)."""
-    first = torch.zeros_like(k[:, :, :1]) if prev_key is None else prev_key.unsqueeze(2).to(k.dtype)
-    return torch.cat([first, k[:, :, :-1]], 2), k[:, :, -1]
 
 
 # ------------------------------------------------------------------------ inner-loop knobs
@@ -380,7 +374,3 @@ def clip_grad_per_layer(grad: dict, max_norm: float | None) -> dict:
         out.update({n: grad[n] * c for n in names})
     return out
 
-
-def inverse_lr_factor(positions: torch.Tensor, decay: float) -> torch.Tensor:
-    """The within-document inner learning-rate schedule η_t ← η_t / (1 + t·decay)."""
-    return 1.0 / (1.0 + positions * decay)
