@@ -1,7 +1,8 @@
 """The inner loop's knobs in the chunked forms (``parts.InnerKnobs``; the token-by-token definition is
 ``reference.memory_scan_reference``, which the tests hold these to).
 
-    inner_steps K        DeltaNet/GDN: DeltaProduct, K (k, v, β) per token, retention once per token
+    inner_steps K        DeltaNet/GDN: DeltaProduct, K (k, v, β) per token, retention once per token;
+                         TTT, Titans: K chains, step s's gradient at each token's own chain-(s−1) weights
     inner_grad_clip τ    g_t ← g_t·min(1, τ/‖g_t‖) per token and layer (a weight matrix with its bias)
     inner_init_pull λ    g_t ← g_t + λ(θ' − θ_init), θ' where the gradient is taken
     inner_lr_schedule    η_t ← η_t/(1 + t·decay), t the position in the document
@@ -18,7 +19,12 @@ How each fits a chunk rule without giving up exactness:
   S_t = α(1 − ε)(I − β/(1 − ε) kᵀk) S + β kᵀv, a gated delta rule with α' = α(1 − ε),
   β' = β/(1 − ε), v' = (1 − ε) v (needs λ < 1 since β < 1);
 - DeltaProduct runs the WY chunk code on the interleaved length-T·K sequence and keeps only each
-  token's last sub-step output.
+  token's last sub-step output;
+- TTT/Titans K steps: every token's own weights in chain s − 1 are a dual-form expression in the
+  chunk start and the per-token errors of steps < s, so the keys are read (and, for MLPs, the error is
+  backpropagated) at them by the same dual form: K passes per chunk;
+- LaCT: its per-token gradients are outer products too (clip = a factor on each matrix's lr) and its
+  chunk sums are taken at the chunk's first weights (the pull adds (Σ_i η_i) λ(W − W_init)).
 Only torch is imported: this file is copied into exported Hugging Face folders.
 """
 from __future__ import annotations
