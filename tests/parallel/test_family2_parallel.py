@@ -13,18 +13,38 @@ CASES = [(v, "pass", 40) for v in workers.FAMILY2_VARIANTS]
 EXPECTED = [(tp, cp, v, m, s) for tp, cp in LAYOUTS for v, m, s in CASES]
 
 
+def family2_worker(layouts, cases):
+    """The equivalence runs, then gather/load of the full state dict under TP2 × CP2."""
+    from parallel import init_parallel
+
+    out = {"equivalence": workers.equivalence_worker(layouts, cases)}
+    dims = init_parallel(tp=2, cp=2)
+    out["state_dict"] = {v: workers._state_dict_check(v, dims) for v in workers.FAMILY2_VARIANTS}
+    return out
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_distributed(workers.equivalence_worker, 4, args=(LAYOUTS, CASES), timeout=300)
+    return run_distributed(family2_worker, 4, args=(LAYOUTS, CASES), timeout=300)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", EXPECTED, ids=lambda k: "tp{}-cp{}-{}".format(*k[:3]))
 def test_equals_single_process(results, key):
     for rank, res in enumerate(results):
-        r = res[key]
+        r = res["equivalence"][key]
         assert not r["zero_grads"], f"reference grads are zero for {r['zero_grads']}: the test would be blind there"
         assert r["logits"] <= TOL and r["loss"] <= TOL and r["grad"] <= TOL, (rank, r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(workers.FAMILY2_VARIANTS))
+def test_state_dict_gather_and_load(results, variant):
+    """gather_full_state_dict of the TP2 × CP2 model = the single-device state dict (strided TNT gates,
+    Hope's CMS levels); a full state dict loads into the shards and gathers back unchanged."""
+    for res in results:
+        r = res["state_dict"][variant]
+        assert r["shapes_ok"] and r["max_diff"] == 0 and r["round_trip"] == 0, r
 
 
 @pytest.mark.parametrize("variant", list(workers.FAMILY2_VARIANTS))
