@@ -35,7 +35,7 @@ INNER_KNOB_LAYERS = {
     "inner_init_pull": _TTT + _DELTA + _TITANS + ("lact",),
     "inner_lr_schedule": _TTT + _DELTA + _TITANS + ("lact",),
     "inner_loss=ln_recon": _TTT,
-    "inner_loss=mse": _TTT + _DELTA + _TITANS,
+    "inner_loss=mse": _TTT + _DELTA + _TITANS + ("lact",),
     "inner_loss=next_token": _TTT + _DELTA + _TITANS + ("lact",),
 }
 

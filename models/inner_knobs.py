@@ -475,9 +475,12 @@ def lact_scan_knobs(weights, pending, m_sum, momentum, q, k, v, lr0, lr1, lr2, m
         stop = min(T, start + C - (position + start) % C)
         sl = slice(start, stop)
         outs.append(swiglu_memory(weights, q[:, :, sl]))
-        lrs = lact_clipped_lrs(weights, k[:, :, sl], v[:, :, sl], [lr0[:, :, sl], lr1[:, :, sl], lr2[:, :, sl]],
+        vs = v[:, :, sl]
+        if knobs.loss == "mse":  # ℓ = ½‖f(k) − v‖² = the dot-product loss's gradients with v → v − f_W(k)
+            vs = vs - swiglu_memory(weights, k[:, :, sl])
+        lrs = lact_clipped_lrs(weights, k[:, :, sl], vs, [lr0[:, :, sl], lr1[:, :, sl], lr2[:, :, sl]],
                                knobs.grad_clip)
-        g = lact_grads(weights, k[:, :, sl], v[:, :, sl], *lrs)
+        g = lact_grads(weights, k[:, :, sl], vs, *lrs)
         if knobs.init_pull:
             g = {n: g[n] + lr.sum(-1)[..., None, None] * knobs.init_pull * (weights[n] - init[n])
                  for n, lr in zip(NAMES, [lr0[:, :, sl], lr1[:, :, sl], lr2[:, :, sl]])}
@@ -507,6 +510,12 @@ def lact_scan_with_knobs(layer, state_args, q, k, v, lr0, lr1, lr2, m, init_norm
         if momentum is not None:
             opt["momentum"] = momentum
         recipe = lact_recipe(layer.chunk_size, init_norms, layer.muon, momentum is not None)
+        if knobs.loss == "mse":
+            from dataclasses import replace
+
+            from .parts import l2_loss, swiglu_memory
+
+            recipe = replace(recipe, inner_loss=lambda theta, k_t, v_t, extra: l2_loss(swiglu_memory(theta, k_t), v_t))
         o, weights, anchor, opt, last_key = memory_scan_reference(
             recipe, weights, None, opt, q, k, v, {"lr0": lr0, "lr1": lr1, "lr2": lr2, "m": m}, {}, position, knobs,
             init, prev_key)

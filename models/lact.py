@@ -149,9 +149,9 @@ class LaCTLayer(nn.Module):
                  momentum: bool = True, rope_theta: float = 1e6, norm_eps: float = 1e-6, scan_impl: str = "chunk",
                  knobs: InnerKnobs | None = None):
         super().__init__()
-        if knobs is not None and (knobs.steps != 1 or knobs.loss not in (None, "next_token")):
+        if knobs is not None and (knobs.steps != 1 or knobs.loss not in (None, "mse", "next_token")):
             raise ValueError(f"LaCT supports inner_grad_clip, inner_init_pull, inner_lr_schedule and inner_loss "
-                             f"next_token, got {knobs}")
+                             f"mse/next_token, got {knobs}")
         self.knobs = None if knobs == InnerKnobs() else knobs  # inner-loop knobs (models/inner_knobs.py)
         for n, h in (("num_attn_heads", num_attn_heads), ("num_lact_heads", num_lact_heads)):
             if hidden_size % h:

@@ -41,8 +41,8 @@ LAYERS = {
     "titans_depth1": ["schedule", "clip", "pull", "next_token", "all", "titans_steps", "titans_all_steps"],
     "titans": ["schedule", "clip", "pull", "next_token", "all", "titans_steps", "titans_all_steps"],
     "titans_sgd": ["schedule", "clip", "pull", "next_token", "all", "titans_steps", "titans_all_steps"],
-    "lact": ["schedule", "clip", "next_token", "all_no_pull"],
-    "lact_sgd": ["schedule", "clip", "pull", "next_token", "all"],
+    "lact": ["schedule", "clip", "mse", "next_token", "all_no_pull"],
+    "lact_sgd": ["schedule", "clip", "pull", "mse", "next_token", "all"],
 }
 
 
@@ -239,7 +239,7 @@ def test_model_with_knobs_pieces_equal_one_call(layer, knobs):
     (dict(memory_layer="titans_mac", inner_steps=2, inner_init_pull=0.1), "inner_steps > 1 with inner_init_pull"),
     (dict(memory_layer="deltanet", inner_grad_clip=1.0), r"inner_grad_clip is not supported by \['deltanet'\]"),
     (dict(memory_layer="titans", inner_loss="ln_recon"), "inner_loss=ln_recon is not supported"),
-    (dict(memory_layer="lact", inner_loss="mse"), r"inner_loss=mse is not supported by \['lact'\]"),
+    (dict(memory_layer="lact", inner_loss="ln_recon"), r"inner_loss=ln_recon is not supported by \['lact'\]"),
     (dict(memory_layer="ttt_linear", layer_pattern="M,atlas", num_hidden_layers=2, inner_init_pull=0.1),
      r"inner_init_pull is not supported by \['atlas'\]"),
     (dict(memory_layer="gated_deltanet", inner_init_pull=1.0), "must be < 1"),
