@@ -18,6 +18,7 @@ first memory M_{t'} (the window may reach into earlier chunks: those tokens' gra
 taken at M_{t'}). Then S_t is linear in (S_{t'}, u_j = X_jᵀΔ_j):  S_t = P_t S_{t'} + Σ_j K_tj u_j with
 K = (momentum decays) · (band of width c); Muon is applied to every S_t of the chunk at once and
 M_t = A_t M_{t'} − Σ_j C_tj NS(S_j); S_t and M_t are materialised per token (NS is not linear).
+Without Muon, M_t = A_t M_{t'} + (C P)_t S_{t'} + Σ_j (C K)_tj u_j is read in the dual form.
 The state carries M, S, the chunk's anchor when mid-chunk, and the last c − 1 tokens' (φ(k), v, γ)
 (``cache``), so one call equals any split. Only torch is imported: copied into HF folders.
 """
@@ -104,7 +105,18 @@ def _segment(cur, anc, mom, window, q, k, v, g, c: int, optimizer: str):
     P, C = decay_coefficients(g["lr"], g["alpha"])
     h = q
     new_w, new_m = {}, {}
-    for i, name in enumerate(NAMES):
+    if optimizer != "muon":  # M_t is linear in (M, S, u_j): dual form, no per-token weights
+        CK, CP = C @ K, (C @ P_mom[..., None])[..., 0] if P_mom is not None else None
+        for i, name in enumerate(NAMES):
+            X, D = xs[i], ds[i]
+            z = P[..., None] * (h @ cur[name]) + (CK * (h @ X.transpose(-1, -2))) @ D
+            new_w[name] = P[..., -1:, None] * cur[name] + (CK[..., -1, :, None] * X).transpose(-1, -2) @ D
+            if CP is not None:
+                z = z + CP[..., None] * (h @ mom[name])
+                new_w[name] = new_w[name] + CP[..., -1:, None] * mom[name]
+                new_m[name] = P_mom[..., -1:, None] * mom[name] + (K[..., -1, :, None] * X).transpose(-1, -2) @ D
+            h = gelu_tanh(z) if i == 0 else z
+    for i, name in enumerate(NAMES if optimizer == "muon" else ()):
         S = coefficient_outer(K, xs[i], ds[i])  # [B, H, n, d_in, d_out]
         if P_mom is not None:
             S = S + P_mom[..., None, None] * mom[name][:, :, None]
@@ -134,9 +146,9 @@ def atlas_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | None
         sl = slice(start, stop)
         gs = {n: t[:, :, sl] for n, t in gates.items()}
         seg = (cur, anc, momentum, window, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, c, optimizer)
-        # S_t, NS(S_t), M_t of every token: recomputed in the backward instead of kept
-        o, cur, momentum, window = (checkpoint(_segment, *seg, use_reentrant=False) if torch.is_grad_enabled()
-                                    else _segment(*seg))
+        # Muon: S_t, NS(S_t), M_t of every token are recomputed in the backward instead of kept
+        o, cur, momentum, window = (checkpoint(_segment, *seg, use_reentrant=False)
+                                    if optimizer == "muon" and torch.is_grad_enabled() else _segment(*seg))
         if (position + stop) % b == 0:
             anc = cur
         outs.append(o)
