@@ -90,6 +90,24 @@ def _scan_flops(config, kind: str, seq_len: int) -> float:
         # key/value/memory: generation (key, value) 4P, targets 6P, gradients 18P, read 2P; lr/decay: 20 P1;
         # each CMS level: read 2P + gradient 4P (its forward is the read)
         return H * (30 * P + 20 * P1 + len(config.hope_cms_chunk_sizes) * 6 * P)
+    if kind in ("moneta", "yaad", "memora"):
+        e, b = config.miras_memory_expansion * d, min(config.miras_chunk_size, seq_len)
+        P = 2 * d * e
+        if kind == "memora":  # forward + gradient at the chunk start (6P), per-token logits (2bP), softmax (≈5P), read (2P)
+            return H * (13 + 2 * b) * P
+        # forward + gradient at the chunk start (6P), dual-form read (2P + 4b(d + e)), chunk-end update (2P)
+        return H * (10 * P + 4 * b * (d + e))
+    if kind == "atlas":
+        from models.atlas import poly_feature_dim
+
+        D, e = poly_feature_dim(d, config.atlas_poly_degree), config.atlas_memory_expansion * d
+        b, c = min(config.atlas_chunk_size, seq_len), config.atlas_window
+        P = D * e + e * d
+        grads = 6 * P * (1 + (c - 1) / b)  # the window's earlier tokens are differentiated again at each chunk start
+        if (config.inner_optimizer or "muon") == "muon":  # per-token S_t (2(b+c−1)P), Newton–Schulz, M_t (2bP), read
+            ns = sum(5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in ((D, e), (e, d)))
+            return H * (grads + 2 * (b + c - 1) * P + ns + 2 * b * P + 2 * P)
+        return H * (grads + 4 * P + 4 * b * (D + 2 * e + d))  # dual-form read and chunk-end update
     if kind == "swa":
         return attention * _mean_context(seq_len, config.attention_window)
     if kind == "attention":
