@@ -369,7 +369,8 @@ def clip_grad_per_layer(grad: dict, max_norm: float | None) -> dict:
         return grad
     out = {}
     for names in layer_groups(grad).values():
-        norm = torch.sqrt(sum(grad[n].pow(2).sum(dim=(-2, -1), keepdim=True) for n in names))
+        # (clamped: a zero gradient, e.g. next_token's first token, must not give sqrt′(0) = ∞ in backward)
+        norm = torch.sqrt(sum(grad[n].pow(2).sum(dim=(-2, -1), keepdim=True) for n in names).clamp_min(1e-24))
         c = clip_factor(norm, max_norm)
         out.update({n: grad[n] * c for n in names})
     return out
