@@ -184,6 +184,10 @@ class TTTLayer(nn.Module):
             if self.knobs.next_token:
                 raise ValueError("inner_loss='next_token' keeps the previous key in the layer state: call the layer "
                                  "(forward), not scan (TTT's context-parallel scan does not carry it)")
+            if self.knobs.steps > 1 and pending is not None and not any("@" in n for n in pending):
+                raise ValueError("inner_steps > 1 keeps one pending sum per step: a piece that starts inside a "
+                                 "mini-batch needs all of them (under context parallelism make each rank's length "
+                                 "a multiple of mini_batch_size)")
             return self._scan_knobs(weights, pending, q, k, v, lr, position, heads, None)[:3]
         return SCAN_IMPLS[self.scan_impl](
             self.inner,

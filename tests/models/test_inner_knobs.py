@@ -295,6 +295,15 @@ def test_ttt_prepare_scan_output_keeps_the_knobs():
     assert (m.output(x, out) - y).abs().max() <= 1e-12
     with pytest.raises(ValueError, match="next_token"):
         make("ttt_linear", KNOBS["next_token"]).scan(state.weights, None, q, k, v, lr, 0)
+    # K steps: a piece starting mid-mini-batch needs every step's pending sum (CP passes only the plain ones)
+    m = make("ttt_mlp", KNOBS["ttt_steps"])
+    _, s = m(x[:, :5])
+    plain = {n: t for n, t in s.pending.items() if "@" not in n}
+    q, k, v, lr, _ = m.prepare(x[:, 5:], s)
+    with pytest.raises(ValueError, match="one pending sum per step"):
+        m.scan(s.weights, plain, q, k, v, lr, 5)
+    out, _, _ = m.scan(s.weights, s.pending, q, k, v, lr, 5)
+    assert (m.output(x[:, 5:], out) - m(x[:, 5:], s)[0]).abs().max() <= 1e-12
 
 
 def test_knobs_survive_save_and_load(tmp_path):
@@ -313,12 +322,14 @@ def test_knobs_survive_save_and_load(tmp_path):
 # ------------------------------------------------------------------ context parallelism (CP = 2)
 
 CP_VARIANTS = {  # (config, float dtype): TTT through its prepare/scan/output CP path, the others by state pass
-    "ttt_mlp_clip_pull": (dict(memory_layer="ttt_mlp", inner_grad_clip=0.5, inner_init_pull=0.2,
+    # (24 tokens, 12 per rank: mini-batch / chunk 8 puts the rank boundary inside one, so the pending sums
+    # and Titans' other chains cross it)
+    "ttt_mlp_clip_pull": (dict(memory_layer="ttt_mlp", mini_batch_size=8, inner_grad_clip=0.5, inner_init_pull=0.2,
                                inner_lr_schedule="inverse:0.05"), torch.float32),
     "ttt_linear_steps": (dict(memory_layer="ttt_linear", inner_steps=2, inner_grad_clip=0.5), torch.float32),
     "titans_next_token": (dict(memory_layer="titans", titans_chunk_size=4, inner_grad_clip=0.5, inner_init_pull=0.2,
                                inner_loss="next_token"), torch.float32),
-    "titans_mag_steps": (dict(memory_layer="titans_mag", titans_chunk_size=4, attention_window=5, inner_steps=2,
+    "titans_mag_steps": (dict(memory_layer="titans_mag", titans_chunk_size=8, attention_window=5, inner_steps=2,
                               inner_loss="next_token"), torch.float32),
     "lact_next_token": (dict(memory_layer="lact", lact_chunk_size=6, lact_num_heads=2, inner_optimizer="sgd",
                              attention_window=5, inner_grad_clip=0.5, inner_loss="next_token"), torch.float64),
@@ -339,7 +350,7 @@ def cp_worker(names):
     for name in names:
         cfg, dtype = CP_VARIANTS[name]
         torch.manual_seed(0)
-        model = perturb(MemoryLMForCausalLM(preset_config("test", mini_batch_size=4, conv_kernel=3, **cfg)), 0.05)
+        model = perturb(MemoryLMForCausalLM(preset_config("test", **{"mini_batch_size": 4, "conv_kernel": 3, **cfg})), 0.05)
         model = model.to(dtype)
         ids, tgt = batch(model.config, 24)
         logits, loss, grads, n = reference_run(copy.deepcopy(model), ids, tgt)
