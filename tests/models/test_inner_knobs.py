@@ -404,3 +404,15 @@ def test_chunked_gradients_equal_reference(layer, knob):
         assert (a is None) == (b is None)
         if a is not None:
             assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_ttt_steps_online_chunked_equals_reference(inner):
+    """mini_batch_size 1 (the online rule): K steps are K plain GD steps per token, in both forms."""
+    torch.manual_seed(0)
+    m = perturb(TTTLayer(32, 4, inner=inner, mini_batch_size=1, knobs=InnerKnobs(steps=3, grad_clip=0.5)).to(F64))
+    x = torch.randn(2, 9, 32, dtype=F64)
+    y, s = run_pieces(m, x, [4])
+    set_impl(m, "reference")
+    y_ref, s_ref = run_pieces(m, x, [4])
+    assert (y - y_ref).abs().max() <= 1e-5 and max_state_diff(s, s_ref) <= 1e-5
