@@ -113,13 +113,6 @@ class MemoryLMConfig(PretrainedConfig):
             take each): K sub-steps per token (DeltaProduct), per-token gradient clip τ (None = off),
             pull λ toward the initial fast weights, ``constant`` | ``inverse:DECAY`` inner-lr schedule,
             inner loss None (the layer's own) | ``ln_recon`` | ``mse`` | ``next_token``.
-        miras_chunk_size / miras_memory_expansion / miras_base_lr: frozen-gradient chunk, MLP width
-            factor and upper bound of the inner step of Moneta, Yaad and Memora.
-        miras_p / miras_q: Moneta's ℓ_p attentional bias and ℓ_q retention exponents (p ≥ 1, q ≥ 2).
-        atlas_chunk_size / atlas_window / atlas_poly_degree / atlas_memory_expansion / atlas_base_lr:
-            ATLAS's frozen-gradient chunk, Omega-rule window c (c = 1: the current token only), degree
-            of the polynomial feature map of keys/queries, MLP width factor, upper bound of the step;
-            its ``inner_optimizer``: ``muon`` (default) | ``momentum`` | ``sgd`` (OmegaNet).
         lact_chunk_size / lact_num_heads / lact_inter_multi / lact_base_lr / lact_momentum: LaCT's
             update chunk, fast-weight heads, SwiGLU width factor, base inner lr, momentum switch.
         tnt_global_chunk_size / tnt_local_chunk_sizes / tnt_reset_period: TNT's global chunk C_G, the
