@@ -56,6 +56,8 @@ def build(impl: str, layer: str, args):
                 return self.inner(x, position_ids=pos)
 
         return Official()
+    if impl == "titans_pytorch":
+        return _titans_pytorch(layer, args)
     if layer not in LAYERS:
         return _generic(impl, layer, args)
     from models.ttt import TTTLayer
@@ -73,6 +75,30 @@ def build(impl: str, layer: str, args):
 
     module = Ours()
     return torch.compile(module) if impl == "compiled" else module
+
+
+def _titans_pytorch(layer: str, args):
+    """lucidrains' titans-pytorch NeuralMemory (not a dependency: importable when on PYTHONPATH) at the
+    config of this project's Titans LMM: heads, head dim, chunk, a depth-2 MLP memory of expansion 2,
+    momentum and the forgetting gate (its defaults otherwise: pre-RMSNorm, LayerNorm + residual around
+    the memory model, per-head learned rates)."""
+    if layer != "titans":
+        raise ValueError("titans_pytorch is compared with --layers titans only")
+    from titans_pytorch import MemoryMLP, NeuralMemory
+
+    d = args.hidden // args.heads
+    mem = NeuralMemory(args.hidden, chunk_size=args.chunk or 64, heads=args.heads, dim_head=d, momentum=True,
+                       model=MemoryMLP(d, depth=2, expansion_factor=2.0))
+
+    class TitansPytorch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = mem
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    return TitansPytorch()
 
 
 def _generic(impl: str, layer: str, args):
@@ -193,8 +219,10 @@ def interleaved(layer: str, impls: list[str], args) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", nargs="+", default=ALL_LAYERS, choices=ALL_LAYERS)
-    p.add_argument("--impls", nargs="+", default=["chunked"], choices=["chunked", "compiled", "reference"],
-                   help="this project's implementations to time (reference = token-by-token)")
+    p.add_argument("--impls", nargs="+", default=["chunked"],
+                   choices=["chunked", "compiled", "reference", "titans_pytorch"],
+                   help="implementations to time (reference = token-by-token; titans_pytorch = lucidrains' "
+                        "NeuralMemory for --layers titans, when titans-pytorch is importable)")
     p.add_argument("--reference", action="store_true", help="also time the token-by-token reference")
     p.add_argument("--official", metavar="TTT_PY", help="path to the official ttt-lm-pytorch ttt.py to time side by side")
     p.add_argument("--hidden", type=int, default=768)
@@ -235,7 +263,8 @@ def main(argv=None):
     print(f"{'layer':<14} {'impl':<10} {'seq':>6} {'step s':>9} {'tokens/s':>10} {'peak MB':>9}", flush=True)
     rows = []
     for layer in args.layers:
-        layer_impls = [i for i in impls if not (i == "official" and layer not in LAYERS)]
+        layer_impls = [i for i in impls if not (i == "official" and layer not in LAYERS)
+                       and not (i == "titans_pytorch" and layer != "titans")]
         if args.interleave:
             layer_impls = [i for i in layer_impls if i != "reference"]  # other sequence length
             jobs = [["--_inter", layer, *layer_impls]] + ([["--_one", "reference", layer]] if "reference" in impls else [])
@@ -253,6 +282,12 @@ def main(argv=None):
                       f"{layer:<14} {r['impl']:<10} {r['seq_len']:>6} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
                       f"{r['peak_mem_mb']:>9.0f}" + (f"   load {r['load_avg_1m']}" if "load_avg_1m" in r else ""),
                       flush=True)
+    for layer in ["titans"] if "titans_pytorch" in impls else []:
+        theirs = [r for r in rows if r["layer"] == layer and r["impl"] == "titans_pytorch"]
+        for r in rows:
+            if theirs and r["layer"] == layer and r["impl"] in ("chunked", "compiled"):
+                print(f"# {layer}: {r['impl']} is {r['tokens_per_s'] / theirs[0]['tokens_per_s']:.2f}x titans-pytorch's "
+                      f"tokens/s", flush=True)
     if args.official:
         for layer in args.layers:
             off = [r for r in rows if r["layer"] == layer and r["impl"] == "official"]
