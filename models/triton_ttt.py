@@ -87,6 +87,68 @@ class TritonLinearScan(torch.autograd.Function):
         return (dW, dq.to(x_dt), dk.to(x_dt), dtgt.to(x_dt), dmix.to(mix_dt), dslr.to(slr_dt), *d_ln, None)
 
 
+@torch.compiler.disable  # launches its own kernels
 def triton_linear_scan(W, q, k, tgt, mix, slr, ln_w, ln_b, eps: float = 1e-6):
     """:class:`TritonLinearScan` (Z̄ of every mini-batch and the final folded weights)."""
     return TritonLinearScan.apply(W, q, k, tgt, mix, slr, ln_w, ln_b, eps)
+
+
+class TritonMLPScan(torch.autograd.Function):
+    """N full mini-batches of TTT-MLP (as ``ttt_fused.MLPScan``): W̃1 = [W1; b1]: [B,H,d+1,h],
+    W̃2 = [W2; b2]: [B,H,h+1,d] (fp32); q, k, tgt: [N,B,H,b,d]; eta = tril(s ηᵀ), mix1: [N,B,H,b,b];
+    slr = s_b η: [N,B,H,b]; ln_w, ln_b: [H,1,d] → (Z̄ [N,B,H,b,d] fp32, W̃1_N, W̃2_N)."""
+
+    @staticmethod
+    def forward(ctx, W1, W2, q, k, tgt, eta, mix, slr, ln_w, ln_b, eps=1e-6):
+        N, B, H, b, d = q.shape
+        BH, h = B * H, W1.shape[-1]
+        w10, b10 = W1[..., :d, :].float().contiguous(), W1[..., d, :].float().contiguous()
+        w20, b20 = W2[..., :h, :].float().contiguous(), W2[..., h, :].float().contiguous()
+        q, k, tgt, eta, mix, slr = (t.contiguous() for t in (q, k, tgt, eta, mix, slr))
+        lnw = ln_w.float().expand(B, H, 1, d).contiguous()
+        lnb = ln_b.float().expand(B, H, 1, d).contiguous()
+        f32 = dict(device=q.device, dtype=torch.float32)
+        out = torch.empty(N, B, H, b, d, **f32)
+        w1s, b1s = torch.empty(N, BH, d, h, **f32), torch.empty(N, BH, h, **f32)
+        w2s, b2s = torch.empty(N, BH, h, d, **f32), torch.empty(N, BH, d, **f32)
+        w1n, b1n, w2n, b2n = (torch.empty_like(t[0]) for t in (w1s, b1s, w2s, b2s))
+        _kernels()._ttt_mlp_fwd[(BH,)](w10, b10, w20, b20, q, k, tgt, eta, mix, slr, lnw, lnb, out, w1s, b1s, w2s,
+                                       b2s, w1n, b1n, w2n, b2n, N, BH, eps, BLK=b, D=d, HD=h)
+        ctx.save_for_backward(w1s, b1s, w2s, b2s, q, k, tgt, eta, mix, slr, lnw, lnb)
+        ctx.eps, ctx.dtypes = eps, (W1.dtype, q.dtype, eta.dtype, mix.dtype, slr.dtype, ln_w.dtype)
+        W1n = torch.cat([w1n, b1n[:, None]], dim=1).view(B, H, d + 1, h).to(W1.dtype)
+        W2n = torch.cat([w2n, b2n[:, None]], dim=1).view(B, H, h + 1, d).to(W2.dtype)
+        return out, W1n, W2n
+
+    @staticmethod
+    def backward(ctx, d_out, d_W1, d_W2):
+        w1s, b1s, w2s, b2s, q, k, tgt, eta, mix, slr, lnw, lnb = ctx.saved_tensors
+        N, B, H, b, d = q.shape
+        BH, h = B * H, w1s.shape[-1]
+        f32 = dict(device=q.device, dtype=torch.float32)
+        d_out = torch.zeros(N, B, H, b, d, **f32) if d_out is None else d_out.float().contiguous()
+        d_W1 = torch.zeros(B, H, d + 1, h, **f32) if d_W1 is None else d_W1.float()
+        d_W2 = torch.zeros(B, H, h + 1, d, **f32) if d_W2 is None else d_W2.float()
+        dw1n, db1n = d_W1[..., :d, :].contiguous(), d_W1[..., d, :].contiguous()
+        dw2n, db2n = d_W2[..., :h, :].contiguous(), d_W2[..., h, :].contiguous()
+        dw10, db10 = torch.empty(BH, d, h, **f32), torch.empty(BH, h, **f32)
+        dw20, db20 = torch.empty(BH, h, d, **f32), torch.empty(BH, d, **f32)
+        dq, dk, dtgt = (torch.empty(N, B, H, b, d, **f32) for _ in range(3))
+        deta, dmix = torch.empty(N, B, H, b, b, **f32), torch.empty(N, B, H, b, b, **f32)
+        dslr = torch.empty(N, B, H, b, **f32)
+        dlnw, dlnb = torch.empty(BH, d, **f32), torch.empty(BH, d, **f32)
+        _kernels()._ttt_mlp_bwd[(BH,)](w1s, b1s, w2s, b2s, q, k, tgt, eta, mix, slr, lnw, lnb, d_out, dw1n, db1n,
+                                       dw2n, db2n, dw10, db10, dw20, db20, dq, dk, dtgt, deta, dmix, dslr, dlnw,
+                                       dlnb, N, BH, ctx.eps, BLK=b, D=d, HD=h)
+        w_dt, x_dt, eta_dt, mix_dt, slr_dt, ln_dt = ctx.dtypes
+        dW1 = torch.cat([dw10, db10[:, None]], dim=1).view(B, H, d + 1, h).to(w_dt)
+        dW2 = torch.cat([dw20, db20[:, None]], dim=1).view(B, H, h + 1, d).to(w_dt)
+        d_ln = [t.view(B, H, 1, d).sum(0).to(ln_dt) for t in (dlnw, dlnb)]
+        return (dW1, dW2, dq.to(x_dt), dk.to(x_dt), dtgt.to(x_dt), deta.to(eta_dt), dmix.to(mix_dt),
+                dslr.to(slr_dt), *d_ln, None)
+
+
+@torch.compiler.disable  # launches its own kernels
+def triton_mlp_scan(W1, W2, q, k, tgt, eta, mix1, slr, ln_w, ln_b, eps: float = 1e-6):
+    """:class:`TritonMLPScan` (Z̄ of every mini-batch and the final folded weights of both layers)."""
+    return TritonMLPScan.apply(W1, W2, q, k, tgt, eta, mix1, slr, ln_w, ln_b, eps)

@@ -98,3 +98,168 @@ def _ttt_linear_bwd(WS, BS_, Q, K, TGT, MIX, SLR, LNW, LNB, DOUT, DWN, DBN,
     tl.store(DB0 + bh * D + c, ab)
     tl.store(DLNW + bh * D + c, d_lnw)
     tl.store(DLNB + bh * D + c, d_lnb)
+
+
+# ------------------------------------------------------------------------------------- TTT-MLP
+
+
+@triton.jit
+def _gelu_parts(x):
+    """gelu(x), gelu'(x), gelu''(x) of the tanh form from one tanh (ttt_fused._gelu_tanh_parts)."""
+    x2 = x * x
+    u = 0.79788456 * x * (1 + 0.044715 * x2)
+    t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0  # tanh(u)
+    du = 0.79788456 + 0.1070322243 * x2
+    sech2 = 1 - t * t
+    half_1t = 0.5 * (1 + t)
+    d1 = 0.5 * x * (sech2 * du) + half_1t
+    d2 = sech2 * (du + 0.5 * x * (2 * 0.1070322243 * x - 2 * t * du * du))
+    return x * half_1t, d1, d2
+
+
+@triton.jit
+def _ttt_mlp_fwd(W10, B10, W20, B20, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, OUT, W1S, B1S, W2S, B2S,
+                 W1N, B1N, W2N, B2N, N, BH, eps, BLK: tl.constexpr, D: tl.constexpr, HD: tl.constexpr):
+    bh = tl.program_id(0)
+    r = tl.arange(0, BLK)
+    c = tl.arange(0, D)
+    e = tl.arange(0, HD)
+    rc = r[:, None] * D + c[None, :]
+    rr = r[:, None] * BLK + r[None, :]
+    ce = c[:, None] * HD + e[None, :]  # [D, HD]
+    ec = e[:, None] * D + c[None, :]  # [HD, D]
+    w1 = tl.load(W10 + bh * D * HD + ce).to(tl.float32)
+    b1 = tl.load(B10 + bh * HD + e).to(tl.float32)
+    w2 = tl.load(W20 + bh * HD * D + ec).to(tl.float32)
+    b2 = tl.load(B20 + bh * D + c).to(tl.float32)
+    lnw = tl.load(LNW + bh * D + c).to(tl.float32)
+    lnb = tl.load(LNB + bh * D + c).to(tl.float32)
+    for i in range(N):
+        step = i * BH + bh
+        tl.store(W1S + step * D * HD + ce, w1)
+        tl.store(B1S + step * HD + e, b1)
+        tl.store(W2S + step * HD * D + ec, w2)
+        tl.store(B2S + step * D + c, b2)
+        k = tl.load(K + step * BLK * D + rc).to(tl.float32)
+        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
+        t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
+        eta = tl.load(ETA + step * BLK * BLK + rr).to(tl.float32)
+        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
+        slr = tl.load(SLR + step * BLK + r).to(tl.float32)
+        z1 = tl.dot(k, w1, input_precision="ieee") + b1[None, :]
+        x2, gp, gpp = _gelu_parts(z1)
+        z2 = tl.dot(x2, w2, input_precision="ieee") + b2[None, :]
+        g2, xh, rstd, gh = _ln_l2_grad(z2, t, lnw, lnb, eps, D)
+        g1 = tl.dot(g2, tl.trans(w2), input_precision="ieee") * gp
+        z1bar = tl.dot(q, w1, input_precision="ieee") + b1[None, :] - tl.dot(mix, g1, input_precision="ieee")
+        x2bar, gpb, gppb = _gelu_parts(z1bar)
+        s = eta * (tl.dot(x2bar, tl.trans(x2), input_precision="ieee") + 1.0)
+        out = tl.dot(x2bar, w2, input_precision="ieee") + b2[None, :] - tl.dot(s, g2, input_precision="ieee")
+        tl.store(OUT + step * BLK * D + rc, out)
+        w1 = w1 - tl.dot(tl.trans(k * slr[:, None]), g1, input_precision="ieee")
+        b1 = b1 - tl.sum(g1 * slr[:, None], 0)
+        w2 = w2 - tl.dot(tl.trans(x2 * slr[:, None]), g2, input_precision="ieee")
+        b2 = b2 - tl.sum(g2 * slr[:, None], 0)
+    tl.store(W1N + bh * D * HD + ce, w1)
+    tl.store(B1N + bh * HD + e, b1)
+    tl.store(W2N + bh * HD * D + ec, w2)
+    tl.store(B2N + bh * D + c, b2)
+
+
+@triton.jit
+def _ttt_mlp_bwd(W1S, B1S, W2S, B2S, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, DOUT, DW1N, DB1N, DW2N, DB2N,
+                 DW10, DB10, DW20, DB20, DQ, DK, DTGT, DETA, DMIX, DSLR, DLNW, DLNB, N, BH, eps,
+                 BLK: tl.constexpr, D: tl.constexpr, HD: tl.constexpr):
+    bh = tl.program_id(0)
+    r = tl.arange(0, BLK)
+    c = tl.arange(0, D)
+    e = tl.arange(0, HD)
+    rc = r[:, None] * D + c[None, :]
+    rr = r[:, None] * BLK + r[None, :]
+    ce = c[:, None] * HD + e[None, :]
+    ec = e[:, None] * D + c[None, :]
+    a_w1 = tl.load(DW1N + bh * D * HD + ce).to(tl.float32)  # ∂L/∂(weights after the current mini-batch)
+    a_b1 = tl.load(DB1N + bh * HD + e).to(tl.float32)
+    a_w2 = tl.load(DW2N + bh * HD * D + ec).to(tl.float32)
+    a_b2 = tl.load(DB2N + bh * D + c).to(tl.float32)
+    lnw = tl.load(LNW + bh * D + c).to(tl.float32)
+    lnb = tl.load(LNB + bh * D + c).to(tl.float32)
+    d_lnw = tl.zeros([D], dtype=tl.float32)
+    d_lnb = tl.zeros([D], dtype=tl.float32)
+    for j in range(N):
+        step = (N - 1 - j) * BH + bh
+        w1 = tl.load(W1S + step * D * HD + ce)
+        b1 = tl.load(B1S + step * HD + e)
+        w2 = tl.load(W2S + step * HD * D + ec)
+        b2 = tl.load(B2S + step * D + c)
+        k = tl.load(K + step * BLK * D + rc).to(tl.float32)
+        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
+        t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
+        eta = tl.load(ETA + step * BLK * BLK + rr).to(tl.float32)
+        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
+        slr = tl.load(SLR + step * BLK + r).to(tl.float32)
+        do = tl.load(DOUT + step * BLK * D + rc).to(tl.float32)
+        # recompute the forward of this mini-batch
+        z1 = tl.dot(k, w1, input_precision="ieee") + b1[None, :]
+        x2, gp, gpp = _gelu_parts(z1)
+        z2 = tl.dot(x2, w2, input_precision="ieee") + b2[None, :]
+        g2, xh, rstd, gh = _ln_l2_grad(z2, t, lnw, lnb, eps, D)
+        m_ = tl.dot(g2, tl.trans(w2), input_precision="ieee")
+        g1 = m_ * gp
+        z1bar = tl.dot(q, w1, input_precision="ieee") + b1[None, :] - tl.dot(mix, g1, input_precision="ieee")
+        x2bar, gpb, gppb = _gelu_parts(z1bar)
+        p = tl.dot(x2bar, tl.trans(x2), input_precision="ieee") + 1.0
+        s = eta * p
+        # reads: out = X̄2 W2 + b2 − S G2
+        dw2 = a_w2 + tl.dot(tl.trans(x2bar), do, input_precision="ieee")
+        db2 = a_b2 + tl.sum(do, 0)
+        ds = -tl.dot(do, tl.trans(g2), input_precision="ieee")
+        dg2 = -tl.dot(tl.trans(s), do, input_precision="ieee")
+        dp = eta * ds
+        tl.store(DETA + step * BLK * BLK + rr, ds * p)
+        dx2bar = tl.dot(do, tl.trans(w2), input_precision="ieee") + tl.dot(dp, x2, input_precision="ieee")
+        dx2 = tl.dot(tl.trans(dp), x2bar, input_precision="ieee")
+        dz1bar = dx2bar * gpb
+        tl.store(DMIX + step * BLK * BLK + rr, -tl.dot(dz1bar, tl.trans(g1), input_precision="ieee"))
+        dg1 = -tl.dot(tl.trans(mix), dz1bar, input_precision="ieee")
+        # updates: W1' = W1 − (s η K)ᵀ G1, b1' = b1 − Σ s η G1; same for W2, b2 with X2, G2
+        ga1 = tl.dot(g1, tl.trans(a_w1), input_precision="ieee")
+        ga2 = tl.dot(g2, tl.trans(a_w2), input_precision="ieee")
+        dg1 += -slr[:, None] * (tl.dot(k, a_w1, input_precision="ieee") + a_b1[None, :])
+        dg2 += -slr[:, None] * (tl.dot(x2, a_w2, input_precision="ieee") + a_b2[None, :])
+        dx2 += -slr[:, None] * ga2
+        tl.store(DSLR + step * BLK + r, -tl.sum(k * ga1, 1) - tl.sum(g1 * a_b1[None, :], 1)
+                 - tl.sum(x2 * ga2, 1) - tl.sum(g2 * a_b2[None, :], 1))
+        # G1 = (G2 W2ᵀ) ⊙ gelu'(Z1)
+        dm = dg1 * gp
+        dz1 = dg1 * m_ * gpp
+        dg2 += tl.dot(dm, w2, input_precision="ieee")
+        dw2 += tl.dot(tl.trans(dm), g2, input_precision="ieee")
+        # G2 = ∇LN-L2(Z2): LayerNorm backward
+        gx = tl.sum(dg2 * xh, 1) / D
+        a = (dg2 - (tl.sum(dg2, 1) / D)[:, None] - xh * gx[:, None]) * rstd[:, None]
+        mm = tl.sum(gh * xh, 1) / D
+        dxh = lnw[None, :] * lnw[None, :] * a - (mm[:, None] * dg2 + gx[:, None] * gh) * rstd[:, None]
+        dstd = tl.sum(dg2 * g2, 1) + tl.sum(dxh * xh, 1)
+        dz2 = (dxh - (tl.sum(dxh, 1) / D)[:, None]) * rstd[:, None] - (dstd * rstd / D)[:, None] * xh
+        tl.store(DTGT + step * BLK * D + rc, -lnw[None, :] * a)
+        d_lnw += tl.sum(a * (2.0 * lnw[None, :] * xh + lnb[None, :] - t), 0)
+        d_lnb += tl.sum(lnw[None, :] * a, 0)
+        # Z2 = X2 W2 + b2, X2 = gelu(Z1), Z1 = K W1 + b1, Z̄1 = Q W1 + b1 − mix G1
+        dw2 += tl.dot(tl.trans(x2), dz2, input_precision="ieee")
+        db2 += tl.sum(dz2, 0)
+        dx2 += tl.dot(dz2, tl.trans(w2), input_precision="ieee")
+        dz1 += dx2 * gp
+        tl.store(DK + step * BLK * D + rc, tl.dot(dz1, tl.trans(w1), input_precision="ieee")
+                 - slr[:, None] * ga1)
+        tl.store(DQ + step * BLK * D + rc, tl.dot(dz1bar, tl.trans(w1), input_precision="ieee"))
+        a_w1 += tl.dot(tl.trans(k), dz1, input_precision="ieee") + tl.dot(tl.trans(q), dz1bar, input_precision="ieee")
+        a_b1 += tl.sum(dz1, 0) + tl.sum(dz1bar, 0)
+        a_w2 = dw2
+        a_b2 = db2
+    tl.store(DW10 + bh * D * HD + ce, a_w1)
+    tl.store(DB10 + bh * HD + e, a_b1)
+    tl.store(DW20 + bh * HD * D + ec, a_w2)
+    tl.store(DB20 + bh * D + c, a_b2)
+    tl.store(DLNW + bh * D + c, d_lnw)
+    tl.store(DLNB + bh * D + c, d_lnb)

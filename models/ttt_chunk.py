@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .parts import gelu_tanh, head_layer_norm
 from .parts import gelu_tanh_grad_fused as gelu_tanh_grad
 from .parts import ln_fused_l2_grad_fused as ln_fused_l2_grad
-from .triton_ttt import triton_linear_scan, use_triton
+from .triton_ttt import triton_linear_scan, triton_mlp_scan, use_triton
 from .ttt_fused import linear_scan, mlp_scan
 
 
@@ -123,9 +123,15 @@ def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
     s_lr = (scale[-1] * lr)[..., None]
     down1 = (s_lr * ka).transpose(-1, -2)
 
+    fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
+
     def run(W1, W2, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
-        out, W1, W2 = mlp_scan(W1, W2, kq[sl], tgt[sl], eta[sl], mix1[sl], down1[sl], s_lr[sl], ln_w, ln_b)
+        if fused:
+            out, W1, W2 = triton_mlp_scan(W1, W2, q[sl], k[sl], tgt[sl], eta[sl], mix1[sl], s_lr[sl, ..., 0],
+                                          ln_w, ln_b)
+        else:
+            out, W1, W2 = mlp_scan(W1, W2, kq[sl], tgt[sl], eta[sl], mix1[sl], down1[sl], s_lr[sl], ln_w, ln_b)
         return W1, W2, out
 
     return _grouped(run, [W1, W2], q.shape[0], group)

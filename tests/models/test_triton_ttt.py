@@ -1,5 +1,5 @@
-"""The Triton chunk kernels of TTT-Linear (models/triton_ttt.py) under TRITON_INTERPRET=1 on CPU,
-against the PyTorch chunked path: outputs, final weights and every gradient (fp32, ≤ 1e-4 relative
+"""The Triton chunk kernels of TTT-Linear and TTT-MLP (models/triton_ttt.py) under TRITON_INTERPRET=1
+on CPU, against the PyTorch chunked path: outputs, final weights and every gradient (fp32, ≤ 1e-4 relative
 to the largest value).
 
 Triton picks its interpreter when it is imported, so the checks run in one child process started
@@ -33,6 +33,28 @@ def _inputs(dtype, N=3, B=1, H=2, b=16, d=16, seed=0):
     ln_w = (1 + 0.1 * torch.randn(H, 1, d, generator=g)).requires_grad_()
     ln_b = (0.1 * torch.randn(H, 1, d, generator=g)).requires_grad_()
     return [W, q, k, tgt, lr, scale, ln_w, ln_b]
+
+
+def _mlp_inputs(N=3, B=1, H=2, b=16, d=16, h=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W, q, k, tgt, lr, scale, ln_w, ln_b = _inputs(torch.float32, N, B, H, b, d, seed)
+    W1 = (0.3 * torch.randn(B, H, d + 1, h, generator=g)).requires_grad_()
+    W2 = (0.3 * torch.randn(B, H, h + 1, d, generator=g)).requires_grad_()
+    return [W1, W2, q, k, tgt, lr, scale, ln_w, ln_b]
+
+
+def _run_mlp(fused, W1, W2, q, k, tgt, lr, scale, ln_w, ln_b):
+    from models import ttt_chunk
+    from models.ttt_fused import mlp_scan
+
+    eta = ttt_chunk._causal_eta(scale, lr)
+    mix1 = eta * (q @ k.transpose(-1, -2) + 1.0)
+    s_lr = (scale[-1] * lr)[..., None]
+    if fused:
+        return triton_ttt.triton_mlp_scan(W1, W2, q, k, tgt, eta, mix1, s_lr[..., 0], ln_w, ln_b)
+    ka = ttt_chunk._with_ones(k)
+    kq = torch.cat([ka, ttt_chunk._with_ones(q)], dim=-2)
+    return mlp_scan(W1, W2, kq, tgt, eta, mix1, (s_lr * ka).transpose(-1, -2), s_lr, ln_w, ln_b)
 
 
 def _run(fused, W, q, k, tgt, lr, scale, ln_w, ln_b):
@@ -70,20 +92,34 @@ def _kernel_errors(dtype):
     return errs
 
 
-def _layer_errors():
-    """A whole TTT-Linear layer (2 full mini-batches + a tail of 8) with the kernels selected
+def _mlp_kernel_errors():
+    inputs = _mlp_inputs()
+    res = {}
+    for fused in (False, True):
+        outs = _run_mlp(fused, *inputs)
+        gen = torch.Generator().manual_seed(5)
+        loss = sum((t * torch.randn(t.shape, generator=gen)).sum() for t in outs)
+        res[fused] = (outs, torch.autograd.grad(loss, inputs))
+    (o0, g0), (o1, g1) = res[False], res[True]
+    errs = {n: _err(a, b) for n, a, b in zip(["out", "weights1", "weights2"], o1, o0)}
+    errs.update({f"d_{n}": _err(a, b) for n, a, b in zip("W1 W2 q k tgt lr scale ln_w ln_b".split(), g1, g0)})
+    return errs
+
+
+def _layer_errors(inner="linear"):
+    """A whole TTT layer (2 full mini-batches + a tail of 8) with the kernels selected
     (MEMTRAIN_TRITON=1) against the PyTorch path (=0): output, state, every gradient."""
     from models.ttt import TTTLayer
     from tests.models.helpers import perturb
 
     torch.manual_seed(0)
-    layer = perturb(TTTLayer(32, 2, inner="linear", mini_batch_size=16))  # head dim 16
+    layer = perturb(TTTLayer(32, 2, inner=inner, mini_batch_size=16))  # head dim 16
     x = torch.randn(1, 40, 32, requires_grad=True)
     res = {}
     for flag in ("0", "1"):
         os.environ["MEMTRAIN_TRITON"] = flag
         y, state = layer(x)
-        loss = y.square().sum() + state.weights["W1"].sum()
+        loss = y.square().sum() + sum(t.sum() for t in state.weights.values())
         res[flag] = (y, state.weights, torch.autograd.grad(loss, [x, *layer.parameters()]))
     errs = {"out": _err(res["1"][0], res["0"][0])}
     errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
@@ -94,7 +130,7 @@ def _layer_errors():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton: the tests use its CPU interpreter)")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton: its CPU interpreter runs these)")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-m", "tests.models.test_triton_ttt"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -102,7 +138,7 @@ def interpreted():
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["kernel_float32", "kernel_bfloat16", "layer"])
+@pytest.mark.parametrize("case", ["kernel_float32", "kernel_bfloat16", "layer", "mlp_kernel", "mlp_layer"])
 def test_triton_matches_pytorch(interpreted, case):
     errs = interpreted[case]
     flags = {n: v for n, v in errs.items() if n in ("out_fp32", "grad_dtypes_match")}
@@ -130,5 +166,5 @@ def test_selection(monkeypatch):
 if __name__ == "__main__":  # the child process of the `interpreted` fixture
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     out = {"kernel_float32": _kernel_errors(torch.float32), "kernel_bfloat16": _kernel_errors(torch.bfloat16),
-           "layer": _layer_errors()}
+           "layer": _layer_errors(), "mlp_kernel": _mlp_kernel_errors(), "mlp_layer": _layer_errors("mlp")}
     print(json.dumps(out))
