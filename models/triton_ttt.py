@@ -1,4 +1,4 @@
-"""Triton kernels for the chunk step of TTT-Linear (dual form), forward and backward.
+"""Triton kernels for the chunk step of TTT-Linear and TTT-MLP (dual form), forward and backward.
 
 One program per (batch, head) keeps the fast weights W, b (fp32) on chip and walks the N full
 mini-batches of a call; per mini-batch i (b tokens, inputs in fp32 or bf16, math in fp32):
@@ -7,11 +7,12 @@ mini-batches of a call; per mini-batch i (b tokens, inputs in fp32 or bf16, math
     Z̄ = Q W + b − mix G,   mix = tril(s ηᵀ ⊙ (Q Kᵀ + 1))          (the reads of the dual form)
     W ← W − (s_b η ⊙ K)ᵀ G,   b ← b − Σ_r s_b η_r G_r
 
-The forward stores W, b once per mini-batch (N·d², not T·d²); the backward walks the mini-batches
+TTT-MLP applies the same to both layers (``ttt_fused.MLPScan``'s equations, biases kept apart).
+The forward stores the weights once per mini-batch (N·d², not T·d²); the backward walks the mini-batches
 in reverse, recomputes Z and G from the stored weights and carries ∂L/∂W, ∂L/∂b (the same
 recursion as ``ttt_fused.LinearScan``). ``mix`` and s_b η come from PyTorch (autograd takes their
 gradients on). Selected by :func:`use_triton` on CUDA tensors; everywhere else the chunked scan
-runs ``ttt_fused.LinearScan``. The kernels run on CPU under ``TRITON_INTERPRET=1`` (the tests).
+runs ``ttt_fused.LinearScan`` / ``MLPScan``. The kernels run on CPU under ``TRITON_INTERPRET=1`` (the tests).
 Importable without triton (``AVAILABLE`` is then False); the kernels live in triton_ttt_kernels.py,
 imported on first use. Only torch is imported here: this file is copied into HF folders.
 """

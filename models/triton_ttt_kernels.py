@@ -1,5 +1,5 @@
-"""The Triton kernels of models/triton_ttt.py (imported only when they are used): the chunk step of
-TTT-Linear in the dual form, forward and backward. See triton_ttt.py for the equations."""
+"""The Triton kernels of models/triton_ttt.py (imported only when they are used): the chunk steps of
+TTT-Linear and TTT-MLP in the dual form, forward and backward. See triton_ttt.py for the equations."""
 import triton
 import triton.language as tl
 
