@@ -97,12 +97,12 @@ def _segment_mlp(W1, W2, P1, P2, q, k, tgt, lr, scale, ln_w, ln_b, completes):
 
 def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
     """q,k,tgt: [N,B,H,b,d]; lr: [N,B,H,b]; scale: [b]. Returns z̄ [N,B,H,b,d] and W after."""
-    ka, qa = _with_ones(k), _with_ones(q)
-    kq = torch.cat([ka, qa], dim=-2)  # one matmul gives K̃W and Q̃W
     mix = _causal_eta(scale, lr) * (q @ k.transpose(-1, -2) + 1.0)
-    down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
-
     fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
+    if not fused:
+        ka = _with_ones(k)
+        kq = torch.cat([ka, _with_ones(q)], dim=-2)  # one matmul gives K̃W and Q̃W
+        down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
 
     def run(W, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
@@ -116,14 +116,14 @@ def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
 
 
 def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
-    ka, qa = _with_ones(k), _with_ones(q)
-    kq = torch.cat([ka, qa], dim=-2)
     eta = _causal_eta(scale, lr)
     mix1 = eta * (q @ k.transpose(-1, -2) + 1.0)
     s_lr = (scale[-1] * lr)[..., None]
-    down1 = (s_lr * ka).transpose(-1, -2)
-
     fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
+    if not fused:
+        ka = _with_ones(k)
+        kq = torch.cat([ka, _with_ones(q)], dim=-2)
+        down1 = (s_lr * ka).transpose(-1, -2)
 
     def run(W1, W2, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
