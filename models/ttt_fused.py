@@ -100,6 +100,7 @@ class LinearScan(torch.autograd.Function):
                 d_mix.view(*shape, b, b), d_down.view(*shape, d1, b), d_lw, d_lb, None)
 
 
+@torch.compiler.disable  # a Python loop over mini-batches: torch.compile runs it eagerly
 def linear_scan(W, kq, tgt, mix, down, ln_w, ln_b, eps: float = 1e-6):
     """:class:`LinearScan` (Z̄ of every mini-batch and the final weights)."""
     return LinearScan.apply(W, kq, tgt, mix, down, ln_w, ln_b, eps)
@@ -236,6 +237,7 @@ class MLPScan(torch.autograd.Function):
                 d_down.view(*shape, d1, b), d_slr.view(*shape, b, 1), d_lw, d_lb, None)
 
 
+@torch.compiler.disable  # a Python loop over mini-batches: torch.compile runs it eagerly
 def mlp_scan(W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps: float = 1e-6):
     """:class:`MLPScan` (Z̄ of every mini-batch and the final weights of both layers)."""
     return MLPScan.apply(W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps)
