@@ -33,15 +33,24 @@ def _kernels():
     return importlib.import_module(f"{__package__}.triton_ttt_kernels")
 
 
-def use_triton(x: torch.Tensor, mini_batch: int, head_dim: int) -> bool:
-    """The Triton path: on CUDA when triton is installed, or anywhere with MEMTRAIN_TRITON=1 (the
-    interpreter); never with MEMTRAIN_TRITON=0. tl.dot needs power-of-two sizes ≥ 16; the kernels
-    compute in fp32, so float64 stays on the PyTorch path."""
+# Largest fast-weight tile (elements per weight matrix) selected automatically on CUDA. The kernels
+# hold whole weight matrices per program; above this (e.g. TTT-MLP's 64×256 at head dim 64) they are
+# untuned and unmeasured on a GPU, so they run only when asked for with MEMTRAIN_TRITON=1.
+AUTO_MAX_TILE = 64 * 64
+
+
+def use_triton(x: torch.Tensor, mini_batch: int, head_dim: int, hidden: int | None = None) -> bool:
+    """The Triton path: on CUDA when triton is installed and each weight matrix has ≤ AUTO_MAX_TILE
+    elements, or anywhere with MEMTRAIN_TRITON=1 (e.g. the interpreter); never with MEMTRAIN_TRITON=0.
+    tl.dot needs power-of-two sizes ≥ 16 (``hidden``: TTT-MLP's inner width); the kernels compute in
+    fp32, so float64 stays on the PyTorch path."""
     flag = os.environ.get("MEMTRAIN_TRITON", "")
     if not AVAILABLE or flag == "0":
         return False
-    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (mini_batch, head_dim))
-    return shapes_ok and x.dtype != torch.float64 and (x.is_cuda or flag == "1")
+    hidden = hidden or head_dim
+    shapes_ok = all(n >= 16 and n & (n - 1) == 0 for n in (mini_batch, head_dim, hidden))
+    auto = x.is_cuda and head_dim * hidden <= AUTO_MAX_TILE
+    return shapes_ok and x.dtype != torch.float64 and (auto or flag == "1")
 
 
 class TritonLinearScan(torch.autograd.Function):

@@ -119,7 +119,7 @@ def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
     eta = _causal_eta(scale, lr)
     mix1 = eta * (q @ k.transpose(-1, -2) + 1.0)
     s_lr = (scale[-1] * lr)[..., None]
-    fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
+    fused = use_triton(q, q.shape[-2], q.shape[-1], W1.shape[-1])  # the Triton kernels (see use_triton)
     if not fused:
         ka = _with_ones(k)
         kq = torch.cat([ka, _with_ones(q)], dim=-2)

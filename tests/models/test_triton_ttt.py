@@ -159,6 +159,8 @@ def test_selection(monkeypatch):
     assert not triton_ttt.use_triton(x, 16, 24)  # tl.dot needs powers of two ≥ 16
     assert not triton_ttt.use_triton(x, 8, 64)
     assert not triton_ttt.use_triton(x.double(), 16, 64)  # fp32 kernels
+    assert triton_ttt.use_triton(x, 16, 64, 256) == triton_ttt.AVAILABLE  # asked for: any tile
+    assert not triton_ttt.use_triton(x, 16, 64, 96)
     monkeypatch.setenv("MEMTRAIN_TRITON", "0")
     assert not triton_ttt.use_triton(x, 16, 64)
 
