@@ -29,12 +29,11 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .miras import coefficient_outer, decay_coefficients
-from .modules import CausalConv1d, HeadRMSNorm
+from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import Recipe, gelu_tanh, l2_normalize, newton_schulz
 from .reference import memory_scan_reference
 from .state import LayerState
@@ -279,18 +278,14 @@ class AtlasLayer(nn.Module):
         return LayerState(weights=w, opt=opt, cache=cache)
 
     def _heads(self, t):
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return split_heads(t, self.num_heads)
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None):
         """x: [B, T, C] → (y [B, T, C], state)."""
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B)
-        conv = {}
-        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
-        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
-        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
-        compute = torch.promote_types(x.dtype, torch.float32)
-        q, k, v = (self._heads(F.silu(t)).to(compute) for t in (q, k, v))
+        q, k, v, conv = short_conv_qkv(self, x, state.conv)
+        compute = q.dtype
         coef = self.poly_coef.to(compute)
         q, k = poly_features(l2_normalize(q), coef), poly_features(l2_normalize(k), coef)
         g = torch.sigmoid(self.gates(x).to(compute)).transpose(1, 2).unflatten(1, (4, self.num_heads))  # [B, 4, H, T]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .modules import CausalConv1d, HeadRMSNorm
+from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import Recipe, gelu_tanh, head_layer_norm, l2_normalize
 from .reference import memory_scan_reference
 from .state import LayerState
@@ -331,18 +331,14 @@ class MirasLayer(nn.Module):
         return LayerState(weights={n: a[n] * r[n] for n in NAMES}, opt={"norm": r})
 
     def _heads(self, t):
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return split_heads(t, self.num_heads)
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None):
         """x: [B, T, C] → (y [B, T, C], state)."""
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B)
-        conv = {}
-        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
-        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
-        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
-        compute = torch.promote_types(x.dtype, torch.float32)
-        q, k, v = (self._heads(F.silu(t)).to(compute) for t in (q, k, v))
+        q, k, v, conv = short_conv_qkv(self, x, state.conv)
+        compute = q.dtype
         q, k = l2_normalize(q), l2_normalize(k)
         g = self.gates(x).to(compute).transpose(1, 2).unflatten(1, (self.num_gates, self.num_heads))  # [B, G, H, T]
         gates = {"lr": self.base_lr * torch.sigmoid(g[:, 0]),

@@ -126,6 +126,26 @@ def _last_inputs(xt: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(xt, (n - xt.shape[-1], 0))
 
 
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, H·d] → [B, H, T, d]."""
+    return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(1, 2)
+
+
+def short_conv_qkv(layer: nn.Module, x: torch.Tensor, conv_state: dict):
+    """q, k, v = SiLU(conv(x W)) per head, as the Titans-style layers read them.
+
+    ``layer`` holds ``q_proj/k_proj/v_proj``, ``conv_q/conv_k/conv_v`` (:class:`CausalConv1d`) and
+    ``num_heads``. Returns q, k, v [B, H, T, d] in the compute dtype (≥ float32) and the new conv
+    tails {"q", "k", "v"}.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    out, tails = [], {}
+    for name in ("q", "k", "v"):
+        y, tails[name] = getattr(layer, f"conv_{name}")(getattr(layer, f"{name}_proj")(x), conv_state.get(name))
+        out.append(split_heads(F.silu(y), layer.num_heads).to(compute))
+    return (*out, tails)
+
+
 __all__ = [
     "RMSNorm",
     "HeadRMSNorm",
@@ -134,4 +154,6 @@ __all__ = [
     "rope_cos_sin",
     "apply_interleaved_rope",
     "apply_rotate_half_rope",
+    "split_heads",
+    "short_conv_qkv",
 ]

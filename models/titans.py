@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionLayer
-from .modules import CausalConv1d, HeadRMSNorm
+from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import InnerKnobs, Recipe, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
 from .reference import memory_scan_reference
 from .scan import linear_scan
@@ -279,18 +279,14 @@ class TitansMemory(nn.Module):
         return LayerState(weights=weights, opt=opt)
 
     def _heads(self, t):
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return split_heads(t, self.num_heads)
 
     def scan(self, x: torch.Tensor, state: LayerState | None = None):
         """Projections and the memory scan: x [B, T, C] → (y per head [B, H, T, d], state)."""
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B)
-        conv = {}
-        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
-        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
-        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
-        compute = torch.promote_types(x.dtype, torch.float32)
-        q, k, v = (self._heads(F.silu(t)).to(compute) for t in (q, k, v))
+        q, k, v, conv = short_conv_qkv(self, x, state.conv)
+        compute = q.dtype
         q, k = l2_normalize(q), l2_normalize(k)
         g = self.gates(x).to(compute).transpose(1, 2)  # [B, 3H, T]
         lr = torch.sigmoid(g[:, : self.num_heads]) * self.base_lr

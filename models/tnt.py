@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import CausalConv1d, HeadRMSNorm
+from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import deep_mlp_memory, l2_loss, l2_normalize, momentum_step
 from .scan import linear_scan
 from .state import LayerState
@@ -350,17 +350,13 @@ class TNTLayer(nn.Module):
         return LayerState(weights=g.weights, opt=g.opt, extra=extra)
 
     def _heads(self, t):
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return split_heads(t, self.num_heads)
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None):
         B, T, _ = x.shape
         state = state if state is not None else self.init_state(B)
-        conv = {}
-        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
-        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
-        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
-        compute = torch.promote_types(x.dtype, torch.float32)
-        q, k, v = (self._heads(F.silu(t)).to(compute) for t in (q, k, v))
+        q, k, v, conv = short_conv_qkv(self, x, state.conv)
+        compute = q.dtype
         q, k = l2_normalize(q), l2_normalize(k)
         g = self.gates(x).to(compute).transpose(1, 2).unflatten(1, (self.num_memories, 3, self.num_heads))
         gates = [(torch.sigmoid(g[:, m, 0]) * self.base_lr, torch.sigmoid(g[:, m, 1]), torch.sigmoid(g[:, m, 2]))
