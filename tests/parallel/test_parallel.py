@@ -13,7 +13,7 @@ from parallel.launch import run_distributed
 TOL = 1e-5
 LAYOUTS = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)]
 SEQ = 40  # mini-batch 8: local lengths 20 (cp=2) and 10 (cp=4) cut mid-mini-batch
-TTT = [v for v in workers.VARIANTS if v not in workers.GENERIC_VARIANTS]
+TTT = list(workers.TTT_VARIANTS)
 CASES = [(v, m, SEQ) for v, m in itertools.product(TTT, ["pass", "ulysses"])]
 CASES += [(v, "pass", SEQ) for v in workers.GENERIC_VARIANTS]
 CASES += [(v, "prefix", SEQ) for v in workers.PREFIX_VARIANTS]

@@ -13,6 +13,7 @@ VARIANTS = {
     "linear+conv+shareqk+gate": dict(memory_layer="ttt_linear", pre_conv=True, share_qk=True, use_gate=True),
     "mlp+conv+shareqk+gate": dict(memory_layer="ttt_mlp", pre_conv=True, share_qk=True, use_gate=True),
 }
+TTT_VARIANTS = tuple(VARIANTS)  # the TTT layers: scan-level CP wavefront and Ulysses
 # every other mixer (TP by heads; CP: generic state pass, prefix combine for the DeltaNet family,
 # all-gather / halo attention). SWA window 16: a halo from one rank at cp=2 (pieces of 20), the
 # windowed all-gather at cp=4 (pieces of 10 < 15).
@@ -51,7 +52,7 @@ DTYPES.update(memora=torch.float64, atlas=torch.float64)
 def supported(tp: int, cp: int, variant: str, mode: str) -> bool:
     """Which (layout, variant, mode) combinations the suite runs (4 heads in every variant)."""
     if mode == "ulysses":
-        return variant not in GENERIC_VARIANTS and (4 // tp) % cp == 0
+        return variant in TTT_VARIANTS and (4 // tp) % cp == 0
     if mode == "prefix":
         return variant in PREFIX_VARIANTS
     return True
