@@ -14,6 +14,8 @@ mini-batch (N × d × d, never T × d × d). Only torch is imported: this file i
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,20 @@ def _ln_l2_forward(z, tgt, w, b, eps):
     return g, x_hat, rstd, resid, g_hat
 
 
+
+def _autocast_off(fn):
+    """Run ``fn(ctx, *tensors)`` with autocast off on the tensors' device: the scan computes in its own
+    dtype (float32), and autocast would turn its matmuls into bf16 ones (``out=`` buffers then clash)."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
+
+
 class LinearScan(torch.autograd.Function):
     """N full mini-batches of TTT-Linear in the dual form.
 
@@ -40,6 +56,7 @@ class LinearScan(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, W, kq, tgt, mix, down, ln_w, ln_b, eps=1e-6):
         N, B, H, b2, d1 = kq.shape
         b, d, BH = b2 // 2, W.shape[-1], B * H
@@ -66,6 +83,7 @@ class LinearScan(torch.autograd.Function):
         return out.view(N, B, H, b, d), w.view(B, H, d1, d)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, d_out, d_W):
         Ws, G, x_hat, resid, g_hat, rstd, kq3, mix3, down3, lw = ctx.saved_tensors
         N, B, H, b, d = ctx.shapes
@@ -139,6 +157,7 @@ class MLPScan(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps=1e-6):
         N, B, H, b2, d1 = kq.shape
         b, d, h, BH = b2 // 2, W2.shape[-1], W1.shape[-1], B * H
@@ -172,6 +191,7 @@ class MLPScan(torch.autograd.Function):
         return out.view(N, B, H, b, d), w1.view(B, H, d1, h), w2.view(B, H, h + 1, d)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, d_out, d_W1, d_W2):
         kq3, eta3, mix3, down3, slr3, lw, *flat = ctx.saved_tensors
         N, B, H, b, d, h = ctx.shapes

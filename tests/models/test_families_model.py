@@ -35,6 +35,20 @@ def test_every_model_file_is_exported():
     assert code <= set(MODEL_CODE_FILES), sorted(code - set(MODEL_CODE_FILES))
 
 
+def test_all_layer_types_train_under_bf16_autocast():
+    """Training runs under torch.autocast(bfloat16) (the trainer's bf16 mode): every mixer's inner loop keeps
+    its float32 compute dtype, the loss and every gradient are finite and close to the float32 ones."""
+    model = all_types_model().train()
+    ids = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    reference = all_types_model().train()(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and abs(loss.item() - reference.item()) < 0.05, (loss.item(), reference.item())
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+
+
 def test_all_layer_types_standalone_remote_code(tmp_path):
     model = all_types_model()
     ids = torch.randint(0, 128, (2, 19))
