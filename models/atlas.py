@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .miras import coefficient_outer, decay_coefficients
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
-from .parts import Recipe, gelu_tanh, l2_normalize, newton_schulz
+from .parts import Recipe, copy_param, gelu_tanh, l2_normalize, newton_schulz
 from .reference import memory_scan_reference
 from .state import LayerState
 from .titans import gelu_tanh_grad
@@ -258,12 +258,8 @@ class AtlasLayer(nn.Module):
         H, degree = self.num_heads, self.poly_coef.shape[-1]
         coef = torch.tensor([math.sqrt(1 / math.factorial(i)) for i in range(1, degree + 1)]).expand(H, degree)
         bias = torch.cat([torch.zeros(H), torch.full((H,), 2.2), torch.full((H,), 4.0), torch.full((H,), 1.0)])
-        for p, value in ((self.poly_coef, coef), (self.gates.bias, bias)):
-            if hasattr(init, "copy_"):
-                init.copy_(p, value.to(p.dtype))
-            else:
-                with torch.no_grad():
-                    p.copy_(value)
+        copy_param(self.poly_coef, coef, init)
+        copy_param(self.gates.bias, bias, init)
 
     def init_state(self, batch_size: int) -> LayerState:
         dtype = torch.promote_types(self.W1.dtype, torch.float32)

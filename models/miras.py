@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
-from .parts import Recipe, gelu_tanh, head_layer_norm, l2_normalize
+from .parts import Recipe, copy_param, gelu_tanh, head_layer_norm, l2_normalize
 from .reference import memory_scan_reference
 from .state import LayerState
 from .titans import gelu_tanh_grad
@@ -315,12 +315,7 @@ class MirasLayer(nn.Module):
         parts = [torch.zeros(H), torch.full((H,), -4.0 if self.variant == "yaad" else 4.0)]
         if self.variant == "yaad":
             parts.append(torch.full((H,), _inv_softplus(self.head_dim ** 0.5)))
-        bias = torch.cat(parts)
-        if hasattr(init, "copy_"):
-            init.copy_(self.gates.bias, bias.to(self.gates.bias.dtype))
-        else:
-            with torch.no_grad():
-                self.gates.bias.copy_(bias)
+        copy_param(self.gates.bias, torch.cat(parts), init)
 
     def init_state(self, batch_size: int) -> LayerState:
         dtype = torch.promote_types(self.W1.dtype, torch.float32)

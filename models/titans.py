@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention import AttentionLayer
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
-from .parts import InnerKnobs, Recipe, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
+from .parts import InnerKnobs, Recipe, copy_param, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
 from .reference import memory_scan_reference
 from .scan import linear_scan
 from .state import LayerState
@@ -212,6 +212,14 @@ TITANS_SCANS = {"chunk": titans_scan_chunked, "reference": titans_scan_reference
 # ------------------------------------------------------------------------------ the layer
 
 
+
+def titans_gate_bias(num_heads: int, copies: int = 1) -> torch.Tensor:
+    """Initial biases of the (θ, η, α) gates, per head, ``copies`` times over: σ(0) = ½ (θ ≈ base_lr/2),
+    σ(2.2) ≈ 0.9 (η), σ(−4) ≈ 0.02 (α)."""
+    H = num_heads
+    return torch.cat([torch.zeros(H), torch.full((H,), 2.2), torch.full((H,), -4.0)]).repeat(copies)
+
+
 class TitansMemory(nn.Module):
     """The neural long-term memory as a sequence mixer (``titans``, the paper's LMM)."""
 
@@ -263,14 +271,7 @@ class TitansMemory(nn.Module):
         for n in self.fast_weight_names:
             p = getattr(self, n)
             init.normal_(p, mean=0.0, std=p.shape[-2] ** -0.5)
-        H = self.num_heads
-        with torch.no_grad():
-            bias = torch.cat([torch.zeros(H), torch.full((H,), 2.2), torch.full((H,), -4.0)])
-        if hasattr(init, "copy_"):
-            init.copy_(self.gates.bias, bias.to(self.gates.bias.dtype))
-        else:
-            with torch.no_grad():
-                self.gates.bias.copy_(bias)
+        copy_param(self.gates.bias, titans_gate_bias(self.num_heads), init)
 
     def init_state(self, batch_size: int) -> LayerState:
         weights = {n: getattr(self, n).float().unsqueeze(0).expand(batch_size, *getattr(self, n).shape)

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
-from .parts import deep_mlp_memory, l2_loss, l2_normalize, momentum_step
+from .parts import copy_param, deep_mlp_memory, l2_loss, l2_normalize, momentum_step
 from .scan import linear_scan
 from .state import LayerState
-from .titans import _backprop_at, soft_clamp_factor, titans_scan_chunked
+from .titans import _backprop_at, soft_clamp_factor, titans_gate_bias, titans_scan_chunked
 
 # ------------------------------------------------------------------------------ global memory
 
@@ -327,15 +327,7 @@ class TNTLayer(nn.Module):
         for n in self.fast_weight_names:
             p = getattr(self, n)
             init.normal_(p, mean=0.0, std=p.shape[-2] ** -0.5)
-        H = self.num_heads
-        with torch.no_grad():
-            one = torch.cat([torch.zeros(H), torch.full((H,), 2.2), torch.full((H,), -4.0)])
-            bias = one.repeat(self.num_memories)
-        if hasattr(init, "copy_"):
-            init.copy_(self.gates.bias, bias.to(self.gates.bias.dtype))
-        else:
-            with torch.no_grad():
-                self.gates.bias.copy_(bias)
+        copy_param(self.gates.bias, titans_gate_bias(self.num_heads, self.num_memories), init)
 
     def _fresh(self, prefix: str, batch: int) -> LayerState:
         w = {n: t.float().unsqueeze(0).expand(batch, *t.shape) for n, t in self._init_weights_of(prefix).items()}
