@@ -95,14 +95,19 @@ def _segment_mlp(W1, W2, P1, P2, q, k, tgt, lr, scale, ln_w, ln_b, completes):
 # ------------------------------------------------------------- all full mini-batches of a call
 
 
+def _down(k, s_lr):
+    """D = (s_b η ⊙ K̃)ᵀ: [..., d+1, b], the map from a mini-batch's gradients to its weight update."""
+    return torch.cat([s_lr[..., None] * k, s_lr[..., None]], dim=-1).transpose(-1, -2)
+
+
+
 def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
     """q,k,tgt: [N,B,H,b,d]; lr: [N,B,H,b]; scale: [b]. Returns z̄ [N,B,H,b,d] and W after."""
     mix = _causal_eta(scale, lr) * (q @ k.transpose(-1, -2) + 1.0)
     fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
     if not fused:
-        ka = _with_ones(k)
-        kq = torch.cat([ka, _with_ones(q)], dim=-2)  # one matmul gives K̃W and Q̃W
-        down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
+        kq = torch.cat([k, q], dim=-2)  # one matmul gives K̃W̃ and Q̃W̃
+        down = _down(k, scale[-1] * lr)
 
     def run(W, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
@@ -121,9 +126,8 @@ def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
     s_lr = (scale[-1] * lr)[..., None]
     fused = use_triton(q, q.shape[-2], q.shape[-1], W1.shape[-1])  # the Triton kernels (see use_triton)
     if not fused:
-        ka = _with_ones(k)
-        kq = torch.cat([ka, _with_ones(q)], dim=-2)
-        down1 = (s_lr * ka).transpose(-1, -2)
+        kq = torch.cat([k, q], dim=-2)
+        down1 = _down(k, s_lr[..., 0])
 
     def run(W1, W2, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
@@ -218,6 +222,6 @@ def ttt_scan_chunked(
     if pieces[1][1] > pieces[1][0]:
         segment(*pieces[1])
 
-    z_bar = torch.cat([outputs[s] for s in sorted(outputs)], dim=2)
+    z_bar = outputs[0] if len(outputs) == 1 else torch.cat([outputs[s] for s in sorted(outputs)], dim=2)
     out = q + head_layer_norm(z_bar, ln_w, ln_b)
     return out, unfold_bias(folded), (None if pend is None else unfold_bias(pend))

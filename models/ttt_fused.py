@@ -9,28 +9,26 @@ mini-batches at once, outside the loop. For TTT-Linear (x̃ = [x, 1], W̃ = [W; 
 and its backward runs the recursion Ā_i = Ā_{i+1} + R_i + K̃_iᵀ J_iᵀ(Ḡ_i − D_iᵀ Ā_{i+1}) in reverse
 (Ā: ∂L/∂W̃, R_i = Q̃_iᵀ ∂L/∂Z̄_i, J_i the LN-L2 Jacobian applied in closed form per token), so the
 per-mini-batch work is a handful of batched (b × d) matmuls and elementwise ops with no autograd
-graph; the (b × d) per-token quantities of the loop are stored, the weights W̃_i once per
-mini-batch (N × d × d, never T × d × d). Only torch is imported: this file is copied into HF folders.
+graph; the (b × d) per-token quantities of the loop are kept, the weights W̃_i once per
+mini-batch (N × d × d, never T × d × d).
+
+On CPU the loop's cost is the number of operations, not their arithmetic: each elementwise op
+on a (B·H, b, d) tile costs about the same whatever it computes. So the row reductions are sums
+with 1/d folded into the next op, products are fused into ``addcmul``/``baddbmm`` with ``out=``
+buffers, every per-mini-batch tensor is kept by reference (never copied), and every product is
+taken per mini-batch: [B·H]-batched matmuls whose operands stay in cache (one batched matmul over
+all N·B·H small matrices streams them from memory and is slower). Only torch is imported: this
+file is copied into HF folders.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .parts import GELU_C
 
-
-def _ln_l2_forward(z, tgt, w, b, eps):
-    """g = ∂/∂z ½‖γ LN(z) + β − t‖² per token, with what its backward needs."""
-    d = z.shape[-1]
-    x_hat, _, rstd = torch.native_layer_norm(z, (d,), None, None, eps)
-    resid = w * x_hat + b - tgt
-    g_hat = resid * w
-    g = (g_hat - g_hat.mean(-1, keepdim=True) - x_hat * (g_hat * x_hat).mean(-1, keepdim=True)) * rstd
-    return g, x_hat, rstd, resid, g_hat
-
+GELU_C3 = 0.044715 * GELU_C  # u = c x + c·0.044715 x³ = x (c + GELU_C3 x²); u' = c + 3·GELU_C3 x²
 
 
 def _autocast_off(fn):
@@ -46,76 +44,116 @@ def _autocast_off(fn):
     return wrapper
 
 
+# ------------------------------------------------------------------ LayerNorm-fused L2 gradient
+
+
+def _ln_l2_grad(z, w_bt, w_sq, eps):
+    """g = ∂/∂z ½‖γ LN(z) + β − t‖² = r (ĝ − mean ĝ − x̂ mean(ĝ x̂)), ĝ = γ² x̂ + γ(β − t) (w_bt = γ(β − t),
+    w_sq = γ²), with what its backward needs: (g, x̂, r, ĝ, Σ ĝ x̂)."""
+    d = z.shape[-1]
+    x_hat, _, rstd = torch.native_layer_norm(z, (d,), None, None, eps)
+    g_hat = torch.addcmul(w_bt, w_sq, x_hat)
+    s_gx = (g_hat * x_hat).sum(-1, keepdim=True)
+    g = torch.addcmul(g_hat, x_hat, s_gx, value=-1.0 / d).sub_(g_hat.sum(-1, keepdim=True), alpha=1.0 / d)
+    return g.mul_(rstd), x_hat, rstd, g_hat, s_gx
+
+
+def _ln_l2_grad_backward(u, saved, w_sq, a_out, dz_out):
+    """Backward of :func:`_ln_l2_grad` for u = ∂L/∂g: writes a = ∂L/∂ĝ = r (u − mean u − x̂ mean(u x̂))
+    into ``a_out`` and ∂L/∂z into ``dz_out``: z enters through x̂ (in ĝ and in g) and through r."""
+    g, x_hat, r, g_hat, s_gx = saved
+    d = u.shape[-1]
+    s_ux = (u * x_hat).sum(-1, keepdim=True)
+    a = torch.addcmul(u, x_hat, s_ux, value=-1.0 / d).sub_(u.sum(-1, keepdim=True), alpha=1.0 / d)
+    torch.mul(a, r, out=a_out)
+    d_xhat = w_sq * a_out
+    d_xhat.addcmul_(u, s_gx * r, value=-1.0 / d).addcmul_(g_hat, s_ux * r, value=-1.0 / d)
+    s = (u * g).sum(-1, keepdim=True).add_((d_xhat * x_hat).sum(-1, keepdim=True))
+    dz = d_xhat.addcmul_(x_hat, s, value=-1.0 / d)  # x̂ has zero mean: the mean below is d_x̂'s
+    dz.sub_(dz.sum(-1, keepdim=True), alpha=1.0 / d)
+    torch.mul(dz, r, out=dz_out)
+
+
+def _ln_params(ln_w, ln_b, tgt, B):
+    """γ, β per (batch·head) row, γ² and γ(β − t) for every mini-batch at once."""
+    H, _, d = ln_w.shape
+    lw = ln_w.expand(B, H, 1, d).reshape(B * H, 1, d)
+    lb = ln_b.expand(B, H, 1, d).reshape(B * H, 1, d)
+    return lw, lb, lw * lw, lw * (lb - tgt)
+
+
+def _ln_param_grads(a_all, x_hat, tgt, lw, lb, B):
+    """∂L/∂t, ∂L/∂γ, ∂L/∂β from a = ∂L/∂ĝ (all mini-batches): ĝ = γ(γ x̂ + β − t)."""
+    N, BH, b, d = a_all.shape
+    H = BH // B
+    lw_a = lw * a_all
+
+    def head_sum(x):  # Σ over mini-batches, batch rows and tokens → [H, 1, d]
+        return x.view(N, B, H, b, d).sum(3).sum((0, 1)).view(H, 1, d)
+
+    d_lw = head_sum(torch.addcmul(lw_a * x_hat, a_all, lb - tgt).add_(lw_a * x_hat))
+    return lw_a.neg_(), d_lw, head_sum(lw_a).neg_()
+
+
 class LinearScan(torch.autograd.Function):
     """N full mini-batches of TTT-Linear in the dual form.
 
-    W: [B,H,d+1,d]; kq = [K̃; Q̃]: [N,B,H,2b,d+1]; tgt: [N,B,H,b,d]; mix = tril(s ηᵀ ⊙ (QKᵀ+1)):
-    [N,B,H,b,b]; down = D: [N,B,H,d+1,b]; ln_w, ln_b: [H,1,d]. Returns (Z̄ [N,B,H,b,d], W̃_N).
-    Every product is taken per mini-batch ([B·H] batched matmuls stay in cache; one batched matmul
-    over all N·B·H small matrices is slower on CPU).
+    W: [B,H,d+1,d]; kq = [K; Q]: [N,B,H,2b,d] (the ones column of K̃, Q̃ is W̃'s bias row, added by
+    ``baddbmm``); tgt: [N,B,H,b,d]; mix = tril(s ηᵀ ⊙ (QKᵀ+1)): [N,B,H,b,b]; down = D: [N,B,H,d+1,b];
+    ln_w, ln_b: [H,1,d]. Returns (Z̄ [N,B,H,b,d], W̃_N).
     """
 
     @staticmethod
     @_autocast_off
     def forward(ctx, W, kq, tgt, mix, down, ln_w, ln_b, eps=1e-6):
-        N, B, H, b2, d1 = kq.shape
-        b, d, BH = b2 // 2, W.shape[-1], B * H
-        kq3, tgt3 = kq.reshape(N, BH, b2, d1), tgt.reshape(N, BH, b, d)
-        mix3, down3 = mix.reshape(N, BH, b, b), down.reshape(N, BH, d1, b)
-        lw = ln_w.expand(B, H, 1, d).reshape(BH, 1, d)
-        lb = ln_b.expand(B, H, 1, d).reshape(BH, 1, d)
-        Ws = W.new_empty(N, BH, d1, d)
+        N, B, H, b2, d = kq.shape
+        b, d1, BH = b2 // 2, d + 1, B * H
+        kq3, mix3, down3 = kq.reshape(N, BH, b2, d), mix.reshape(N, BH, b, b), down.reshape(N, BH, d1, b)
+        tgt3 = tgt.reshape(N, BH, b, d)
+        lw, lb, w_sq, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
+        Ws = [W.reshape(BH, d1, d)]  # W̃_0 .. W̃_N, one tensor each (a single N·d² buffer is slower to fill)
         out = W.new_empty(N, BH, b, d)
-        saved = [W.new_empty(N, BH, b, d) for _ in range(4)]  # g, x̂, resid, ĝ
-        rstd = W.new_empty(N, BH, b, 1)
-        w = W.reshape(BH, d1, d)
+        keep = []
         for i in range(N):
-            Ws[i] = w
-            zz = torch.bmm(kq3[i], w)
-            g, x_hat, r, resid, g_hat = _ln_l2_forward(zz[:, :b], tgt3[i], lw, lb, eps)
-            for buf, t in zip(saved, (g, x_hat, resid, g_hat)):
-                buf[i] = t
-            rstd[i] = r
+            zz = torch.baddbmm(Ws[i][:, d:], kq3[i], Ws[i][:, :d])  # [K̃; Q̃] W̃_i
+            saved = _ln_l2_grad(zz[:, :b], w_bt[i], w_sq, eps)
+            g = saved[0]
             torch.baddbmm(zz[:, b:], mix3[i], g, alpha=-1.0, out=out[i])
-            w = torch.baddbmm(w, down3[i], g, alpha=-1.0)
-        ctx.save_for_backward(Ws, *saved, rstd, kq3, mix3, down3, lw)
+            Ws.append(torch.baddbmm(Ws[i], down3[i], g, alpha=-1.0))
+            keep += saved
+        ctx.save_for_backward(kq3, mix3, down3, lw, lb, tgt3, *Ws[:N], *keep)
         ctx.shapes = (N, B, H, b, d)
-        return out.view(N, B, H, b, d), w.view(B, H, d1, d)
+        return out.view(N, B, H, b, d), Ws[N].view(B, H, d1, d)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, d_out, d_W):
-        Ws, G, x_hat, resid, g_hat, rstd, kq3, mix3, down3, lw = ctx.saved_tensors
+        kq3, mix3, down3, lw, lb, tgt3, *keep = ctx.saved_tensors
         N, B, H, b, d = ctx.shapes
-        BH, d1 = B * H, Ws.shape[-2]
-        d_out = G.new_zeros(N, BH, b, d) if d_out is None else d_out.reshape(N, BH, b, d)
-        A = d_W.reshape(BH, d1, d) if d_W is not None else Ws.new_zeros(BH, d1, d)  # ∂L/∂W̃_{i+1}
-        w2 = lw * lw
+        Ws, keep = keep[:N], keep[N:]
+        BH, d1, w_sq = B * H, d + 1, lw * lw
+        A = d_W.reshape(BH, d1, d).clone() if d_W is not None else kq3.new_zeros(BH, d1, d)  # ∂L/∂W̃_{i+1}
+        dzz = kq3.new_zeros(N, BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)] per mini-batch
+        if d_out is not None:
+            dzz[:, :, b:] = d_out.reshape(N, BH, b, d)
         d_kq, d_mix, d_down = torch.empty_like(kq3), torch.empty_like(mix3), torch.empty_like(down3)
-        a_all = torch.empty_like(G)
-        m = (g_hat * x_hat).mean(-1, keepdim=True)
+        a_all = kq3.new_empty(N, BH, b, d)  # ∂L/∂ĝ_i
         for i in range(N - 1, -1, -1):
-            g, xh, r, gh, do = G[i], x_hat[i], rstd[i], g_hat[i], d_out[i]
-            g_t = g.transpose(-1, -2)
-            torch.bmm(do, g_t, out=d_mix[i]).neg_()
-            torch.bmm(A, g_t, out=d_down[i]).neg_()
-            G_up = -torch.baddbmm(mix3[i].transpose(-1, -2) @ do, down3[i].transpose(-1, -2), A)  # ∂L/∂G_i
-            # LayerNorm backward of G_i = g(K̃_i W̃_i): ∂L/∂ĝ = a, then through x̂ and σ
-            G_x = (G_up * xh).mean(-1, keepdim=True)
-            a = (G_up - G_up.mean(-1, keepdim=True) - xh * G_x) * r
-            a_all[i] = a
-            d_xhat = w2 * a - (m[i] * G_up + G_x * gh) * r
-            d_std = (G_up * g).sum(-1, keepdim=True) + (d_xhat * xh).sum(-1, keepdim=True)
-            dz = (d_xhat - d_xhat.mean(-1, keepdim=True)) * r - (d_std * r * (1.0 / d)) * xh
-            dzz = torch.cat([dz, do], dim=1)
-            torch.bmm(dzz, Ws[i].transpose(-1, -2), out=d_kq[i])
-            A = torch.baddbmm(A, kq3[i].transpose(-1, -2), dzz)
-        d_tgt = -lw * a_all
-        d_lw = (a_all * (resid + lw * x_hat)).view(N, B, H, b, d).sum((0, 1, 3)).view(H, 1, d)
-        d_lb = (lw * a_all).view(N, B, H, b, d).sum((0, 1, 3)).view(H, 1, d)
+            saved = keep[5 * i:5 * i + 5]
+            do, g_t = dzz[i, :, b:], saved[0].transpose(-1, -2)
+            torch.bmm(do, g_t, out=d_mix[i])  # negated below
+            torch.bmm(A, g_t, out=d_down[i])
+            u = torch.bmm(mix3[i].transpose(-1, -2), do)
+            u = torch.baddbmm(u, down3[i].transpose(-1, -2), A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
+            _ln_l2_grad_backward(u, saved, w_sq, a_all[i], dzz[i, :, :b])
+            torch.bmm(dzz[i], Ws[i][:, :d].transpose(-1, -2), out=d_kq[i])
+            A[:, :d].baddbmm_(kq3[i].transpose(-1, -2), dzz[i])
+            A[:, d:] += dzz[i].sum(1, keepdim=True)
+        x_hat = torch.stack(keep[1::5])
+        d_tgt, d_lw, d_lb = _ln_param_grads(a_all, x_hat, tgt3, lw, lb, B)
         shape = (N, B, H)
-        return (A.view(B, H, d1, d), d_kq.view(*shape, 2 * b, d1), d_tgt.view(*shape, b, d),
-                d_mix.view(*shape, b, b), d_down.view(*shape, d1, b), d_lw, d_lb, None)
+        return (A.view(B, H, d1, d), d_kq.view(*shape, 2 * b, d), d_tgt.view(*shape, b, d),
+                d_mix.neg_().view(*shape, b, b), d_down.neg_().view(*shape, d1, b), d_lw, d_lb, None)
 
 
 @torch.compiler.disable  # a Python loop over mini-batches: torch.compile runs it eagerly
@@ -124,137 +162,144 @@ def linear_scan(W, kq, tgt, mix, down, ln_w, ln_b, eps: float = 1e-6):
     return LinearScan.apply(W, kq, tgt, mix, down, ln_w, ln_b, eps)
 
 
-def _gelu_tanh_parts(x, second: bool = False):
-    """gelu(x) (tanh form), gelu'(x) and optionally gelu''(x) from one tanh:
-    t = tanh(c x (1 + 0.044715 x²)), gelu = ½x(1 + t), gelu' = ½(1 + t) + ½x(1 − t²)u', u' = c + 0.1070322243 x²
-    (gelu' is :func:`parts.gelu_tanh_grad`, the closed form of the official TTT-MLP)."""
-    x2 = x * x
-    t = torch.tanh(GELU_C * x * (1 + 0.044715 * x2))
-    du = GELU_C + 0.1070322243 * x2
-    sech2 = 1 - t * t
-    half_1t = 0.5 * (1 + t)
-    d1 = 0.5 * x * (sech2 * du) + half_1t
-    if not second:
-        return x * half_1t, d1
-    d2 = sech2 * (du + 0.5 * x * (2 * 0.1070322243 * x - 2 * t * du * du))
-    return x * half_1t, d1, d2
+# ------------------------------------------------------------------------------------ TTT-MLP
 
 
-def _pad1(x):
-    return F.pad(x, (0, 1), value=1.0)
+@functools.lru_cache(maxsize=None)
+def _consts(dtype, device):
+    """0-dim tensors c, ½, 1 (the constant inputs of ``addcmul``/``add``), made once per dtype and device."""
+    return tuple(torch.tensor(v, dtype=dtype, device=device) for v in (GELU_C, 0.5, 1.0))
+
+
+def _gelu_parts(x, out):
+    """gelu(x) (tanh form, the official constants) into ``out`` and gelu'(x), from one tanh:
+    u = x (c + c₃x²), t = tanh u, gelu = ½x(1 + t), gelu' = ½(1 + t) + ½x(1 − t²)u', u' = c + 3c₃x²
+    (gelu' is :func:`parts.gelu_tanh_grad`, the closed form of the official TTT-MLP). Returns
+    (gelu', (t, u', 1 − t², (1 − t²)u')): what :func:`_gelu_second` needs."""
+    c, half, one = _consts(x.dtype, x.device)
+    du = torch.addcmul(c, x, x, value=3 * GELU_C3)
+    t = torch.addcmul(c, x, x, value=GELU_C3).mul_(x).tanh_()
+    half_1t = torch.add(half, t, alpha=0.5)
+    torch.mul(x, half_1t, out=out)
+    sech2 = torch.addcmul(one, t, t, value=-1.0)
+    s_du = sech2 * du
+    return torch.addcmul(half_1t, x, s_du, value=0.5), (t, du, sech2, s_du)
+
+
+def _with_ones_column(x):
+    """An empty [..., n, h + 1] tensor like x [..., n, h] whose last column is 1 (x̃ = [x, 1])."""
+    out = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+    out[..., -1] = 1.0
+    return out
+
+
+def _gelu_second(x, parts, scale):
+    """scale ⊙ gelu''(x), gelu'' = (1 − t²)u' + x(1 − t²)(3c₃x − t u'²), from :func:`_gelu_parts`."""
+    t, du, sech2, s_du = parts
+    inner = torch.addcmul(x * (3 * GELU_C3), t * du, du, value=-1.0)
+    return torch.addcmul(s_du, sech2 * x, inner).mul_(scale)
 
 
 class MLPScan(torch.autograd.Function):
     """N full mini-batches of TTT-MLP in the dual form (both layers, as ttt_chunk._segment_mlp).
 
-    W1: [B,H,d+1,h], W2: [B,H,h+1,d]; kq = [K̃; Q̃]: [N,B,H,2b,d+1]; tgt: [N,B,H,b,d];
+    W1: [B,H,d+1,h], W2: [B,H,h+1,d]; kq = [K; Q]: [N,B,H,2b,d] (as LinearScan's); tgt: [N,B,H,b,d];
     eta = tril(s ηᵀ), mix1 = eta ⊙ (QKᵀ+1): [N,B,H,b,b]; down1 = (s_b η ⊙ K̃)ᵀ: [N,B,H,d+1,b];
     s_lr = s_b η: [N,B,H,b,1]. Returns (Z̄ [N,B,H,b,d], W̃1_N, W̃2_N). Per mini-batch:
 
         Z1 = K̃W̃1, X̃2 = [gelu(Z1), 1], G2 = ∇LN-L2(X̃2 W̃2), G1 = (G2 W2ᵀ) ⊙ gelu'(Z1)
         Z̄1 = Q̃W̃1 − mix1 G1, X̄2 = [gelu(Z̄1), 1], Z̄ = X̄2 W̃2 − (eta ⊙ X̄2 X̃2ᵀ) G2
-        W̃1 ← W̃1 − down1 G1,  W̃2 ← W̃2 − (s_lr ⊙ X̃2)ᵀ G2
+        W̃1 ← W̃1 − down1 G1,  W̃2 ← W̃2 − X̃2ᵀ (s_lr ⊙ G2)
     """
 
     @staticmethod
     @_autocast_off
     def forward(ctx, W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps=1e-6):
-        N, B, H, b2, d1 = kq.shape
-        b, d, h, BH = b2 // 2, W2.shape[-1], W1.shape[-1], B * H
-        kq3, tgt3 = kq.reshape(N, BH, b2, d1), tgt.reshape(N, BH, b, d)
+        N, B, H, b2, d = kq.shape
+        b, d1, h, BH = b2 // 2, d + 1, W1.shape[-1], B * H
+        kq3, tgt3 = kq.reshape(N, BH, b2, d), tgt.reshape(N, BH, b, d)
         eta3, mix3 = eta.reshape(N, BH, b, b), mix1.reshape(N, BH, b, b)
         down3, slr3 = down1.reshape(N, BH, d1, b), s_lr.reshape(N, BH, b, 1)
-        lw = ln_w.expand(B, H, 1, d).reshape(BH, 1, d)
-        lb = ln_b.expand(B, H, 1, d).reshape(BH, 1, d)
+        lw, lb, w_sq, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
         w1, w2 = W1.reshape(BH, d1, h), W2.reshape(BH, h + 1, d)
         out = W1.new_empty(N, BH, b, d)
         keep = []
         for i in range(N):
-            zz = torch.bmm(kq3[i], w1)
+            zz = torch.baddbmm(w1[:, d:], kq3[i], w1[:, :d])  # [K̃; Q̃] W̃1
             z1, z1q = zz[:, :b], zz[:, b:]
-            x2, gp, gpp = _gelu_tanh_parts(z1, second=True)  # gelu' is both G1's factor and gelu's derivative
-            x2a = _pad1(x2)
-            g2, x_hat, rstd, resid, g_hat = _ln_l2_forward(torch.bmm(x2a, w2), tgt3[i], lw, lb, eps)
+            x2a, x2bar_a = _with_ones_column(z1), _with_ones_column(z1)  # [gelu(·), 1], filled below
+            gp, parts = _gelu_parts(z1, x2a[..., :h])
+            ln_saved = _ln_l2_grad(torch.bmm(x2a, w2), w_bt[i], w_sq, eps)
+            g2 = ln_saved[0]
             M = torch.bmm(g2, w2[:, :h].transpose(-1, -2))
             g1 = M * gp
+            m_gpp = _gelu_second(z1, parts, M)  # M ⊙ gelu''(Z1), for ∂G1/∂Z1
             z1bar = torch.baddbmm(z1q, mix3[i], g1, alpha=-1.0)
-            x2bar, gp_bar = _gelu_tanh_parts(z1bar)
-            x2bar_a = _pad1(x2bar)
+            gp_bar, _ = _gelu_parts(z1bar, x2bar_a[..., :h])
             P = torch.bmm(x2bar_a, x2a.transpose(-1, -2))
             torch.baddbmm(torch.bmm(x2bar_a, w2), eta3[i] * P, g2, alpha=-1.0, out=out[i])
-            keep.append((w1, w2, gp, gpp, M, g1, gp_bar, x2a, x2bar_a, P, g2, x_hat, rstd, resid, g_hat))
+            keep += [w1, w2, x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *ln_saved]
             w1 = torch.baddbmm(w1, down3[i], g1, alpha=-1.0)
-            w2 = torch.baddbmm(w2, (slr3[i] * x2a).transpose(-1, -2), g2, alpha=-1.0)
-        # through save_for_backward (not ctx attributes) so that scan checkpointing can drop them
-        ctx.save_for_backward(kq3, eta3, mix3, down3, slr3, lw, *(t for step in keep for t in step))
+            w2 = torch.baddbmm(w2, x2a.transpose(-1, -2), slr3[i] * g2, alpha=-1.0)
+        ctx.save_for_backward(kq3, eta3, mix3, down3, slr3, lw, lb, tgt3, *keep)
         ctx.shapes = (N, B, H, b, d, h)
         return out.view(N, B, H, b, d), w1.view(B, H, d1, h), w2.view(B, H, h + 1, d)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, d_out, d_W1, d_W2):
-        kq3, eta3, mix3, down3, slr3, lw, *flat = ctx.saved_tensors
+        kq3, eta3, mix3, down3, slr3, lw, lb, tgt3, *keep = ctx.saved_tensors
         N, B, H, b, d, h = ctx.shapes
-        n = len(flat) // N
-        keep = [flat[i * n:(i + 1) * n] for i in range(N)]
-        BH, d1 = B * H, kq3.shape[-1]
+        BH, d1, w_sq, n = B * H, d + 1, lw * lw, len(keep) // N
         d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else d_out.reshape(N, BH, b, d)
-        A1 = kq3.new_zeros(BH, d1, h) if d_W1 is None else d_W1.reshape(BH, d1, h)
-        A2 = kq3.new_zeros(BH, h + 1, d) if d_W2 is None else d_W2.reshape(BH, h + 1, d)
-        w_sq = lw * lw
+        A1 = kq3.new_zeros(BH, d1, h) if d_W1 is None else d_W1.reshape(BH, d1, h).clone()  # ∂L/∂W̃1_{i+1}
+        A2 = kq3.new_zeros(BH, h + 1, d) if d_W2 is None else d_W2.reshape(BH, h + 1, d).clone()
         d_kq, d_eta, d_mix, d_down = (torch.empty_like(t) for t in (kq3, eta3, mix3, down3))
         d_slr = torch.empty_like(slr3)
-        a_all, terms = [None] * N, [None] * N
+        a_all = kq3.new_empty(N, BH, b, d)
+        dzz = kq3.new_empty(BH, 2 * b, h)  # [∂L/∂Z1; ∂L/∂Z̄1]
+        dz2 = kq3.new_empty(BH, b, d)
         for i in range(N - 1, -1, -1):
-            w1, w2, gp, gpp, M, g1, gp_bar, x2a, x2bar_a, P, g2, xh, r, resid, gh = keep[i]
-            do, et = d_out[i], eta3[i]
-            # reads: Z̄ = X̄2 W̃2 − (eta ⊙ P) G2,  P = X̄2 X̃2ᵀ
-            dW2 = torch.baddbmm(A2, x2bar_a.transpose(-1, -2), do)
-            dS = -torch.bmm(do, g2.transpose(-1, -2))
-            dG2 = -torch.bmm((et * P).transpose(-1, -2), do)
-            dP = et * dS
-            torch.mul(dS, P, out=d_eta[i])
-            dX2bar = torch.baddbmm(torch.bmm(do, w2.transpose(-1, -2)), dP, x2a)
-            dX2a = torch.bmm(dP.transpose(-1, -2), x2bar_a)
-            dZ1bar = dX2bar[..., :h] * gp_bar
-            torch.bmm(dZ1bar, g1.transpose(-1, -2), out=d_mix[i]).neg_()
-            dG1 = -torch.bmm(mix3[i].transpose(-1, -2), dZ1bar)
-            # weight updates: W̃1' = W̃1 − down1 G1, W̃2' = W̃2 − Uᵀ G2 with U = s_lr ⊙ X̃2
-            dG1 = torch.baddbmm(dG1, down3[i].transpose(-1, -2), A1, alpha=-1.0)
-            torch.bmm(A1, g1.transpose(-1, -2), out=d_down[i]).neg_()
-            dU = -torch.bmm(g2, A2.transpose(-1, -2))
-            dG2 = torch.baddbmm(dG2, slr3[i] * x2a, A2, alpha=-1.0)
-            dX2a = dX2a + slr3[i] * dU
-            d_slr[i] = (dU * x2a).sum(-1, keepdim=True)
-            # G1 = M ⊙ gelu'(Z1), M = G2 W2ᵀ
+            w1, w2, xa, xba, gp, m_gpp, g1, gp_bar, P, *ln_saved = keep[n * i:n * (i + 1)]
+            g2 = ln_saved[0]
+            do, et, slr = d_out[i], eta3[i], slr3[i]
+            # W̃2' = W̃2 − X̃2ᵀ V, V = s_lr ⊙ G2: ∂L/∂V = −X̃2 Ā2, ∂L/∂X̃2 ∋ −V Ā2ᵀ (Ā2 before it is updated)
+            slr_g2 = slr * g2
+            XA = torch.bmm(xa, A2)
+            torch.sum(torch.mul(g2, XA, out=dz2), -1, keepdim=True, out=d_slr[i])  # negated below
+            neg_dX2a = torch.bmm(slr_g2, A2.transpose(-1, -2))  # −∂L/∂X̃2, completed below
+            # the read Z̄ = X̄2 W̃2 − S G2, S = eta ⊙ P, P = X̄2 X̃2ᵀ
+            dS = torch.bmm(do, g2.transpose(-1, -2))  # −∂L/∂S
+            torch.mul(dS, P, out=d_eta[i])  # negated below
+            dP = et * dS  # −∂L/∂P
+            neg_dG2 = torch.bmm((et * P).transpose(-1, -2), do).addcmul_(slr, XA)  # −∂L/∂G2, completed below
+            dX2bar = torch.bmm(do, w2.transpose(-1, -2)).baddbmm_(dP, xa, alpha=-1.0)
+            neg_dX2a.baddbmm_(dP.transpose(-1, -2), xba)
+            dZ1bar = torch.mul(dX2bar[..., :h], gp_bar, out=dzz[:, b:])
+            torch.bmm(dZ1bar, g1.transpose(-1, -2), out=d_mix[i])  # negated below
+            # W̃1' = W̃1 − down1 G1, Z̄1 = Q̃W̃1 − mix1 G1: ∂L/∂G1; G1 = M ⊙ gelu'(Z1), M = G2 W2ᵀ
+            torch.bmm(A1, g1.transpose(-1, -2), out=d_down[i])  # negated below
+            dG1 = torch.bmm(mix3[i].transpose(-1, -2), dZ1bar)
+            dG1 = torch.baddbmm(dG1, down3[i].transpose(-1, -2), A1, beta=-1.0, alpha=-1.0)
             dM = dG1 * gp
-            dZ1 = dG1 * M * gpp
-            dG2 = torch.baddbmm(dG2, dM, w2[:, :h])
-            dW2[:, :h] += torch.bmm(dM.transpose(-1, -2), g2)
-            # G2 = ∇LN-L2(Z2): LayerNorm backward
-            G_x = (dG2 * xh).mean(-1, keepdim=True)
-            a = (dG2 - dG2.mean(-1, keepdim=True) - xh * G_x) * r
-            m = (gh * xh).mean(-1, keepdim=True)
-            d_xhat = w_sq * a - (m * dG2 + G_x * gh) * r
-            d_std = (dG2 * g2).sum(-1, keepdim=True) + (d_xhat * xh).sum(-1, keepdim=True)
-            dZ2 = (d_xhat - d_xhat.mean(-1, keepdim=True)) * r - (d_std * r * (1.0 / d)) * xh
-            a_all[i], terms[i] = a, resid + lw * xh
-            # Z2 = X̃2 W̃2, X2 = gelu(Z1), [Z1; Z1q] = [K̃; Q̃] W̃1
-            dW2 = torch.baddbmm(dW2, x2a.transpose(-1, -2), dZ2)
-            dX2a = torch.baddbmm(dX2a, dZ2, w2.transpose(-1, -2))
-            dZ1 = dZ1 + dX2a[..., :h] * gp
-            dzz = torch.cat([dZ1, dZ1bar], dim=1)
-            torch.bmm(dzz, w1.transpose(-1, -2), out=d_kq[i])
-            A1 = torch.baddbmm(A1, kq3[i].transpose(-1, -2), dzz)
-            A2 = dW2
-        a_all, terms = torch.stack(a_all), torch.stack(terms)
-        d_tgt = -lw * a_all
-        d_lw = (a_all * terms).view(N, B, H, b, d).sum((0, 1, 3)).view(H, 1, d)
-        d_lb = (lw * a_all).view(N, B, H, b, d).sum((0, 1, 3)).view(H, 1, d)
+            dG2 = torch.baddbmm(neg_dG2, dM, w2[:, :h], beta=-1.0)
+            A2[:, :h].baddbmm_(dM.transpose(-1, -2), g2)
+            A2.baddbmm_(xba.transpose(-1, -2), do)
+            # G2 = ∇LN-L2(Z2), Z2 = X̃2 W̃2
+            _ln_l2_grad_backward(dG2, ln_saved, w_sq, a_all[i], dz2)
+            A2.baddbmm_(xa.transpose(-1, -2), dz2)
+            dX2a = neg_dX2a.baddbmm_(dz2, w2.transpose(-1, -2), beta=-1.0)
+            # Z1 → X2 = gelu(Z1) and G1: ∂L/∂Z1 = ∂L/∂X2 ⊙ gelu'(Z1) + ∂L/∂G1 ⊙ M ⊙ gelu''(Z1)
+            torch.addcmul(dG1 * m_gpp, dX2a[..., :h], gp, out=dzz[:, :b])
+            torch.bmm(dzz, w1[:, :d].transpose(-1, -2), out=d_kq[i])
+            A1[:, :d].baddbmm_(kq3[i].transpose(-1, -2), dzz)
+            A1[:, d:] += dzz.sum(1, keepdim=True)
+        x_hat = torch.stack(keep[n - 4::n])
+        d_tgt, d_lw, d_lb = _ln_param_grads(a_all, x_hat, tgt3, lw, lb, B)
         shape = (N, B, H)
-        return (A1.view(B, H, d1, h), A2.view(B, H, h + 1, d), d_kq.view(*shape, 2 * b, d1),
-                d_tgt.view(*shape, b, d), d_eta.view(*shape, b, b), d_mix.view(*shape, b, b),
-                d_down.view(*shape, d1, b), d_slr.view(*shape, b, 1), d_lw, d_lb, None)
+        return (A1.view(B, H, d1, h), A2.view(B, H, h + 1, d), d_kq.view(*shape, 2 * b, d),
+                d_tgt.view(*shape, b, d), d_eta.neg_().view(*shape, b, b), d_mix.neg_().view(*shape, b, b),
+                d_down.neg_().view(*shape, d1, b), d_slr.neg_().view(*shape, b, 1), d_lw, d_lb, None)
 
 
 @torch.compiler.disable  # a Python loop over mini-batches: torch.compile runs it eagerly

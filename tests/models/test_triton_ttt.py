@@ -52,9 +52,8 @@ def _run_mlp(fused, W1, W2, q, k, tgt, lr, scale, ln_w, ln_b):
     s_lr = (scale[-1] * lr)[..., None]
     if fused:
         return triton_ttt.triton_mlp_scan(W1, W2, q, k, tgt, eta, mix1, s_lr[..., 0], ln_w, ln_b)
-    ka = ttt_chunk._with_ones(k)
-    kq = torch.cat([ka, ttt_chunk._with_ones(q)], dim=-2)
-    return mlp_scan(W1, W2, kq, tgt, eta, mix1, (s_lr * ka).transpose(-1, -2), s_lr, ln_w, ln_b)
+    kq = torch.cat([k, q], dim=-2)
+    return mlp_scan(W1, W2, kq, tgt, eta, mix1, ttt_chunk._down(k, s_lr[..., 0]), s_lr, ln_w, ln_b)
 
 
 def _run(fused, W, q, k, tgt, lr, scale, ln_w, ln_b):
@@ -65,10 +64,8 @@ def _run(fused, W, q, k, tgt, lr, scale, ln_w, ln_b):
     mix = ttt_chunk._causal_eta(scale, lr) * (q32 @ k32.transpose(-1, -2) + 1.0)
     if fused:
         return triton_ttt.triton_linear_scan(W, q, k, tgt, mix, scale[-1] * lr, ln_w, ln_b)
-    ka = ttt_chunk._with_ones(k32)
-    kq = torch.cat([ka, ttt_chunk._with_ones(q32)], dim=-2)
-    down = (scale[-1] * lr[..., None] * ka).transpose(-1, -2)
-    return linear_scan(W, kq, t32, mix, down, ln_w, ln_b)
+    kq = torch.cat([k32, q32], dim=-2)
+    return linear_scan(W, kq, t32, mix, ttt_chunk._down(k32, scale[-1] * lr), ln_w, ln_b)
 
 
 def _err(a, b):
