@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from .parts import GELU_C
 
@@ -58,48 +59,58 @@ def _ln_l2_grad(z, w_bt, w_sq, eps):
     return g.mul_(rstd), x_hat, rstd, g_hat, s_gx
 
 
-def _ln_l2_grad_backward(u, saved, w_sq, a_out, dz_out):
-    """Backward of :func:`_ln_l2_grad` for u = ∂L/∂g: writes a = ∂L/∂ĝ = r (u − mean u − x̂ mean(u x̂))
-    into ``a_out`` and ∂L/∂z into ``dz_out``: z enters through x̂ (in ĝ and in g) and through r."""
+def _ln_l2_grad_backward(u, saved, w_sq, dz_out):
+    """Backward of :func:`_ln_l2_grad` for u = ∂L/∂g: writes ∂L/∂z into ``dz_out`` (z enters through x̂,
+    in ĝ and in g, and through r) and returns a = ∂L/∂ĝ = r (u − mean u − x̂ mean(u x̂))."""
     g, x_hat, r, g_hat, s_gx = saved
     d = u.shape[-1]
     s_ux = (u * x_hat).sum(-1, keepdim=True)
-    a = torch.addcmul(u, x_hat, s_ux, value=-1.0 / d).sub_(u.sum(-1, keepdim=True), alpha=1.0 / d)
-    torch.mul(a, r, out=a_out)
-    d_xhat = w_sq * a_out
+    a = torch.addcmul(u, x_hat, s_ux, value=-1.0 / d).sub_(u.sum(-1, keepdim=True), alpha=1.0 / d).mul_(r)
+    d_xhat = w_sq * a
     d_xhat.addcmul_(u, s_gx * r, value=-1.0 / d).addcmul_(g_hat, s_ux * r, value=-1.0 / d)
     s = (u * g).sum(-1, keepdim=True).add_((d_xhat * x_hat).sum(-1, keepdim=True))
     dz = d_xhat.addcmul_(x_hat, s, value=-1.0 / d)  # x̂ has zero mean: the mean below is d_x̂'s
     dz.sub_(dz.sum(-1, keepdim=True), alpha=1.0 / d)
     torch.mul(dz, r, out=dz_out)
+    return a
 
 
 def _ln_params(ln_w, ln_b, tgt, B):
-    """γ, β per (batch·head) row, γ² and γ(β − t) for every mini-batch at once."""
+    """γ, β per (batch·head) row, γ², and β − t, γ(β − t) for every mini-batch at once."""
     H, _, d = ln_w.shape
     lw = ln_w.expand(B, H, 1, d).reshape(B * H, 1, d)
     lb = ln_b.expand(B, H, 1, d).reshape(B * H, 1, d)
-    return lw, lb, lw * lw, lw * (lb - tgt)
+    bt = lb - tgt
+    return lw, lw * lw, bt, lw * bt
 
 
-def _ln_param_grads(a_all, x_hat, tgt, lw, lb, B):
-    """∂L/∂t, ∂L/∂γ, ∂L/∂β from a = ∂L/∂ĝ (all mini-batches): ĝ = γ(γ x̂ + β − t)."""
-    N, BH, b, d = a_all.shape
-    H = BH // B
-    lw_a = lw * a_all
+class _LNParamGrads:
+    """∂L/∂t, ∂L/∂γ, ∂L/∂β of ĝ = γ(γ x̂ + β − t), gathered mini-batch by mini-batch from a = ∂L/∂ĝ while
+    a and x̂ are in cache: ∂L/∂t = −γ a, ∂L/∂γ = Σ a (2γ x̂ + β − t), ∂L/∂β = Σ γ a (Σ over mini-batches,
+    batch rows and tokens)."""
 
-    def head_sum(x):  # Σ over mini-batches, batch rows and tokens → [H, 1, d]
-        return x.view(N, B, H, b, d).sum(3).sum((0, 1)).view(H, 1, d)
+    def __init__(self, lw, bt, B):
+        self.neg_lw, self.two_lw, self.bt, self.B = -lw, 2 * lw, bt, B
+        self.d_tgt = torch.empty_like(bt)
+        self.d_lw = lw.new_zeros(lw.shape)
 
-    d_lw = head_sum(torch.addcmul(lw_a * x_hat, a_all, lb - tgt).add_(lw_a * x_hat))
-    return lw_a.neg_(), d_lw, head_sum(lw_a).neg_()
+    def add(self, i, a, x_hat):
+        torch.mul(a, self.neg_lw, out=self.d_tgt[i])
+        self.d_lw += (a * torch.addcmul(self.bt[i], self.two_lw, x_hat)).sum(1, keepdim=True)
+
+    def result(self):
+        """(∂L/∂t [N, B·H, b, d], ∂L/∂γ, ∂L/∂β [H, 1, d])."""
+        N, BH, b, d = self.d_tgt.shape
+        B, H = self.B, BH // self.B
+        d_lb = self.d_tgt.view(N * B, H, b, d).sum(0).sum(1, keepdim=True).neg_()
+        return self.d_tgt, self.d_lw.view(B, H, 1, d).sum(0), d_lb
 
 
 class LinearScan(torch.autograd.Function):
     """N full mini-batches of TTT-Linear in the dual form.
 
-    W: [B,H,d+1,d]; kq = [K; Q]: [N,B,H,2b,d] (the ones column of K̃, Q̃ is W̃'s bias row, added by
-    ``baddbmm``); tgt: [N,B,H,b,d]; mix = tril(s ηᵀ ⊙ (QKᵀ+1)): [N,B,H,b,b]; down = D: [N,B,H,d+1,b];
+    W: [B,H,d+1,d]; kq = [K; Q]: [N,B,H,2b,d] (padded to [K̃; Q̃] once inside, for the matmuls with
+    W̃ and ∂L/∂W̃; its gradient skips the ones column); tgt: [N,B,H,b,d]; mix = tril(s ηᵀ ⊙ (QKᵀ+1)): [N,B,H,b,b]; down = D: [N,B,H,d+1,b];
     ln_w, ln_b: [H,1,d]. Returns (Z̄ [N,B,H,b,d], W̃_N).
     """
 
@@ -108,49 +119,49 @@ class LinearScan(torch.autograd.Function):
     def forward(ctx, W, kq, tgt, mix, down, ln_w, ln_b, eps=1e-6):
         N, B, H, b2, d = kq.shape
         b, d1, BH = b2 // 2, d + 1, B * H
-        kq3, mix3, down3 = kq.reshape(N, BH, b2, d), mix.reshape(N, BH, b, b), down.reshape(N, BH, d1, b)
-        tgt3 = tgt.reshape(N, BH, b, d)
-        lw, lb, w_sq, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
+        kq3 = F.pad(kq.reshape(N, BH, b2, d), (0, 1), value=1.0)  # [K̃; Q̃]
+        mix3, down3, tgt3 = mix.reshape(N, BH, b, b), down.reshape(N, BH, d1, b), tgt.reshape(N, BH, b, d)
+        lw, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
         Ws = [W.reshape(BH, d1, d)]  # W̃_0 .. W̃_N, one tensor each (a single N·d² buffer is slower to fill)
         out = W.new_empty(N, BH, b, d)
         keep = []
         for i in range(N):
-            zz = torch.baddbmm(Ws[i][:, d:], kq3[i], Ws[i][:, :d])  # [K̃; Q̃] W̃_i
+            zz = torch.bmm(kq3[i], Ws[i])  # [K̃; Q̃] W̃_i
             saved = _ln_l2_grad(zz[:, :b], w_bt[i], w_sq, eps)
             g = saved[0]
             torch.baddbmm(zz[:, b:], mix3[i], g, alpha=-1.0, out=out[i])
             Ws.append(torch.baddbmm(Ws[i], down3[i], g, alpha=-1.0))
             keep += saved
-        ctx.save_for_backward(kq3, mix3, down3, lw, lb, tgt3, *Ws[:N], *keep)
+        ctx.save_for_backward(kq3, mix3, down3, lw, bt, *Ws[:N], *keep)
         ctx.shapes = (N, B, H, b, d)
         return out.view(N, B, H, b, d), Ws[N].view(B, H, d1, d)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, d_out, d_W):
-        kq3, mix3, down3, lw, lb, tgt3, *keep = ctx.saved_tensors
+        kq3, mix3, down3, lw, bt, *keep = ctx.saved_tensors
         N, B, H, b, d = ctx.shapes
         Ws, keep = keep[:N], keep[N:]
         BH, d1, w_sq = B * H, d + 1, lw * lw
         A = d_W.reshape(BH, d1, d).clone() if d_W is not None else kq3.new_zeros(BH, d1, d)  # ∂L/∂W̃_{i+1}
-        dzz = kq3.new_zeros(N, BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)] per mini-batch
+        dzz = kq3.new_empty(N, BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)] per mini-batch, the first half set below
         if d_out is not None:
             dzz[:, :, b:] = d_out.reshape(N, BH, b, d)
-        d_kq, d_mix, d_down = torch.empty_like(kq3), torch.empty_like(mix3), torch.empty_like(down3)
-        a_all = kq3.new_empty(N, BH, b, d)  # ∂L/∂ĝ_i
+        else:
+            dzz[:, :, b:] = 0.0
+        u_read = torch.matmul(mix3.transpose(-1, -2), dzz[:, :, b:])  # −∂L/∂G_i through the read
+        d_kq, d_mix, d_down = kq3.new_empty(N, BH, 2 * b, d), torch.empty_like(mix3), torch.empty_like(down3)
+        ln_grads = _LNParamGrads(lw, bt, B)
         for i in range(N - 1, -1, -1):
             saved = keep[5 * i:5 * i + 5]
             do, g_t = dzz[i, :, b:], saved[0].transpose(-1, -2)
             torch.bmm(do, g_t, out=d_mix[i])  # negated below
             torch.bmm(A, g_t, out=d_down[i])
-            u = torch.bmm(mix3[i].transpose(-1, -2), do)
-            u = torch.baddbmm(u, down3[i].transpose(-1, -2), A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
-            _ln_l2_grad_backward(u, saved, w_sq, a_all[i], dzz[i, :, :b])
+            u = torch.baddbmm(u_read[i], down3[i].transpose(-1, -2), A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
+            ln_grads.add(i, _ln_l2_grad_backward(u, saved, w_sq, dzz[i, :, :b]), saved[1])
             torch.bmm(dzz[i], Ws[i][:, :d].transpose(-1, -2), out=d_kq[i])
-            A[:, :d].baddbmm_(kq3[i].transpose(-1, -2), dzz[i])
-            A[:, d:] += dzz[i].sum(1, keepdim=True)
-        x_hat = torch.stack(keep[1::5])
-        d_tgt, d_lw, d_lb = _ln_param_grads(a_all, x_hat, tgt3, lw, lb, B)
+            A.baddbmm_(kq3[i].transpose(-1, -2), dzz[i])
+        d_tgt, d_lw, d_lb = ln_grads.result()
         shape = (N, B, H)
         return (A.view(B, H, d1, d), d_kq.view(*shape, 2 * b, d), d_tgt.view(*shape, b, d),
                 d_mix.neg_().view(*shape, b, b), d_down.neg_().view(*shape, d1, b), d_lw, d_lb, None)
@@ -217,15 +228,15 @@ class MLPScan(torch.autograd.Function):
     def forward(ctx, W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps=1e-6):
         N, B, H, b2, d = kq.shape
         b, d1, h, BH = b2 // 2, d + 1, W1.shape[-1], B * H
-        kq3, tgt3 = kq.reshape(N, BH, b2, d), tgt.reshape(N, BH, b, d)
+        kq3, tgt3 = F.pad(kq.reshape(N, BH, b2, d), (0, 1), value=1.0), tgt.reshape(N, BH, b, d)  # [K̃; Q̃]
         eta3, mix3 = eta.reshape(N, BH, b, b), mix1.reshape(N, BH, b, b)
         down3, slr3 = down1.reshape(N, BH, d1, b), s_lr.reshape(N, BH, b, 1)
-        lw, lb, w_sq, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
+        lw, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
         w1, w2 = W1.reshape(BH, d1, h), W2.reshape(BH, h + 1, d)
         out = W1.new_empty(N, BH, b, d)
         keep = []
         for i in range(N):
-            zz = torch.baddbmm(w1[:, d:], kq3[i], w1[:, :d])  # [K̃; Q̃] W̃1
+            zz = torch.bmm(kq3[i], w1)  # [K̃; Q̃] W̃1
             z1, z1q = zz[:, :b], zz[:, b:]
             x2a, x2bar_a = _with_ones_column(z1), _with_ones_column(z1)  # [gelu(·), 1], filled below
             gp, parts = _gelu_parts(z1, x2a[..., :h])
@@ -241,24 +252,26 @@ class MLPScan(torch.autograd.Function):
             keep += [w1, w2, x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *ln_saved]
             w1 = torch.baddbmm(w1, down3[i], g1, alpha=-1.0)
             w2 = torch.baddbmm(w2, x2a.transpose(-1, -2), slr3[i] * g2, alpha=-1.0)
-        ctx.save_for_backward(kq3, eta3, mix3, down3, slr3, lw, lb, tgt3, *keep)
+        ctx.save_for_backward(kq3, eta3, mix3, down3, slr3, lw, bt, *keep)
         ctx.shapes = (N, B, H, b, d, h)
         return out.view(N, B, H, b, d), w1.view(B, H, d1, h), w2.view(B, H, h + 1, d)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, d_out, d_W1, d_W2):
-        kq3, eta3, mix3, down3, slr3, lw, lb, tgt3, *keep = ctx.saved_tensors
+        kq3, eta3, mix3, down3, slr3, lw, bt, *keep = ctx.saved_tensors
         N, B, H, b, d, h = ctx.shapes
         BH, d1, w_sq, n = B * H, d + 1, lw * lw, len(keep) // N
         d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else d_out.reshape(N, BH, b, d)
         A1 = kq3.new_zeros(BH, d1, h) if d_W1 is None else d_W1.reshape(BH, d1, h).clone()  # ∂L/∂W̃1_{i+1}
         A2 = kq3.new_zeros(BH, h + 1, d) if d_W2 is None else d_W2.reshape(BH, h + 1, d).clone()
-        d_kq, d_eta, d_mix, d_down = (torch.empty_like(t) for t in (kq3, eta3, mix3, down3))
+        d_kq = kq3.new_empty(N, BH, 2 * b, d)
+        d_eta, d_mix, d_down = (torch.empty_like(t) for t in (eta3, mix3, down3))
         d_slr = torch.empty_like(slr3)
-        a_all = kq3.new_empty(N, BH, b, d)
+        ln_grads = _LNParamGrads(lw, bt, B)
         dzz = kq3.new_empty(BH, 2 * b, h)  # [∂L/∂Z1; ∂L/∂Z̄1]
         dz2 = kq3.new_empty(BH, b, d)
+        dM = kq3.new_zeros(BH, b, h + 1)  # [∂L/∂M, 0]: the padded shape multiplies W̃2 and Ā2 whole
         for i in range(N - 1, -1, -1):
             w1, w2, xa, xba, gp, m_gpp, g1, gp_bar, P, *ln_saved = keep[n * i:n * (i + 1)]
             g2 = ln_saved[0]
@@ -281,21 +294,19 @@ class MLPScan(torch.autograd.Function):
             torch.bmm(A1, g1.transpose(-1, -2), out=d_down[i])  # negated below
             dG1 = torch.bmm(mix3[i].transpose(-1, -2), dZ1bar)
             dG1 = torch.baddbmm(dG1, down3[i].transpose(-1, -2), A1, beta=-1.0, alpha=-1.0)
-            dM = dG1 * gp
-            dG2 = torch.baddbmm(neg_dG2, dM, w2[:, :h], beta=-1.0)
-            A2[:, :h].baddbmm_(dM.transpose(-1, -2), g2)
+            torch.mul(dG1, gp, out=dM[..., :h])
+            dG2 = torch.baddbmm(neg_dG2, dM, w2, beta=-1.0)
+            A2.baddbmm_(dM.transpose(-1, -2), g2)
             A2.baddbmm_(xba.transpose(-1, -2), do)
             # G2 = ∇LN-L2(Z2), Z2 = X̃2 W̃2
-            _ln_l2_grad_backward(dG2, ln_saved, w_sq, a_all[i], dz2)
+            ln_grads.add(i, _ln_l2_grad_backward(dG2, ln_saved, w_sq, dz2), ln_saved[1])
             A2.baddbmm_(xa.transpose(-1, -2), dz2)
             dX2a = neg_dX2a.baddbmm_(dz2, w2.transpose(-1, -2), beta=-1.0)
             # Z1 → X2 = gelu(Z1) and G1: ∂L/∂Z1 = ∂L/∂X2 ⊙ gelu'(Z1) + ∂L/∂G1 ⊙ M ⊙ gelu''(Z1)
             torch.addcmul(dG1 * m_gpp, dX2a[..., :h], gp, out=dzz[:, :b])
             torch.bmm(dzz, w1[:, :d].transpose(-1, -2), out=d_kq[i])
-            A1[:, :d].baddbmm_(kq3[i].transpose(-1, -2), dzz)
-            A1[:, d:] += dzz.sum(1, keepdim=True)
-        x_hat = torch.stack(keep[n - 4::n])
-        d_tgt, d_lw, d_lb = _ln_param_grads(a_all, x_hat, tgt3, lw, lb, B)
+            A1.baddbmm_(kq3[i].transpose(-1, -2), dzz)
+        d_tgt, d_lw, d_lb = ln_grads.result()
         shape = (N, B, H)
         return (A1.view(B, H, d1, h), A2.view(B, H, h + 1, d), d_kq.view(*shape, 2 * b, d),
                 d_tgt.view(*shape, b, d), d_eta.neg_().view(*shape, b, b), d_mix.neg_().view(*shape, b, b),
