@@ -106,6 +106,45 @@ class _LNParamGrads:
         return self.d_tgt, self.d_lw.view(B, H, 1, d).sum(0), d_lb
 
 
+class _Anchors:
+    """The fast weights W̃_i of the backward, recovered instead of stored: the forward updates W̃ in place
+    and keeps it only every ``every`` mini-batches; the backward walks back from the nearest kept
+    one, W̃_i = W̃_{i+1} + D_i G_i (the update undone with the same G_i). N·d² per head is never stored
+    (for TTT-MLP that was most of the layer's activation memory), the weights stay in cache, and the
+    rounding of the undo (≤ ``every`` steps, one ulp each) is far below float32's own noise."""
+
+    every = 16
+
+    def __init__(self, n, kept=None):
+        self.n, self.kept = n, {} if kept is None else kept
+
+    def keep(self, i, *weights):
+        if i % self.every == 0 or i == self.n:
+            self.kept[i] = weights if i == self.n else tuple(w.clone() for w in weights)
+
+    def tensors(self):
+        return [w for i in sorted(self.kept) for w in self.kept[i]]
+
+    @classmethod
+    def restore(cls, n, saved, per_step=1):
+        """Splits ``saved`` (the tensors after ``ctx.saved_tensors``' fixed ones) into (anchors, the rest)."""
+        steps = sorted({*range(0, n, cls.every), n})
+        count = len(steps) * per_step
+        flat = saved[:count]
+        return cls(n, {i: tuple(flat[j * per_step:(j + 1) * per_step]) for j, i in enumerate(steps)}), saved[count:]
+
+    def before(self, i, current, undo):
+        """W̃_i from W̃_{i+1} (``current``, a tuple or one tensor): a copy of the kept weights where i is
+        kept, else ``undo(*current)``."""
+        if i in self.kept:
+            kept = tuple(w.clone() for w in self.kept[i])
+            return kept if len(kept) > 1 else kept[0]
+        if current is None:  # the first step of the backward: start from W̃_N
+            current = tuple(w.clone() for w in self.kept[self.n])
+            current = current if len(current) > 1 else current[0]
+        return undo(*current) if isinstance(current, tuple) else undo(current)
+
+
 class LinearScan(torch.autograd.Function):
     """N full mini-batches of TTT-Linear in the dual form.
 
@@ -122,26 +161,29 @@ class LinearScan(torch.autograd.Function):
         kq3 = F.pad(kq.reshape(N, BH, b2, d), (0, 1), value=1.0)  # [K̃; Q̃]
         mix3, down3, tgt3 = mix.reshape(N, BH, b, b), down.reshape(N, BH, d1, b), tgt.reshape(N, BH, b, d)
         lw, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
-        Ws = [W.reshape(BH, d1, d)]  # W̃_0 .. W̃_N, one tensor each (a single N·d² buffer is slower to fill)
+        w = W.reshape(BH, d1, d).clone()  # updated in place; the backward recovers W̃_i (see _Anchors)
+        anchors = _Anchors(N)
         out = W.new_empty(N, BH, b, d)
         keep = []
         for i in range(N):
-            zz = torch.bmm(kq3[i], Ws[i])  # [K̃; Q̃] W̃_i
+            anchors.keep(i, w)
+            zz = torch.bmm(kq3[i], w)  # [K̃; Q̃] W̃_i
             saved = _ln_l2_grad(zz[:, :b], w_bt[i], w_sq, eps)
             g = saved[0]
             torch.baddbmm(zz[:, b:], mix3[i], g, alpha=-1.0, out=out[i])
-            Ws.append(torch.baddbmm(Ws[i], down3[i], g, alpha=-1.0))
+            w.baddbmm_(down3[i], g, alpha=-1.0)
             keep += saved
-        ctx.save_for_backward(kq3, mix3, down3, lw, bt, *Ws[:N], *keep)
+        anchors.keep(N, w)
+        ctx.save_for_backward(kq3, mix3, down3, lw, bt, *anchors.tensors(), *keep)
         ctx.shapes = (N, B, H, b, d)
-        return out.view(N, B, H, b, d), Ws[N].view(B, H, d1, d)
+        return out.view(N, B, H, b, d), w.view(B, H, d1, d)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, d_out, d_W):
         kq3, mix3, down3, lw, bt, *keep = ctx.saved_tensors
         N, B, H, b, d = ctx.shapes
-        Ws, keep = keep[:N], keep[N:]
+        anchors, keep = _Anchors.restore(N, keep)
         BH, d1, w_sq = B * H, d + 1, lw * lw
         A = d_W.reshape(BH, d1, d).clone() if d_W is not None else kq3.new_zeros(BH, d1, d)  # ∂L/∂W̃_{i+1}
         dzz = kq3.new_empty(N, BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)] per mini-batch, the first half set below
@@ -152,14 +194,16 @@ class LinearScan(torch.autograd.Function):
         u_read = torch.matmul(mix3.transpose(-1, -2), dzz[:, :, b:])  # −∂L/∂G_i through the read
         d_kq, d_mix, d_down = kq3.new_empty(N, BH, 2 * b, d), torch.empty_like(mix3), torch.empty_like(down3)
         ln_grads = _LNParamGrads(lw, bt, B)
+        w = None
         for i in range(N - 1, -1, -1):
             saved = keep[5 * i:5 * i + 5]
+            w = anchors.before(i, w, lambda w: w.baddbmm_(down3[i], saved[0]))  # W̃_i = W̃_{i+1} + D_i G_i
             do, g_t = dzz[i, :, b:], saved[0].transpose(-1, -2)
             torch.bmm(do, g_t, out=d_mix[i])  # negated below
             torch.bmm(A, g_t, out=d_down[i])
             u = torch.baddbmm(u_read[i], down3[i].transpose(-1, -2), A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
             ln_grads.add(i, _ln_l2_grad_backward(u, saved, w_sq, dzz[i, :, :b]), saved[1])
-            torch.bmm(dzz[i], Ws[i][:, :d].transpose(-1, -2), out=d_kq[i])
+            torch.bmm(dzz[i], w[:, :d].transpose(-1, -2), out=d_kq[i])
             A.baddbmm_(kq3[i].transpose(-1, -2), dzz[i])
         d_tgt, d_lw, d_lb = ln_grads.result()
         shape = (N, B, H)
@@ -232,10 +276,12 @@ class MLPScan(torch.autograd.Function):
         eta3, mix3 = eta.reshape(N, BH, b, b), mix1.reshape(N, BH, b, b)
         down3, slr3 = down1.reshape(N, BH, d1, b), s_lr.reshape(N, BH, b, 1)
         lw, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
-        w1, w2 = W1.reshape(BH, d1, h), W2.reshape(BH, h + 1, d)
+        w1, w2 = W1.reshape(BH, d1, h).clone(), W2.reshape(BH, h + 1, d).clone()  # updated in place (_Anchors)
+        anchors = _Anchors(N)
         out = W1.new_empty(N, BH, b, d)
         keep = []
         for i in range(N):
+            anchors.keep(i, w1, w2)
             zz = torch.bmm(kq3[i], w1)  # [K̃; Q̃] W̃1
             z1, z1q = zz[:, :b], zz[:, b:]
             x2a, x2bar_a = _with_ones_column(z1), _with_ones_column(z1)  # [gelu(·), 1], filled below
@@ -249,10 +295,11 @@ class MLPScan(torch.autograd.Function):
             gp_bar, _ = _gelu_parts(z1bar, x2bar_a[..., :h])
             P = torch.bmm(x2bar_a, x2a.transpose(-1, -2))
             torch.baddbmm(torch.bmm(x2bar_a, w2), eta3[i] * P, g2, alpha=-1.0, out=out[i])
-            keep += [w1, w2, x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *ln_saved]
-            w1 = torch.baddbmm(w1, down3[i], g1, alpha=-1.0)
-            w2 = torch.baddbmm(w2, x2a.transpose(-1, -2), slr3[i] * g2, alpha=-1.0)
-        ctx.save_for_backward(kq3, eta3, mix3, down3, slr3, lw, bt, *keep)
+            keep += [x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *ln_saved]
+            w1.baddbmm_(down3[i], g1, alpha=-1.0)
+            w2.baddbmm_(x2a.transpose(-1, -2), slr3[i] * g2, alpha=-1.0)
+        anchors.keep(N, w1, w2)
+        ctx.save_for_backward(kq3, eta3, mix3, down3, slr3, lw, bt, *anchors.tensors(), *keep)
         ctx.shapes = (N, B, H, b, d, h)
         return out.view(N, B, H, b, d), w1.view(B, H, d1, h), w2.view(B, H, h + 1, d)
 
@@ -261,6 +308,7 @@ class MLPScan(torch.autograd.Function):
     def backward(ctx, d_out, d_W1, d_W2):
         kq3, eta3, mix3, down3, slr3, lw, bt, *keep = ctx.saved_tensors
         N, B, H, b, d, h = ctx.shapes
+        anchors, keep = _Anchors.restore(N, keep, 2)
         BH, d1, w_sq, n = B * H, d + 1, lw * lw, len(keep) // N
         d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else d_out.reshape(N, BH, b, d)
         A1 = kq3.new_zeros(BH, d1, h) if d_W1 is None else d_W1.reshape(BH, d1, h).clone()  # ∂L/∂W̃1_{i+1}
@@ -270,16 +318,26 @@ class MLPScan(torch.autograd.Function):
         d_slr = torch.empty_like(slr3)
         ln_grads = _LNParamGrads(lw, bt, B)
         dzz = kq3.new_empty(BH, 2 * b, h)  # [∂L/∂Z1; ∂L/∂Z̄1]
-        dz2 = kq3.new_empty(BH, b, d)
-        dM = kq3.new_zeros(BH, b, h + 1)  # [∂L/∂M, 0]: the padded shape multiplies W̃2 and Ā2 whole
+        # Ā2 += X̃2ᵀ ∂L/∂Z2 + X̄2ᵀ ∂L/∂Z̄ + [∂L/∂M, 0]ᵀ G2 as one product (one pass over Ā2, not three):
+        lhs = kq3.new_empty(BH, 3 * b, h + 1)  # [X̃2; X̄2; [∂L/∂M, 0]]
+        rhs = kq3.new_empty(BH, 3 * b, d)  # [∂L/∂Z2; ∂L/∂Z̄; G2]
+        lhs[:, 2 * b:, h] = 0.0
+        dz2, dM = rhs[:, :b], lhs[:, 2 * b:]
+        w12 = None
         for i in range(N - 1, -1, -1):
-            w1, w2, xa, xba, gp, m_gpp, g1, gp_bar, P, *ln_saved = keep[n * i:n * (i + 1)]
+            xa, xba, gp, m_gpp, g1, gp_bar, P, *ln_saved = keep[n * i:n * (i + 1)]
             g2 = ln_saved[0]
             do, et, slr = d_out[i], eta3[i], slr3[i]
-            # W̃2' = W̃2 − X̃2ᵀ V, V = s_lr ⊙ G2: ∂L/∂V = −X̃2 Ā2, ∂L/∂X̃2 ∋ −V Ā2ᵀ (Ā2 before it is updated)
             slr_g2 = slr * g2
+
+            def undo(w1, w2):  # W̃1_i = W̃1_{i+1} + down1 G1, W̃2_i = W̃2_{i+1} + X̃2ᵀ(s_lr ⊙ G2)
+                return w1.baddbmm_(down3[i], g1), w2.baddbmm_(xa.transpose(-1, -2), slr_g2)
+
+            w12 = anchors.before(i, w12, undo)
+            w1, w2 = w12
+            # W̃2' = W̃2 − X̃2ᵀ V, V = s_lr ⊙ G2: ∂L/∂V = −X̃2 Ā2, ∂L/∂X̃2 ∋ −V Ā2ᵀ (Ā2 before it is updated)
             XA = torch.bmm(xa, A2)
-            torch.sum(torch.mul(g2, XA, out=dz2), -1, keepdim=True, out=d_slr[i])  # negated below
+            torch.sum(g2 * XA, -1, keepdim=True, out=d_slr[i])  # negated below
             neg_dX2a = torch.bmm(slr_g2, A2.transpose(-1, -2))  # −∂L/∂X̃2, completed below
             # the read Z̄ = X̄2 W̃2 − S G2, S = eta ⊙ P, P = X̄2 X̃2ᵀ
             dS = torch.bmm(do, g2.transpose(-1, -2))  # −∂L/∂S
@@ -296,11 +354,10 @@ class MLPScan(torch.autograd.Function):
             dG1 = torch.baddbmm(dG1, down3[i].transpose(-1, -2), A1, beta=-1.0, alpha=-1.0)
             torch.mul(dG1, gp, out=dM[..., :h])
             dG2 = torch.baddbmm(neg_dG2, dM, w2, beta=-1.0)
-            A2.baddbmm_(dM.transpose(-1, -2), g2)
-            A2.baddbmm_(xba.transpose(-1, -2), do)
             # G2 = ∇LN-L2(Z2), Z2 = X̃2 W̃2
             ln_grads.add(i, _ln_l2_grad_backward(dG2, ln_saved, w_sq, dz2), ln_saved[1])
-            A2.baddbmm_(xa.transpose(-1, -2), dz2)
+            lhs[:, :b], lhs[:, b:2 * b], rhs[:, b:2 * b], rhs[:, 2 * b:] = xa, xba, do, g2
+            A2.baddbmm_(lhs.transpose(-1, -2), rhs)
             dX2a = neg_dX2a.baddbmm_(dz2, w2.transpose(-1, -2), beta=-1.0)
             # Z1 → X2 = gelu(Z1) and G1: ∂L/∂Z1 = ∂L/∂X2 ⊙ gelu'(Z1) + ∂L/∂G1 ⊙ M ⊙ gelu''(Z1)
             torch.addcmul(dG1 * m_gpp, dX2a[..., :h], gp, out=dzz[:, :b])
