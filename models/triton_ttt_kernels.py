@@ -105,7 +105,7 @@ def _ttt_linear_bwd(WS, BS_, Q, K, TGT, MIX, SLR, LNW, LNB, DOUT, DWN, DBN,
 
 @triton.jit
 def _gelu_parts(x):
-    """gelu(x), gelu'(x), gelu''(x) of the tanh form from one tanh (ttt_fused._gelu_tanh_parts)."""
+    """gelu(x), gelu'(x), gelu''(x) of the tanh form from one tanh (as ttt_fused._gelu_parts and _gelu_second)."""
     x2 = x * x
     u = 0.79788456 * x * (1 + 0.044715 * x2)
     t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0  # tanh(u)

@@ -226,19 +226,27 @@ def _consts(dtype, device):
     return tuple(torch.tensor(v, dtype=dtype, device=device) for v in (GELU_C, 0.5, 1.0))
 
 
-def _gelu_parts(x, out):
+def _gelu_parts(x, out, second: bool = False):
     """gelu(x) (tanh form, the official constants) into ``out`` and gelu'(x), from one tanh:
     u = x (c + c₃x²), t = tanh u, gelu = ½x(1 + t), gelu' = ½(1 + t) + ½x(1 − t²)u', u' = c + 3c₃x²
-    (gelu' is :func:`parts.gelu_tanh_grad`, the closed form of the official TTT-MLP). Returns
-    (gelu', (t, u', 1 − t², (1 − t²)u')): what :func:`_gelu_second` needs."""
+    (gelu' is :func:`parts.gelu_tanh_grad`, the closed form of the official TTT-MLP). Returns gelu' and,
+    with ``second``, (t, u', 1 − t²) for :func:`_gelu_second`. Temporaries are reused in place: on CPU
+    a fresh (b × h) tensor per op costs more than the op."""
     c, half, one = _consts(x.dtype, x.device)
     du = torch.addcmul(c, x, x, value=3 * GELU_C3)
     t = torch.addcmul(c, x, x, value=GELU_C3).mul_(x).tanh_()
     half_1t = torch.add(half, t, alpha=0.5)
     torch.mul(x, half_1t, out=out)
     sech2 = torch.addcmul(one, t, t, value=-1.0)
-    s_du = sech2 * du
-    return torch.addcmul(half_1t, x, s_du, value=0.5), (t, du, sech2, s_du)
+    s_du = sech2 * du if second else sech2.mul_(du)
+    return half_1t.addcmul_(x, s_du, value=0.5), ((t, du, sech2) if second else None)
+
+
+def _gelu_second(x, parts, scale):
+    """scale ⊙ gelu''(x), gelu'' = (1 − t²)(u' + x(3c₃x − t u'²)), from :func:`_gelu_parts` (uses up its parts)."""
+    t, du, sech2 = parts
+    inner = torch.mul(x, 3 * GELU_C3).addcmul_(t.mul_(du), du, value=-1.0)
+    return inner.mul_(x).add_(du).mul_(sech2).mul_(scale)
 
 
 def _with_ones_column(x):
@@ -246,13 +254,6 @@ def _with_ones_column(x):
     out = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
     out[..., -1] = 1.0
     return out
-
-
-def _gelu_second(x, parts, scale):
-    """scale ⊙ gelu''(x), gelu'' = (1 − t²)u' + x(1 − t²)(3c₃x − t u'²), from :func:`_gelu_parts`."""
-    t, du, sech2, s_du = parts
-    inner = torch.addcmul(x * (3 * GELU_C3), t * du, du, value=-1.0)
-    return torch.addcmul(s_du, sech2 * x, inner).mul_(scale)
 
 
 class MLPScan(torch.autograd.Function):
@@ -285,7 +286,7 @@ class MLPScan(torch.autograd.Function):
             zz = torch.bmm(kq3[i], w1)  # [K̃; Q̃] W̃1
             z1, z1q = zz[:, :b], zz[:, b:]
             x2a, x2bar_a = _with_ones_column(z1), _with_ones_column(z1)  # [gelu(·), 1], filled below
-            gp, parts = _gelu_parts(z1, x2a[..., :h])
+            gp, parts = _gelu_parts(z1, x2a[..., :h], second=True)
             ln_saved = _ln_l2_grad(torch.bmm(x2a, w2), w_bt[i], w_sq, eps)
             g2 = ln_saved[0]
             M = torch.bmm(g2, w2[:, :h].transpose(-1, -2))
