@@ -95,6 +95,11 @@ def _segment_mlp(W1, W2, P1, P2, q, k, tgt, lr, scale, ln_w, ln_b, completes):
 # ------------------------------------------------------------- all full mini-batches of a call
 
 
+def _read_out(q, z_bar, ln_w, ln_b):
+    """The layer's read of the inner model: o = q + LN_{γ,β}(z̄)."""
+    return q + head_layer_norm(z_bar, ln_w, ln_b)
+
+
 def _down(k, s_lr):
     """D = (s_b η ⊙ K̃)ᵀ: [..., d+1, b], the map from a mini-batch's gradients to its weight update."""
     return torch.cat([s_lr[..., None] * k, s_lr[..., None]], dim=-1).transpose(-1, -2)
@@ -102,7 +107,7 @@ def _down(k, s_lr):
 
 
 def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
-    """q,k,tgt: [N,B,H,b,d]; lr: [N,B,H,b]; scale: [b]. Returns z̄ [N,B,H,b,d] and W after."""
+    """q,k,tgt: [N,B,H,b,d]; lr: [N,B,H,b]; scale: [b]. Returns the read-out o = q + LN(z̄) [N,B,H,b,d] and W after."""
     mix = _causal_eta(scale, lr) * (q @ k.transpose(-1, -2) + 1.0)
     fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
     if not fused:
@@ -112,8 +117,9 @@ def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
     def run(W, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
         if fused:
-            out, W = triton_linear_scan(W, q[sl], k[sl], tgt[sl], mix[sl], scale[-1] * lr[sl], ln_w, ln_b)
-        else:
+            z_bar, W = triton_linear_scan(W, q[sl], k[sl], tgt[sl], mix[sl], scale[-1] * lr[sl], ln_w, ln_b)
+            out = _read_out(q[sl], z_bar, ln_w, ln_b)
+        else:  # the read-out inside, per mini-batch
             out, W = linear_scan(W, kq[sl], tgt[sl], mix[sl], down[sl], ln_w, ln_b)
         return W, out
 
@@ -132,9 +138,10 @@ def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
     def run(W1, W2, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
         if fused:
-            out, W1, W2 = triton_mlp_scan(W1, W2, q[sl], k[sl], tgt[sl], eta[sl], mix1[sl], s_lr[sl, ..., 0],
-                                          ln_w, ln_b)
-        else:
+            z_bar, W1, W2 = triton_mlp_scan(W1, W2, q[sl], k[sl], tgt[sl], eta[sl], mix1[sl], s_lr[sl, ..., 0],
+                                            ln_w, ln_b)
+            out = _read_out(q[sl], z_bar, ln_w, ln_b)
+        else:  # the read-out inside, per mini-batch
             out, W1, W2 = mlp_scan(W1, W2, kq[sl], tgt[sl], eta[sl], mix1[sl], down1[sl], s_lr[sl], ln_w, ln_b)
         return W1, W2, out
 
@@ -205,7 +212,7 @@ def ttt_scan_chunked(
         else:
             z, w, u = _segment_linear(folded[0], None if pend is None else pend[0], *args)
             folded, pend = [w], (None if u is None else [u])
-        outputs[start] = z
+        outputs[start] = _read_out(q[:, :, sl], z, ln_w, ln_b)
 
     if head:
         segment(*pieces[0])
@@ -216,12 +223,11 @@ def ttt_scan_chunked(
             return x[:, :, sl].unflatten(2, (n_full, b)).movedim(2, 0)
 
         scan = _scan_mlp if mlp else _scan_linear
-        z, folded = scan(*folded, blocks(q), blocks(k), blocks(tgt), blocks(lr), scale[head : head + b],
+        o, folded = scan(*folded, blocks(q), blocks(k), blocks(tgt), blocks(lr), scale[head : head + b],
                          ln_w, ln_b, checkpoint_group)
-        outputs[head] = z.movedim(0, 2).flatten(2, 3)
+        outputs[head] = o.movedim(0, 2).flatten(2, 3)
     if pieces[1][1] > pieces[1][0]:
         segment(*pieces[1])
 
-    z_bar = outputs[0] if len(outputs) == 1 else torch.cat([outputs[s] for s in sorted(outputs)], dim=2)
-    out = q + head_layer_norm(z_bar, ln_w, ln_b)
+    out = outputs[0] if len(outputs) == 1 else torch.cat([outputs[s] for s in sorted(outputs)], dim=2)
     return out, unfold_bias(folded), (None if pend is None else unfold_bias(pend))

@@ -81,7 +81,7 @@ def _ln_params(ln_w, ln_b, tgt, B):
     lw = ln_w.expand(B, H, 1, d).reshape(B * H, 1, d)
     lb = ln_b.expand(B, H, 1, d).reshape(B * H, 1, d)
     bt = lb - tgt
-    return lw, lw * lw, bt, lw * bt
+    return lw, lb, lw * lw, bt, lw * bt
 
 
 class _LNParamGrads:
@@ -98,12 +98,34 @@ class _LNParamGrads:
         torch.mul(a, self.neg_lw, out=self.d_tgt[i])
         self.d_lw += (a * torch.addcmul(self.bt[i], self.two_lw, x_hat)).sum(1, keepdim=True)
 
-    def result(self):
-        """(∂L/∂t [N, B·H, b, d], ∂L/∂γ, ∂L/∂β [H, 1, d])."""
+    def result(self, d_out):
+        """(∂L/∂t [N, B·H, b, d], ∂L/∂γ, ∂L/∂β [H, 1, d]), with the read-out o = q + γ LN(z̄) + β's
+        ∂L/∂β = Σ ∂L/∂o (its ∂L/∂γ is added to ``d_lw`` by :func:`_read_out_backward`)."""
         N, BH, b, d = self.d_tgt.shape
         B, H = self.B, BH // self.B
-        d_lb = self.d_tgt.view(N * B, H, b, d).sum(0).sum(1, keepdim=True).neg_()
-        return self.d_tgt, self.d_lw.view(B, H, 1, d).sum(0), d_lb
+
+        def head_sum(x):
+            return x.reshape(N * B, H, b, d).sum(0).sum(1, keepdim=True)
+
+        return self.d_tgt, self.d_lw.view(B, H, 1, d).sum(0), head_sum(d_out) - head_sum(self.d_tgt)
+
+
+def _read_out(z_bar, q, lw, lb, out, eps):
+    """The layer's read o = q + γ LN(z̄) + β of one mini-batch into ``out``; returns (x̂, r) of the LN."""
+    x_hat, _, rstd = torch.native_layer_norm(z_bar, (z_bar.shape[-1],), None, None, eps)
+    torch.addcmul(lb, lw, x_hat, out=out).add_(q)
+    return x_hat, rstd
+
+
+def _read_out_backward(d_o, x_hat, rstd, lw, d_lw, out):
+    """Backward of :func:`_read_out` for d_o = ∂L/∂o: ∂L/∂z̄ = r (γd_o − mean(γd_o) − x̂ mean(γd_o x̂))
+    into ``out``, Σ d_o x̂ added to ``d_lw``; ∂L/∂q = d_o and ∂L/∂β = Σ d_o are the caller's."""
+    d = d_o.shape[-1]
+    g_do = lw * d_o
+    s = (g_do * x_hat).sum(-1, keepdim=True)
+    dz = torch.addcmul(g_do, x_hat, s, value=-1.0 / d).sub_(g_do.sum(-1, keepdim=True), alpha=1.0 / d)
+    torch.mul(dz, rstd, out=out)
+    d_lw += (d_o * x_hat).sum(1, keepdim=True)
 
 
 class _Anchors:
@@ -150,7 +172,8 @@ class LinearScan(torch.autograd.Function):
 
     W: [B,H,d+1,d]; kq = [K; Q]: [N,B,H,2b,d] (padded to [K̃; Q̃] once inside, for the matmuls with
     W̃ and ∂L/∂W̃; its gradient skips the ones column); tgt: [N,B,H,b,d]; mix = tril(s ηᵀ ⊙ (QKᵀ+1)): [N,B,H,b,b]; down = D: [N,B,H,d+1,b];
-    ln_w, ln_b: [H,1,d]. Returns (Z̄ [N,B,H,b,d], W̃_N).
+    ln_w, ln_b: [H,1,d]. Returns (o = Q + LN_{γ,β}(Z̄) [N,B,H,b,d], W̃_N): the read-out LayerNorm is
+    taken per mini-batch here, where Z̄_i is in cache.
     """
 
     @staticmethod
@@ -160,7 +183,7 @@ class LinearScan(torch.autograd.Function):
         b, d1, BH = b2 // 2, d + 1, B * H
         kq3 = F.pad(kq.reshape(N, BH, b2, d), (0, 1), value=1.0)  # [K̃; Q̃]
         mix3, down3, tgt3 = mix.reshape(N, BH, b, b), down.reshape(N, BH, d1, b), tgt.reshape(N, BH, b, d)
-        lw, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
+        lw, lb, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
         w = W.reshape(BH, d1, d).clone()  # updated in place; the backward recovers W̃_i (see _Anchors)
         anchors = _Anchors(N)
         out = W.new_empty(N, BH, b, d)
@@ -170,9 +193,9 @@ class LinearScan(torch.autograd.Function):
             zz = torch.bmm(kq3[i], w)  # [K̃; Q̃] W̃_i
             saved = _ln_l2_grad(zz[:, :b], w_bt[i], w_sq, eps)
             g = saved[0]
-            torch.baddbmm(zz[:, b:], mix3[i], g, alpha=-1.0, out=out[i])
+            z_bar = torch.baddbmm(zz[:, b:], mix3[i], g, alpha=-1.0)
+            keep += [*saved, *_read_out(z_bar, kq3[i, :, b:, :d], lw, lb, out[i], eps)]
             w.baddbmm_(down3[i], g, alpha=-1.0)
-            keep += saved
         anchors.keep(N, w)
         ctx.save_for_backward(kq3, mix3, down3, lw, bt, *anchors.tensors(), *keep)
         ctx.shapes = (N, B, H, b, d)
@@ -186,26 +209,25 @@ class LinearScan(torch.autograd.Function):
         anchors, keep = _Anchors.restore(N, keep)
         BH, d1, w_sq = B * H, d + 1, lw * lw
         A = d_W.reshape(BH, d1, d).clone() if d_W is not None else kq3.new_zeros(BH, d1, d)  # ∂L/∂W̃_{i+1}
-        dzz = kq3.new_empty(N, BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)] per mini-batch, the first half set below
-        if d_out is not None:
-            dzz[:, :, b:] = d_out.reshape(N, BH, b, d)
-        else:
-            dzz[:, :, b:] = 0.0
-        u_read = torch.matmul(mix3.transpose(-1, -2), dzz[:, :, b:])  # −∂L/∂G_i through the read
+        d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else d_out.reshape(N, BH, b, d)
+        dzz = kq3.new_empty(BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)]
         d_kq, d_mix, d_down = kq3.new_empty(N, BH, 2 * b, d), torch.empty_like(mix3), torch.empty_like(down3)
         ln_grads = _LNParamGrads(lw, bt, B)
         w = None
         for i in range(N - 1, -1, -1):
-            saved = keep[5 * i:5 * i + 5]
+            saved, (x_o, r_o) = keep[7 * i:7 * i + 5], keep[7 * i + 5:7 * i + 7]
             w = anchors.before(i, w, lambda w: w.baddbmm_(down3[i], saved[0]))  # W̃_i = W̃_{i+1} + D_i G_i
-            do, g_t = dzz[i, :, b:], saved[0].transpose(-1, -2)
+            do, g_t = dzz[:, b:], saved[0].transpose(-1, -2)
+            _read_out_backward(d_out[i], x_o, r_o, lw, ln_grads.d_lw, do)
             torch.bmm(do, g_t, out=d_mix[i])  # negated below
             torch.bmm(A, g_t, out=d_down[i])
-            u = torch.baddbmm(u_read[i], down3[i].transpose(-1, -2), A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
-            ln_grads.add(i, _ln_l2_grad_backward(u, saved, w_sq, dzz[i, :, :b]), saved[1])
-            torch.bmm(dzz[i], w[:, :d].transpose(-1, -2), out=d_kq[i])
-            A.baddbmm_(kq3[i].transpose(-1, -2), dzz[i])
-        d_tgt, d_lw, d_lb = ln_grads.result()
+            u = torch.bmm(mix3[i].transpose(-1, -2), do)
+            u = torch.baddbmm(u, down3[i].transpose(-1, -2), A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
+            ln_grads.add(i, _ln_l2_grad_backward(u, saved, w_sq, dzz[:, :b]), saved[1])
+            torch.bmm(dzz, w[:, :d].transpose(-1, -2), out=d_kq[i])
+            d_kq[i, :, b:] += d_out[i]  # o = q + …
+            A.baddbmm_(kq3[i].transpose(-1, -2), dzz)
+        d_tgt, d_lw, d_lb = ln_grads.result(d_out)
         shape = (N, B, H)
         return (A.view(B, H, d1, d), d_kq.view(*shape, 2 * b, d), d_tgt.view(*shape, b, d),
                 d_mix.neg_().view(*shape, b, b), d_down.neg_().view(*shape, d1, b), d_lw, d_lb, None)
@@ -276,7 +298,7 @@ class MLPScan(torch.autograd.Function):
         kq3, tgt3 = F.pad(kq.reshape(N, BH, b2, d), (0, 1), value=1.0), tgt.reshape(N, BH, b, d)  # [K̃; Q̃]
         eta3, mix3 = eta.reshape(N, BH, b, b), mix1.reshape(N, BH, b, b)
         down3, slr3 = down1.reshape(N, BH, d1, b), s_lr.reshape(N, BH, b, 1)
-        lw, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
+        lw, lb, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
         w1, w2 = W1.reshape(BH, d1, h).clone(), W2.reshape(BH, h + 1, d).clone()  # updated in place (_Anchors)
         anchors = _Anchors(N)
         out = W1.new_empty(N, BH, b, d)
@@ -295,8 +317,9 @@ class MLPScan(torch.autograd.Function):
             z1bar = torch.baddbmm(z1q, mix3[i], g1, alpha=-1.0)
             gp_bar, _ = _gelu_parts(z1bar, x2bar_a[..., :h])
             P = torch.bmm(x2bar_a, x2a.transpose(-1, -2))
-            torch.baddbmm(torch.bmm(x2bar_a, w2), eta3[i] * P, g2, alpha=-1.0, out=out[i])
-            keep += [x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *ln_saved]
+            z_bar = torch.baddbmm(torch.bmm(x2bar_a, w2), eta3[i] * P, g2, alpha=-1.0)
+            read = _read_out(z_bar, kq3[i, :, b:, :d], lw, lb, out[i], eps)
+            keep += [x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *read, *ln_saved]
             w1.baddbmm_(down3[i], g1, alpha=-1.0)
             w2.baddbmm_(x2a.transpose(-1, -2), slr3[i] * g2, alpha=-1.0)
         anchors.keep(N, w1, w2)
@@ -326,9 +349,11 @@ class MLPScan(torch.autograd.Function):
         dz2, dM = rhs[:, :b], lhs[:, 2 * b:]
         w12 = None
         for i in range(N - 1, -1, -1):
-            xa, xba, gp, m_gpp, g1, gp_bar, P, *ln_saved = keep[n * i:n * (i + 1)]
+            xa, xba, gp, m_gpp, g1, gp_bar, P, x_o, r_o, *ln_saved = keep[n * i:n * (i + 1)]
             g2 = ln_saved[0]
-            do, et, slr = d_out[i], eta3[i], slr3[i]
+            et, slr = eta3[i], slr3[i]
+            do = rhs[:, b:2 * b]  # ∂L/∂Z̄
+            _read_out_backward(d_out[i], x_o, r_o, lw, ln_grads.d_lw, do)
             slr_g2 = slr * g2
 
             def undo(w1, w2):  # W̃1_i = W̃1_{i+1} + down1 G1, W̃2_i = W̃2_{i+1} + X̃2ᵀ(s_lr ⊙ G2)
@@ -357,14 +382,15 @@ class MLPScan(torch.autograd.Function):
             dG2 = torch.baddbmm(neg_dG2, dM, w2, beta=-1.0)
             # G2 = ∇LN-L2(Z2), Z2 = X̃2 W̃2
             ln_grads.add(i, _ln_l2_grad_backward(dG2, ln_saved, w_sq, dz2), ln_saved[1])
-            lhs[:, :b], lhs[:, b:2 * b], rhs[:, b:2 * b], rhs[:, 2 * b:] = xa, xba, do, g2
+            lhs[:, :b], lhs[:, b:2 * b], rhs[:, 2 * b:] = xa, xba, g2
             A2.baddbmm_(lhs.transpose(-1, -2), rhs)
             dX2a = neg_dX2a.baddbmm_(dz2, w2.transpose(-1, -2), beta=-1.0)
             # Z1 → X2 = gelu(Z1) and G1: ∂L/∂Z1 = ∂L/∂X2 ⊙ gelu'(Z1) + ∂L/∂G1 ⊙ M ⊙ gelu''(Z1)
             torch.addcmul(dG1 * m_gpp, dX2a[..., :h], gp, out=dzz[:, :b])
             torch.bmm(dzz, w1[:, :d].transpose(-1, -2), out=d_kq[i])
+            d_kq[i, :, b:] += d_out[i]  # o = q + …
             A1.baddbmm_(kq3[i].transpose(-1, -2), dzz)
-        d_tgt, d_lw, d_lb = ln_grads.result()
+        d_tgt, d_lw, d_lb = ln_grads.result(d_out)
         shape = (N, B, H)
         return (A1.view(B, H, d1, h), A2.view(B, H, h + 1, d), d_kq.view(*shape, 2 * b, d),
                 d_tgt.view(*shape, b, d), d_eta.neg_().view(*shape, b, b), d_mix.neg_().view(*shape, b, b),
