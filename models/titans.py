@@ -16,9 +16,10 @@ online rule). Then M_t is linear in (M_{t'}, S_{t'}, the u_j = ∇ℓ_j):
 
     M_t = β_t M_{t'} + f_t S_{t'} + Σ_{j≤t} c_tj u_j,     S_t = m_t S_{t'} + Σ_{j≤t} s_tj u_j
 
-and the coefficients come from the two first-order scans themselves, run on unit impulses:
+and the coefficients are the two first-order scans run on unit impulses:
 s_·j = scan(η, −θ_j e_j), c_·j = scan(1 − α, s_·j), m = scan(η, η₀e₀), f = scan(1 − α, m),
-β = scan(1 − α, (1 − α₀)e₀)  (``scan.linear_scan``: accelerated_scan on CUDA, pure torch here).
+β = scan(1 − α, (1 − α₀)e₀) (``titans_coefficients_scan``), computed in closed form from products of
+the gates (``titans_coefficients``: a cumulative product and one n × n matmul per chunk).
 Each u_j of layer l is an outer product X_jᵀ δ_j (layer input × backpropagated error at M_{t'}),
 so the read never materialises per-token weights (the TTT "dual form"): for layer l with input H,
 
@@ -51,11 +52,36 @@ def _scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return linear_scan(g.contiguous(), tokens.reshape(-1, *tokens.shape[-2:]).contiguous()).reshape(*lead, *tokens.shape[-2:])
 
 
+def decay_products(gates: torch.Tensor) -> torch.Tensor:
+    """G[t, j] = Π_{j<i≤t} g_i for t ≥ j (1 on the diagonal), 0 above it: gates [..., n] → [..., n, n]
+    (one cumulative product down each column)."""
+    n = gates.shape[-1]
+    below = torch.ones(n, n, dtype=torch.bool, device=gates.device).tril(-1)
+    one = torch.ones((), dtype=gates.dtype, device=gates.device)
+    return torch.where(below, gates[..., :, None], one).cumprod(-2).tril()
+
+
 def titans_coefficients(lr, eta, alpha):
     """Coefficients of one segment of n tokens (all inputs [..., n]); see the module docstring.
+    Closed form of the impulse scans (:func:`titans_coefficients_scan`): with E = decay_products(η),
+    A = decay_products(1 − α),
+
+        s_tj = −θ_j E_tj,   m_t = η_0 E_t0,   [c | f] = A [s | m],   β_t = (1 − α_0) A_t0.
 
     Returns c [..., n, n] (row t, column j), s_last [..., n] (= s_{n−1, j}), beta, f, m [..., n].
     """
+    keep = 1 - alpha
+    E, A = decay_products(torch.stack([eta, keep])).unbind(0)
+    s = E * -lr[..., None, :]
+    m = eta[..., :1] * E[..., 0]
+    cf = A @ torch.cat([s, m[..., None]], -1)
+    return cf[..., :-1], s[..., -1, :], keep[..., :1] * A[..., 0], cf[..., -1], m
+
+
+def titans_coefficients_scan(lr, eta, alpha):
+    """:func:`titans_coefficients` as the two first-order scans run on unit impulses (the reference):
+    s_·j = scan(η, −θ_j e_j), c_·j = scan(1 − α, s_·j), m = scan(η, η₀e₀), f = scan(1 − α, m),
+    β = scan(1 − α, (1 − α₀)e₀)."""
     n = lr.shape[-1]
     eye = torch.eye(n, dtype=lr.dtype, device=lr.device)
     keep = 1 - alpha

@@ -4,7 +4,8 @@ import torch
 
 from models import MemoryLMConfig
 from models.modeling_memory import build_mixer
-from models.titans import TitansMemory, titans_coefficients, titans_scan_chunked, titans_scan_reference
+from models.titans import (TitansMemory, titans_coefficients, titans_coefficients_scan, titans_scan_chunked,
+                           titans_scan_reference)
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, random_cuts)
 
@@ -43,6 +44,25 @@ def test_coefficients_equal_the_recurrences():
         assert (M[:, n] - beta[:, t]).abs().max() <= 1e-12 and (M[:, n + 1] - f[:, t]).abs().max() <= 1e-12
         assert (S[:, n + 1] - m[:, t]).abs().max() <= 1e-12
     assert (S[:, :n] - s_last).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_closed_form_coefficients_equal_the_impulse_scans(n):
+    """Values and gradients (lr, η, α) of the closed form = those of the impulse scans; η ≡ 0 (sgd) too."""
+    g = torch.Generator().manual_seed(n)
+    for eta_scale in (1.0, 0.0):
+        lr, eta, alpha = (torch.rand(3, 2, n, generator=g, dtype=F64) for _ in range(3))
+        eta = (eta * eta_scale).requires_grad_(eta_scale > 0)
+        lr.requires_grad_(), alpha.requires_grad_()
+        fast, ref = titans_coefficients(lr, eta, alpha), titans_coefficients_scan(lr, eta, alpha)
+        ws = [torch.randn(t.shape, generator=g, dtype=F64) for t in ref]
+        for a, b in zip(fast, ref):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-14
+        inputs = [t for t in (lr, eta, alpha) if t.requires_grad]
+        g_fast = torch.autograd.grad(sum((t * w).sum() for t, w in zip(fast, ws)), inputs)
+        g_ref = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, ws)), inputs)
+        for a, b in zip(g_fast, g_ref):
+            assert (a - b).abs().max() <= 1e-12
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
