@@ -31,6 +31,8 @@ Only torch is imported (``accelerated_scan`` optionally): this file is copied in
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,7 @@ from .parts import InnerKnobs, Recipe, copy_param, deep_mlp_memory, gelu_tanh, l
 from .reference import memory_scan_reference
 from .scan import linear_scan
 from .state import LayerState
+from .titans_fused import chunk_scan
 
 # ------------------------------------------------------------------------------ coefficients
 
@@ -74,7 +77,8 @@ def titans_coefficients(lr, eta, alpha):
     E, A = decay_products(torch.stack([eta, keep])).unbind(0)
     s = E * -lr[..., None, :]
     m = eta[..., :1] * E[..., 0]
-    cf = A @ torch.cat([s, m[..., None]], -1)
+    with torch.autocast(lr.device.type, enabled=False):  # in the gates' dtype, as the scans (elementwise) were
+        cf = A @ torch.cat([s, m[..., None]], -1)
     return cf[..., :-1], s[..., -1, :], keep[..., :1] * A[..., 0], cf[..., -1], m
 
 
@@ -157,6 +161,32 @@ def _segment(cur: list, anchor: list, mom: list | None, q, k, v, coeffs, max_nor
     return h, new_w, new_m
 
 
+def _whole_chunks(cur: list, mom: list | None, q, k, v, coeffs, max_norm=None):
+    """N whole chunks (q, k, v [N, B, H, b, d], coefficients [N, B, H, ...]), each as :func:`_segment`
+    with the anchor at its starting memory, through ``titans_fused.chunk_scan``; layer 0's C ⊙ QKᵀ does
+    not depend on the memory and is formed for all chunks at once. Returns (o [B, H, N·b, d], weights,
+    momentum)."""
+    c, s_last, beta, f, m = coeffs
+    N, B, H, b = q.shape[:4]
+
+    def per_head(t):  # [N, B, H, ...] → [N, B·H, ...]
+        return None if t is None else t.to(dtype).reshape(N, B * H, *t.shape[3:])
+
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in (q, k, v, c, *cur)])
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # one dtype (autocast may have left q in bf16, as TNT's q̃)
+    with torch.autocast(q.device.type, enabled=False):  # the fused scan computes in that dtype
+        qk_mix = c * (q @ k.transpose(-1, -2))
+    col = (lambda t: None if mom is None else t[..., None])
+    last = (lambda t: None if mom is None else t[..., -1:, None])
+    o, *states = chunk_scan(max_norm or None, *(per_head(t) for t in (
+        q, k, v, qk_mix, c, beta[..., None], col(f), c[..., -1, :, None], col(s_last), beta[..., -1:, None],
+        last(f), last(m))), *(w.to(dtype).reshape(B * H, *w.shape[2:]) for w in cur + (mom or [])))
+    o = o.view(N, B, H, b, -1).movedim(0, 2).flatten(2, 3)
+    states = [w.view(B, H, *w.shape[1:]) for w in states]
+    L = len(cur)
+    return o, states[:L], (states[L:] if mom is not None else None)
+
+
 def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | None, q, k, v, lr, eta, alpha,
                         position: int, chunk_size: int, max_grad_norm: float | None = None):
     """Chunked Titans memory. q, k, v: [B, H, T, d]; lr, eta, alpha: [B, H, T]; weights/anchor/
@@ -190,11 +220,9 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
         def blocks(x):
             return x[:, :, sl].unflatten(2, (n_full, b)).movedim(2, 0)  # [N, B, H, b, ...]
 
-        coeffs = [t.unbind(0) for t in titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))]
-        qb, kb, vb = (blocks(t).unbind(0) for t in (q, k, v))
-        for i in range(n_full):
-            o, cur, mom = _segment(cur, cur, mom, qb[i], kb[i], vb[i], [t[i] for t in coeffs], max_grad_norm)
-            outs.append(o)
+        coeffs = titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))
+        o, cur, mom = _whole_chunks(cur, mom, blocks(q), blocks(k), blocks(v), coeffs, max_grad_norm)
+        outs.append(o)
         anc = cur
     if head + n_full * b < T:
         piece(head + n_full * b, T)
