@@ -55,31 +55,58 @@ def _scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return linear_scan(g.contiguous(), tokens.reshape(-1, *tokens.shape[-2:]).contiguous()).reshape(*lead, *tokens.shape[-2:])
 
 
+class _DecayProducts(torch.autograd.Function):
+    """G[t, j] = Π_{j<i≤t} g_i (t ≥ j; 1 on the diagonal), 0 above it: gates [..., n] → [..., n, n], one
+    cumulative product down each column. Backward without division (g may be 0): as
+    ∂G[t, j]/∂g_i = G[t, i] G[i−1, j] for j < i ≤ t,  ∂L/∂g_i = Σ_t G[t, i] (Ḡ G₋ᵀ)[t, i] with G₋[i] = G[i−1]."""
+
+    @staticmethod
+    def forward(ctx, gates):
+        n = gates.shape[-1]
+        below = torch.ones(n, n, dtype=torch.bool, device=gates.device).tril(-1)
+        G = torch.where(below, gates[..., :, None], torch.ones((), dtype=gates.dtype, device=gates.device))
+        G = G.cumprod(-2).tril_()
+        ctx.save_for_backward(G)
+        return G
+
+    @staticmethod
+    def backward(ctx, grad):
+        (G,) = ctx.saved_tensors
+        shifted = F.pad(G[..., :-1, :], (0, 0, 1, 0))  # row i = G[i − 1], row 0 = 0
+        return (G * (grad @ shifted.transpose(-1, -2))).sum(-2)
+
+
 def decay_products(gates: torch.Tensor) -> torch.Tensor:
-    """G[t, j] = Π_{j<i≤t} g_i for t ≥ j (1 on the diagonal), 0 above it: gates [..., n] → [..., n, n]
-    (one cumulative product down each column)."""
+    """G[t, j] = Π_{j<i≤t} g_i for t ≥ j (1 on the diagonal), 0 above it: gates [..., n] → [..., n, n]."""
+    with torch.autocast(gates.device.type, enabled=False):
+        return _DecayProducts.apply(gates)
+
+
+def decay_products_reference(gates: torch.Tensor) -> torch.Tensor:
+    """:func:`decay_products` from its definition, one product per entry (the reference)."""
     n = gates.shape[-1]
-    below = torch.ones(n, n, dtype=torch.bool, device=gates.device).tril(-1)
-    one = torch.ones((), dtype=gates.dtype, device=gates.device)
-    return torch.where(below, gates[..., :, None], one).cumprod(-2).tril()
+    rows = []
+    for t in range(n):
+        rows.append(torch.stack([torch.prod(gates[..., j + 1:t + 1], -1) if j <= t else torch.zeros_like(gates[..., 0])
+                                 for j in range(n)], -1))
+    return torch.stack(rows, -2)
 
 
 def titans_coefficients(lr, eta, alpha):
     """Coefficients of one segment of n tokens (all inputs [..., n]); see the module docstring.
     Closed form of the impulse scans (:func:`titans_coefficients_scan`): with E = decay_products(η),
-    A = decay_products(1 − α),
+    A = decay_products(1 − α) and s_tj = −θ_j E_tj, m_t = η_0 E_t0,
 
-        s_tj = −θ_j E_tj,   m_t = η_0 E_t0,   [c | f] = A [s | m],   β_t = (1 − α_0) A_t0.
+        c = A s = (A E) diag(−θ),   f = A m = η_0 (A E)_{·0},   β_t = (1 − α_0) A_t0.
 
     Returns c [..., n, n] (row t, column j), s_last [..., n] (= s_{n−1, j}), beta, f, m [..., n].
     """
     keep = 1 - alpha
     E, A = decay_products(torch.stack([eta, keep])).unbind(0)
-    s = E * -lr[..., None, :]
-    m = eta[..., :1] * E[..., 0]
     with torch.autocast(lr.device.type, enabled=False):  # in the gates' dtype, as the scans (elementwise) were
-        cf = A @ torch.cat([s, m[..., None]], -1)
-    return cf[..., :-1], s[..., -1, :], keep[..., :1] * A[..., 0], cf[..., -1], m
+        AE = A @ E
+    eta0 = eta[..., :1]
+    return AE * -lr[..., None, :], E[..., -1, :] * -lr, keep[..., :1] * A[..., 0], eta0 * AE[..., 0], eta0 * E[..., 0]
 
 
 def titans_coefficients_scan(lr, eta, alpha):

@@ -4,7 +4,8 @@ import torch
 
 from models import MemoryLMConfig
 from models.modeling_memory import build_mixer
-from models.titans import (TitansMemory, _segment, _whole_chunks, titans_coefficients, titans_coefficients_scan,
+from models.titans import (TitansMemory, _segment, _whole_chunks, decay_products, decay_products_reference,
+                           titans_coefficients, titans_coefficients_scan,
                            titans_scan_chunked, titans_scan_reference)
 from models.titans_fused import TitansChunkScan, gelu_parts
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
@@ -45,6 +46,19 @@ def test_coefficients_equal_the_recurrences():
         assert (M[:, n] - beta[:, t]).abs().max() <= 1e-12 and (M[:, n + 1] - f[:, t]).abs().max() <= 1e-12
         assert (S[:, n + 1] - m[:, t]).abs().max() <= 1e-12
     assert (S[:, :n] - s_last).abs().max() <= 1e-12
+
+
+def test_decay_products_equal_reference_and_gradcheck():
+    """Π_{j<i≤t} g_i: values and the hand-written backward (finite differences; a zero gate included)."""
+    g = torch.Generator().manual_seed(0)
+    gates = torch.rand(2, 3, 6, generator=g, dtype=F64)
+    gates[0, 1, 2] = 0.0
+    assert (decay_products(gates) - decay_products_reference(gates)).abs().max() <= 1e-15
+    assert torch.autograd.gradcheck(decay_products, gates.requires_grad_())
+    w = torch.randn(2, 3, 6, 6, generator=g, dtype=F64)
+    (a,) = torch.autograd.grad((decay_products(gates) * w).sum(), gates)
+    (b,) = torch.autograd.grad((decay_products_reference(gates) * w).sum(), gates)
+    assert (a - b).abs().max() <= 1e-14
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
