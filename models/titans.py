@@ -253,7 +253,7 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
         anc = cur
     if head + n_full * b < T:
         piece(head + n_full * b, T)
-    o = torch.cat(outs, 2)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     at_boundary = (position + T) % b == 0
     return (o, dict(zip(names, cur)), None if at_boundary else dict(zip(names, anc)),
             None if mom is None else dict(zip(names, mom)))

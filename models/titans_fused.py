@@ -30,19 +30,21 @@ _C = (2.0 / 3.141592653589793) ** 0.5  # √(2/π), exact (as F.gelu's tanh form
 _A = 0.044715
 
 
-def gelu_parts(x: torch.Tensor, second: bool = False):
-    """The tanh GELU and its first two derivatives from one p = ½(1 + tanh u) = σ(2u), u = c(x + a x³)
-    (c = √(2/π), a = 0.044715, u' = c(1 + 3a x²), q = p(1 − p), t = 2p − 1):
+def gelu_parts(x: torch.Tensor, order: int = 1):
+    """The tanh GELU and its first ``order`` ≤ 2 derivatives from one p = ½(1 + tanh u) = σ(2u),
+    u = c(x + a x³) (c = √(2/π), a = 0.044715, u' = c(1 + 3a x²), q = p(1 − p), t = 2p − 1):
 
         gelu = x p,   gelu' = p + 2 x u' q,   gelu'' = 4q (u' + ½x(u'' − 2t u'²)) = 4q (2u' − c − t x u'²).
     """
     x2 = x * x
     p = torch.sigmoid(x2.mul(2 * _A * _C).add_(2 * _C).mul_(x))
+    if order == 0:
+        return (x * p,)
     q = torch.addcmul(p, p, p, value=-1.0)
     du = x2.mul_(3 * _A * _C).add_(_C)
     xdu = x * du
     g1 = torch.addcmul(p, xdu, q, value=2.0)
-    if not second:
+    if order == 1:
         return x * p, g1
     g2 = p.mul(2).sub_(1).mul_(xdu).neg_().add_(2).mul_(du).sub_(_C).mul_(q).mul_(4)
     return x * p, g1, g2
@@ -58,24 +60,25 @@ def _matdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))[:, None, None]
 
 
-def _errors(W: list, k: torch.Tensor, v: torch.Tensor):
+def _errors(W: list, k: torch.Tensor, v: torch.Tensor, grad: bool = True):
     """Forward of the memory at W on the keys and the backpropagated errors of ½‖M(k) − v‖²:
-    X_l, δ_l, gelu'(Z_l) and e_{l+1} ⊙ gelu''(Z_l) (l < L − 1; e_l = δ_l W_lᵀ)."""
+    X_l, δ_l, gelu'(Z_l) and e_{l+1} ⊙ gelu''(Z_l) (l < L − 1; e_l = δ_l W_lᵀ; the last only with ``grad``)."""
     L = len(W)
     xs, g1s, g2s, x = [], [], [], k
     for i, w in enumerate(W):
         xs.append(x)
         z = torch.bmm(x, w)
         if i < L - 1:
-            x, g1, g2 = gelu_parts(z, second=True)
+            x, g1, *g2 = gelu_parts(z, 2 if grad else 1)
             g1s.append(g1)
-            g2s.append(g2)
+            g2s += g2
     ds, eg2 = [None] * L, [None] * (L - 1)
     ds[-1] = z - v
     for i in range(L - 1, 0, -1):
         e = torch.bmm(ds[i], W[i].transpose(-1, -2))
         ds[i - 1] = e * g1s[i - 1]
-        eg2[i - 1] = e.mul_(g2s[i - 1])
+        if grad:
+            eg2[i - 1] = e.mul_(g2s[i - 1])
     return xs, ds, g1s, eg2
 
 
@@ -97,9 +100,9 @@ def _soft_clamp_backward(g: torch.Tensor, x: torch.Tensor, x_sq: torch.Tensor, d
     return torch.addcmul(g * phi, kappa * x_sq, d), (kappa * d_sq) * x
 
 
-def _read(W: list, S: list | None, xs: list, Ds: list, q, qk_mix, c, beta, f):
+def _read(W: list, S: list | None, xs: list, Ds: list, q, qk_mix, c, beta, f, grad: bool = True):
     """Ẑ_l = diag(β) H_l W_l + diag(f) H_l S_l + (C ⊙ H_l X_lᵀ) Δ_l, H_{l+1} = gelu(Ẑ_l).
-    Returns (O, H_l, gelu'(Ẑ_l), H_l X_lᵀ) (the last three for l ≥ 1, l < L − 1, l ≥ 1)."""
+    Returns (O, H_l, gelu'(Ẑ_l), H_l X_lᵀ) (the last three for l ≥ 1, l < L − 1, l ≥ 1; gelu' with ``grad``)."""
     hs, g1s, mixes, h = [], [], [], q
     L = len(W)
     for i in range(L):
@@ -115,8 +118,8 @@ def _read(W: list, S: list | None, xs: list, Ds: list, q, qk_mix, c, beta, f):
             z.addcmul_(torch.bmm(h, S[i]), f)
         z.baddbmm_(P, Ds[i])
         if i < L - 1:
-            h, g1 = gelu_parts(z)
-            g1s.append(g1)
+            h, *g1 = gelu_parts(z, 1 if grad else 0)
+            g1s += g1
     return z, hs, g1s, mixes
 
 
@@ -210,12 +213,13 @@ class TitansChunkScan(torch.autograd.Function):
     q, k: [N, BH, b, d_0]; v: [N, BH, b, d_L]; qk_mix = C ⊙ QKᵀ, c = C: [N, BH, b, b]; beta, f, c_last,
     s_last: [N, BH, b, 1]; beta_last, f_last, m_last: [N, BH, 1, 1] (f, s_last, f_last, m_last None for
     plain GD); states: W_1..W_L, then S_1..S_L with momentum ([BH, d_l, d_{l+1}]); tau: max_grad_norm or
-    None. Returns (O [N, BH, b, d_L], W_1..W_L, S_1..S_L after the N chunks).
+    None; grad: keep what the backward needs. Returns (O [N, BH, b, d_L], W_1..W_L, S_1..S_L after the
+    chunks).
     """
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, tau, q, k, v, qk_mix, c, beta, f, c_last, s_last, beta_last, f_last, m_last, *states):
+    def forward(ctx, tau, grad, q, k, v, qk_mix, c, beta, f, c_last, s_last, beta_last, f_last, m_last, *states):
         N, momentum = q.shape[0], f is not None
         L = len(states) // (2 if momentum else 1)
         W, S = list(states[:L]), (list(states[L:]) if momentum else None)
@@ -223,15 +227,16 @@ class TitansChunkScan(torch.autograd.Function):
         k_sq = _rowdot(k, k) if tau else None
         flat = []
         for i in range(N):
-            xs, ds, g1s, eg2 = _errors(W, k[i], v[i])
+            xs, ds, g1s, eg2 = _errors(W, k[i], v[i], grad)
             Ds, record = ds, []
             if tau:
                 x_sq = [k_sq[i]] + [_rowdot(x, x) for x in xs[1:]]
                 Ds, clamps = zip(*(_soft_clamp(x2, d, tau) for x2, d in zip(x_sq, ds)))
                 record = [*Ds, *x_sq[1:], *(t for cl in clamps for t in cl)]
-            z, hs, rg1s, mixes = _read(W, S, xs, Ds, q[i], qk_mix[i], c[i], beta[i], None if f is None else f[i])
+            z, hs, rg1s, mixes = _read(W, S, xs, Ds, q[i], qk_mix[i], c[i], beta[i], None if f is None else f[i], grad)
             out[i] = z
-            flat += [*W, *(S or []), *xs[1:], *ds, *g1s, *eg2, *hs, *rg1s, *mixes, *record]
+            if grad:
+                flat += [*W, *(S or []), *xs[1:], *ds, *g1s, *eg2, *hs, *rg1s, *mixes, *record]
             W, S = _update(W, S, xs, Ds, c_last[i], None if S is None else s_last[i], beta_last[i],
                            None if S is None else f_last[i], None if S is None else m_last[i])
         ctx.save_for_backward(q, k, v, qk_mix, c, beta, f, c_last, s_last, beta_last, f_last, m_last, *flat)
@@ -250,7 +255,8 @@ class TitansChunkScan(torch.autograd.Function):
         grads = {n: torch.empty_like(t) for n, t in
                  dict(q=q, k=k, v=v, qk_mix=qk_mix, c=c, beta=beta, c_last=c_last, beta_last=beta_last).items()}
         if momentum:
-            grads.update({n: torch.empty_like(t) for n, t in dict(f=f, s_last=s_last, f_last=f_last, m_last=m_last).items()})
+            grads.update({n: torch.empty_like(t)
+                          for n, t in dict(f=f, s_last=s_last, f_last=f_last, m_last=m_last).items()})
         k_sq = _rowdot(k, k) if tau else None
         adj_w = adj_s = None
         for i in range(N - 1, -1, -1):
@@ -289,11 +295,14 @@ class TitansChunkScan(torch.autograd.Function):
                     grads[name][i] = t
             adj_w, adj_s = g_w, g_s
         gr = grads.get
-        return (None, gr("q"), gr("k"), gr("v"), gr("qk_mix"), gr("c"), gr("beta"), gr("f"), gr("c_last"),
+        return (None, None, gr("q"), gr("k"), gr("v"), gr("qk_mix"), gr("c"), gr("beta"), gr("f"), gr("c_last"),
                 gr("s_last"), gr("beta_last"), gr("f_last"), gr("m_last"), *adj_w, *(adj_s or []))
 
 
 @torch.compiler.disable  # a Python loop over chunks: torch.compile runs it eagerly
 def chunk_scan(tau, q, k, v, qk_mix, c, beta, f, c_last, s_last, beta_last, f_last, m_last, *states):
-    """:class:`TitansChunkScan` (the reads of every chunk and the memory after them)."""
-    return TitansChunkScan.apply(tau, q, k, v, qk_mix, c, beta, f, c_last, s_last, beta_last, f_last, m_last, *states)
+    """:class:`TitansChunkScan` (the reads of every chunk and the memory after them); without a graph to
+    build (no grad mode or no input requiring one) nothing is kept for a backward."""
+    inputs = (q, k, v, qk_mix, c, beta, f, c_last, s_last, beta_last, f_last, m_last, *states)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return TitansChunkScan.apply(tau, grad, *inputs)

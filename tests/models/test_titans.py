@@ -222,16 +222,28 @@ def test_gradcheck_fused_chunk_scan(momentum, tau):
         f, s_last = (cf[2], cf[3]) if momentum else (None, None)
         ls = flat[5 + len(coef):5 + len(coef) + len(lasts)]
         beta_last, f_last, m_last = (ls[0], ls[1], ls[2]) if momentum else (ls[0], None, None)
-        return TitansChunkScan.apply(tau, q, k, v, qk, c, beta, f, c_last, s_last, beta_last, f_last, m_last,
+        return TitansChunkScan.apply(tau, True, q, k, v, qk, c, beta, f, c_last, s_last, beta_last, f_last, m_last,
                                      *flat[5 + len(coef) + len(lasts):])
 
     assert torch.autograd.gradcheck(fn, inputs + coef + lasts + states, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+def test_fused_scan_without_grad_gives_the_same_outputs():
+    """Inference (nothing kept for a backward) = training forward."""
+    g = torch.Generator().manual_seed(5)
+    weights, _, mom, q, k, v, gates = _scan_inputs(g, 1, 2, 12, [3, 5, 3], True)
+    args = (weights, None, mom, q, k, v, *gates, 0, 4, 0.5)
+    with torch.no_grad():
+        o, w, _, m = titans_scan_chunked(*args)
+    o2, w2, _, m2 = titans_scan_chunked(*args)
+    assert (o - o2).abs().max() == 0 and all((w[n] - w2[n]).abs().max() == 0 for n in w)
+
+
 def test_gelu_parts_are_the_tanh_gelu_and_its_derivatives():
     x = torch.linspace(-6, 6, 241, dtype=F64).requires_grad_()
-    g, g1, g2 = gelu_parts(x, second=True)
+    g, g1, g2 = gelu_parts(x, 2)
     ref = torch.nn.functional.gelu(x, approximate="tanh")
+    assert (gelu_parts(x, 0)[0] - g).abs().max() == 0 and (gelu_parts(x, 1)[1] - g1).abs().max() == 0
     (r1,) = torch.autograd.grad(ref.sum(), x, create_graph=True)
     (r2,) = torch.autograd.grad(r1.sum(), x)
     assert (g - ref).abs().max() <= 1e-14 and (g1 - r1).abs().max() <= 1e-14 and (g2 - r2).abs().max() <= 1e-13
