@@ -31,6 +31,7 @@ MODEL_CODE_FILES = [
     "scan.py",
     "state.py",
     "titans.py",
+    "titans_fused.py",
     "tnt.py",
     "triton_ttt.py",
     "triton_ttt_kernels.py",

@@ -113,17 +113,89 @@ class CausalConv1d(nn.Module):
         bound = 1.0 / self.kernel_size**0.5
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None):
-        """x: [B, T, C], tail: [B, C, K-1] or None → (y [B, T, C], new tail)."""
-        xt = x.transpose(1, 2)
-        if tail is None:
-            if causal_conv1d_fn is not None and x.is_cuda:
-                y = causal_conv1d_fn(xt.contiguous(), self.weight.squeeze(1), self.bias, activation=None)
-                return y.transpose(1, 2), _last_inputs(xt, self.kernel_size - 1)
-            tail = xt.new_zeros(xt.shape[0], xt.shape[1], self.kernel_size - 1)
-        full = torch.cat([tail.to(xt.dtype), xt], dim=-1)
-        y = F.conv1d(full, self.weight, self.bias, groups=full.shape[1])
-        return y.transpose(1, 2), full[..., full.shape[-1] - (self.kernel_size - 1):]
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None, activation: str | None = None):
+        """x: [B, T, C], tail: [B, C, K-1] or None → (y [B, T, C], new tail); ``activation="silu"``
+        returns SiLU(y) (one fused op, as the CUDA kernel's ``activation``)."""
+        if activation not in (None, "silu"):
+            raise ValueError(f"unsupported activation {activation!r}; expected None or 'silu'")
+        n = self.kernel_size - 1
+        if tail is None and causal_conv1d_fn is not None and x.is_cuda:
+            xt = x.transpose(1, 2)
+            y = causal_conv1d_fn(xt.contiguous(), self.weight.squeeze(1), self.bias, activation=activation)
+            return y.transpose(1, 2), _last_inputs(xt, n)
+        prev = None if tail is None else tail.to(x.dtype).transpose(1, 2)
+        y = _ShiftedCausalConv.apply(x, prev, self.weight, self.bias, activation == "silu")
+        return y, _new_tail(x, tail, n)
+
+
+class _ShiftedCausalConv(torch.autograd.Function):
+    """y_t = b + Σ_{i<K} w_i ⊙ u_{t+i}, u = [tail; x] ([B, K−1+T, C]), then SiLU if ``silu``: K shifted
+    multiply-adds in the [B, T, C] layout (F.conv1d wants [B, C, T]; see :func:`causal_conv1d_reference`).
+    Computed in at least float32 and returned in x's dtype (as autocast's conv would); the backward
+    takes its gradient contiguous first (it often arrives as a per-head [B, H, T, d] layout)."""
+
+    @staticmethod
+    def forward(ctx, x, prev, weight, bias, silu: bool):
+        compute = torch.promote_types(x.dtype, torch.float32)
+        K, T = weight.shape[-1], x.shape[1]
+        w = weight.to(compute)[:, 0].t()  # [K, C]
+        y = torch.addcmul(bias.to(compute), x, w[K - 1])
+        for i in range(K - 1):
+            s = K - 1 - i  # tap i reads u_{t+i} = x_{t−s} (t ≥ s), tail_{t+i} (t < s)
+            if T > s:
+                y[:, s:].addcmul_(x[:, :T - s], w[i])
+            if prev is not None:
+                y[:, :min(s, T)].addcmul_(prev[:, i:i + min(s, T)], w[i])
+        y = y.to(x.dtype)
+        ctx.save_for_backward(x, prev, weight, y)
+        ctx.silu = silu
+        return F.silu(y) if silu else y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, prev, weight, y = ctx.saved_tensors
+        g = g.contiguous()
+        if ctx.silu:
+            g = torch.ops.aten.silu_backward(g, y)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        g = g.to(compute)
+        K, T = weight.shape[-1], x.shape[1]
+        w = weight.to(compute)[:, 0].t()
+        g_x = g * w[K - 1]
+        g_w = [(g * x).sum((0, 1))] * K
+        g_prev = None if prev is None else torch.zeros_like(prev, dtype=compute)
+        for i in range(K - 1):
+            s = K - 1 - i
+            acc = torch.zeros_like(g_w[-1])
+            if T > s:
+                g_x[:, :T - s].addcmul_(g[:, s:], w[i])
+                acc += (g[:, s:] * x[:, :T - s]).sum((0, 1))
+            if prev is not None:
+                m = min(s, T)
+                g_prev[:, i:i + m].addcmul_(g[:, :m], w[i])
+                acc += (g[:, :m] * prev[:, i:i + m]).sum((0, 1))
+            g_w[i] = acc
+        g_w = torch.stack(g_w, -1).unsqueeze(1).to(weight.dtype)
+        return (g_x.to(x.dtype), None if prev is None else g_prev.to(prev.dtype), g_w, g.sum((0, 1)).to(weight.dtype),
+                None)
+
+
+def causal_conv1d_reference(x: torch.Tensor, tail: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor):
+    """:class:`CausalConv1d` as a grouped F.conv1d over [tail; x] in the [B, C, T] layout (the reference)."""
+    xt = x.transpose(1, 2)
+    if tail is None:
+        tail = xt.new_zeros(xt.shape[0], xt.shape[1], weight.shape[-1] - 1)
+    full = torch.cat([tail.to(xt.dtype), xt], dim=-1)
+    return F.conv1d(full, weight, bias, groups=full.shape[1]).transpose(1, 2)
+
+
+def _new_tail(x: torch.Tensor, tail: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The last n inputs of [tail; x] as [B, C, n] (zeros before the sequence start)."""
+    xt = x.transpose(1, 2)
+    if xt.shape[-1] >= n:
+        return xt[..., xt.shape[-1] - n:]
+    prev = xt.new_zeros(xt.shape[0], xt.shape[1], n) if tail is None else tail.to(xt.dtype)
+    return torch.cat([prev, xt], -1)[..., -n:] if n else xt[..., :0]
 
 
 def _last_inputs(xt: torch.Tensor, n: int) -> torch.Tensor:
@@ -147,8 +219,9 @@ def short_conv_qkv(layer: nn.Module, x: torch.Tensor, conv_state: dict):
     compute = torch.promote_types(x.dtype, torch.float32)
     out, tails = [], {}
     for name in ("q", "k", "v"):
-        y, tails[name] = getattr(layer, f"conv_{name}")(getattr(layer, f"{name}_proj")(x), conv_state.get(name))
-        out.append(split_heads(F.silu(y), layer.num_heads).to(compute))
+        y, tails[name] = getattr(layer, f"conv_{name}")(getattr(layer, f"{name}_proj")(x), conv_state.get(name),
+                                                        activation="silu")
+        out.append(split_heads(y, layer.num_heads).to(compute))
     return (*out, tails)
 
 
@@ -157,6 +230,7 @@ __all__ = [
     "HeadRMSNorm",
     "SwiGLUMLP",
     "CausalConv1d",
+    "causal_conv1d_reference",
     "rope_cos_sin",
     "apply_interleaved_rope",
     "apply_rotate_half_rope",

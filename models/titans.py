@@ -16,9 +16,10 @@ online rule). Then M_t is linear in (M_{t'}, S_{t'}, the u_j = ∇ℓ_j):
 
     M_t = β_t M_{t'} + f_t S_{t'} + Σ_{j≤t} c_tj u_j,     S_t = m_t S_{t'} + Σ_{j≤t} s_tj u_j
 
-and the coefficients come from the two first-order scans themselves, run on unit impulses:
+and the coefficients are the two first-order scans run on unit impulses:
 s_·j = scan(η, −θ_j e_j), c_·j = scan(1 − α, s_·j), m = scan(η, η₀e₀), f = scan(1 − α, m),
-β = scan(1 − α, (1 − α₀)e₀)  (``scan.linear_scan``: accelerated_scan on CUDA, pure torch here).
+β = scan(1 − α, (1 − α₀)e₀) (``titans_coefficients_scan``), computed in closed form from products of
+the gates (``titans_coefficients``: a cumulative product and one n × n matmul per chunk).
 Each u_j of layer l is an outer product X_jᵀ δ_j (layer input × backpropagated error at M_{t'}),
 so the read never materialises per-token weights (the TTT "dual form"): for layer l with input H,
 
@@ -30,6 +31,8 @@ Only torch is imported (``accelerated_scan`` optionally): this file is copied in
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +43,7 @@ from .parts import InnerKnobs, Recipe, copy_param, deep_mlp_memory, gelu_tanh, l
 from .reference import memory_scan_reference
 from .scan import linear_scan
 from .state import LayerState
+from .titans_fused import chunk_scan
 
 # ------------------------------------------------------------------------------ coefficients
 
@@ -51,11 +55,64 @@ def _scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return linear_scan(g.contiguous(), tokens.reshape(-1, *tokens.shape[-2:]).contiguous()).reshape(*lead, *tokens.shape[-2:])
 
 
+class _DecayProducts(torch.autograd.Function):
+    """G[t, j] = Π_{j<i≤t} g_i (t ≥ j; 1 on the diagonal), 0 above it: gates [..., n] → [..., n, n], one
+    cumulative product down each column. Backward without division (g may be 0): as
+    ∂G[t, j]/∂g_i = G[t, i] G[i−1, j] for j < i ≤ t,  ∂L/∂g_i = Σ_t G[t, i] (Ḡ G₋ᵀ)[t, i] with G₋[i] = G[i−1]."""
+
+    @staticmethod
+    def forward(ctx, gates):
+        n = gates.shape[-1]
+        below = torch.ones(n, n, dtype=torch.bool, device=gates.device).tril(-1)
+        G = torch.where(below, gates[..., :, None], torch.ones((), dtype=gates.dtype, device=gates.device))
+        G = G.cumprod(-2).tril_()
+        ctx.save_for_backward(G)
+        return G
+
+    @staticmethod
+    def backward(ctx, grad):
+        (G,) = ctx.saved_tensors
+        shifted = F.pad(G[..., :-1, :], (0, 0, 1, 0))  # row i = G[i − 1], row 0 = 0
+        return (G * (grad @ shifted.transpose(-1, -2))).sum(-2)
+
+
+def decay_products(gates: torch.Tensor) -> torch.Tensor:
+    """G[t, j] = Π_{j<i≤t} g_i for t ≥ j (1 on the diagonal), 0 above it: gates [..., n] → [..., n, n]."""
+    with torch.autocast(gates.device.type, enabled=False):
+        return _DecayProducts.apply(gates)
+
+
+def decay_products_reference(gates: torch.Tensor) -> torch.Tensor:
+    """:func:`decay_products` from its definition, one product per entry (the reference)."""
+    n = gates.shape[-1]
+    rows = []
+    for t in range(n):
+        rows.append(torch.stack([torch.prod(gates[..., j + 1:t + 1], -1) if j <= t else torch.zeros_like(gates[..., 0])
+                                 for j in range(n)], -1))
+    return torch.stack(rows, -2)
+
+
 def titans_coefficients(lr, eta, alpha):
     """Coefficients of one segment of n tokens (all inputs [..., n]); see the module docstring.
+    Closed form of the impulse scans (:func:`titans_coefficients_scan`): with E = decay_products(η),
+    A = decay_products(1 − α) and s_tj = −θ_j E_tj, m_t = η_0 E_t0,
+
+        c = A s = (A E) diag(−θ),   f = A m = η_0 (A E)_{·0},   β_t = (1 − α_0) A_t0.
 
     Returns c [..., n, n] (row t, column j), s_last [..., n] (= s_{n−1, j}), beta, f, m [..., n].
     """
+    keep = 1 - alpha
+    E, A = decay_products(torch.stack([eta, keep])).unbind(0)
+    with torch.autocast(lr.device.type, enabled=False):  # in the gates' dtype, as the scans (elementwise) were
+        AE = A @ E
+    eta0 = eta[..., :1]
+    return AE * -lr[..., None, :], E[..., -1, :] * -lr, keep[..., :1] * A[..., 0], eta0 * AE[..., 0], eta0 * E[..., 0]
+
+
+def titans_coefficients_scan(lr, eta, alpha):
+    """:func:`titans_coefficients` as the two first-order scans run on unit impulses (the reference):
+    s_·j = scan(η, −θ_j e_j), c_·j = scan(1 − α, s_·j), m = scan(η, η₀e₀), f = scan(1 − α, m),
+    β = scan(1 − α, (1 − α₀)e₀)."""
     n = lr.shape[-1]
     eye = torch.eye(n, dtype=lr.dtype, device=lr.device)
     keep = 1 - alpha
@@ -131,6 +188,32 @@ def _segment(cur: list, anchor: list, mom: list | None, q, k, v, coeffs, max_nor
     return h, new_w, new_m
 
 
+def _whole_chunks(cur: list, mom: list | None, q, k, v, coeffs, max_norm=None):
+    """N whole chunks (q, k, v [N, B, H, b, d], coefficients [N, B, H, ...]), each as :func:`_segment`
+    with the anchor at its starting memory, through ``titans_fused.chunk_scan``; layer 0's C ⊙ QKᵀ does
+    not depend on the memory and is formed for all chunks at once. Returns (o [B, H, N·b, d], weights,
+    momentum)."""
+    c, s_last, beta, f, m = coeffs
+    N, B, H, b = q.shape[:4]
+
+    def per_head(t):  # [N, B, H, ...] → [N, B·H, ...]
+        return None if t is None else t.to(dtype).reshape(N, B * H, *t.shape[3:])
+
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in (q, k, v, c, *cur)])
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # one dtype (autocast may have left q in bf16, as TNT's q̃)
+    with torch.autocast(q.device.type, enabled=False):  # the fused scan computes in that dtype
+        qk_mix = c * (q @ k.transpose(-1, -2))
+    col = (lambda t: None if mom is None else t[..., None])
+    last = (lambda t: None if mom is None else t[..., -1:, None])
+    o, *states = chunk_scan(max_norm or None, *(per_head(t) for t in (
+        q, k, v, qk_mix, c, beta[..., None], col(f), c[..., -1, :, None], col(s_last), beta[..., -1:, None],
+        last(f), last(m))), *(w.to(dtype).reshape(B * H, *w.shape[2:]) for w in cur + (mom or [])))
+    o = o.view(N, B, H, b, -1).movedim(0, 2).flatten(2, 3)
+    states = [w.view(B, H, *w.shape[1:]) for w in states]
+    L = len(cur)
+    return o, states[:L], (states[L:] if mom is not None else None)
+
+
 def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | None, q, k, v, lr, eta, alpha,
                         position: int, chunk_size: int, max_grad_norm: float | None = None):
     """Chunked Titans memory. q, k, v: [B, H, T, d]; lr, eta, alpha: [B, H, T]; weights/anchor/
@@ -164,15 +247,13 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
         def blocks(x):
             return x[:, :, sl].unflatten(2, (n_full, b)).movedim(2, 0)  # [N, B, H, b, ...]
 
-        coeffs = [t.unbind(0) for t in titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))]
-        qb, kb, vb = (blocks(t).unbind(0) for t in (q, k, v))
-        for i in range(n_full):
-            o, cur, mom = _segment(cur, cur, mom, qb[i], kb[i], vb[i], [t[i] for t in coeffs], max_grad_norm)
-            outs.append(o)
+        coeffs = titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))
+        o, cur, mom = _whole_chunks(cur, mom, blocks(q), blocks(k), blocks(v), coeffs, max_grad_norm)
+        outs.append(o)
         anc = cur
     if head + n_full * b < T:
         piece(head + n_full * b, T)
-    o = torch.cat(outs, 2)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     at_boundary = (position + T) % b == 0
     return (o, dict(zip(names, cur)), None if at_boundary else dict(zip(names, anc)),
             None if mom is None else dict(zip(names, mom)))
