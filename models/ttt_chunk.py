@@ -100,27 +100,24 @@ def _read_out(q, z_bar, ln_w, ln_b):
     return q + head_layer_norm(z_bar, ln_w, ln_b)
 
 
-def _down(k, s_lr):
-    """D = (s_b η ⊙ K̃)ᵀ: [..., d+1, b], the map from a mini-batch's gradients to its weight update."""
-    return torch.cat([s_lr[..., None] * k, s_lr[..., None]], dim=-1).transpose(-1, -2)
-
+def _tokens(x):
+    """[N, B, H, b, d] mini-batch blocks → [B, H, N·b, d] in token order."""
+    return x.movedim(0, 2).flatten(2, 3)
 
 
 def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
-    """q,k,tgt: [N,B,H,b,d]; lr: [N,B,H,b]; scale: [b]. Returns the read-out o = q + LN(z̄) [N,B,H,b,d] and W after."""
+    """q,k,tgt: [N,B,H,b,d]; lr: [N,B,H,b]; scale: [b]. Returns the read-out o = q + LN(z̄) [B,H,N·b,d]
+    and W after."""
     mix = _causal_eta(scale, lr) * (q @ k.transpose(-1, -2) + 1.0)
+    slr = scale[-1] * lr
     fused = use_triton(q, q.shape[-2], q.shape[-1])  # on CUDA: the Triton kernels
-    if not fused:
-        kq = torch.cat([k, q], dim=-2)  # one matmul gives K̃W̃ and Q̃W̃
-        down = _down(k, scale[-1] * lr)
 
     def run(W, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
         if fused:
-            z_bar, W = triton_linear_scan(W, q[sl], k[sl], tgt[sl], mix[sl], scale[-1] * lr[sl], ln_w, ln_b)
-            out = _read_out(q[sl], z_bar, ln_w, ln_b)
-        else:  # the read-out inside, per mini-batch
-            out, W = linear_scan(W, kq[sl], tgt[sl], mix[sl], down[sl], ln_w, ln_b)
+            z_bar, W = triton_linear_scan(W, q[sl], k[sl], tgt[sl], mix[sl], slr[sl], ln_w, ln_b)
+            return W, _tokens(_read_out(q[sl], z_bar, ln_w, ln_b))
+        out, W = linear_scan(W, k[sl], q[sl], tgt[sl], mix[sl], slr[sl], ln_w, ln_b)  # reads out inside
         return W, out
 
     return _grouped(run, [W], q.shape[0], group)
@@ -129,20 +126,15 @@ def _scan_linear(W, q, k, tgt, lr, scale, ln_w, ln_b, group):
 def _scan_mlp(W1, W2, q, k, tgt, lr, scale, ln_w, ln_b, group):
     eta = _causal_eta(scale, lr)
     mix1 = eta * (q @ k.transpose(-1, -2) + 1.0)
-    s_lr = (scale[-1] * lr)[..., None]
+    slr = scale[-1] * lr
     fused = use_triton(q, q.shape[-2], q.shape[-1], W1.shape[-1])  # the Triton kernels (see use_triton)
-    if not fused:
-        kq = torch.cat([k, q], dim=-2)
-        down1 = _down(k, s_lr[..., 0])
 
     def run(W1, W2, start, stop):  # the weight recursion with a hand-written backward (ttt_fused.py)
         sl = slice(start, stop)
         if fused:
-            z_bar, W1, W2 = triton_mlp_scan(W1, W2, q[sl], k[sl], tgt[sl], eta[sl], mix1[sl], s_lr[sl, ..., 0],
-                                            ln_w, ln_b)
-            out = _read_out(q[sl], z_bar, ln_w, ln_b)
-        else:  # the read-out inside, per mini-batch
-            out, W1, W2 = mlp_scan(W1, W2, kq[sl], tgt[sl], eta[sl], mix1[sl], down1[sl], s_lr[sl], ln_w, ln_b)
+            z_bar, W1, W2 = triton_mlp_scan(W1, W2, q[sl], k[sl], tgt[sl], eta[sl], mix1[sl], slr[sl], ln_w, ln_b)
+            return W1, W2, _tokens(_read_out(q[sl], z_bar, ln_w, ln_b))
+        out, W1, W2 = mlp_scan(W1, W2, k[sl], q[sl], tgt[sl], eta[sl], mix1[sl], slr[sl], ln_w, ln_b)
         return W1, W2, out
 
     return _grouped(run, [W1, W2], q.shape[0], group)
@@ -158,7 +150,7 @@ def _grouped(run, weights, n, group):
     for start in range(0, n, group):
         *weights, out = checkpoint(run, *weights, start, min(start + group, n), use_reentrant=False)
         outs.append(out)
-    return torch.cat(outs), weights
+    return torch.cat(outs, dim=2), weights
 
 
 # --------------------------------------------------------------------------------- entry point
@@ -219,13 +211,13 @@ def ttt_scan_chunked(
     if n_full:
         sl = slice(head, head + n_full * b)
 
-        def blocks(x):  # [B,H,N*b,...] → [N,B,H,b,...]
-            return x[:, :, sl].unflatten(2, (n_full, b)).movedim(2, 0)
+        def blocks(x):  # [B,H,N*b,...] → [N,B,H,b,...] (a view; no slice when the blocks are all of x)
+            x = x if n_full * b == T else x[:, :, sl]
+            return x.unflatten(2, (n_full, b)).movedim(2, 0)
 
         scan = _scan_mlp if mlp else _scan_linear
-        o, folded = scan(*folded, blocks(q), blocks(k), blocks(tgt), blocks(lr), scale[head : head + b],
-                         ln_w, ln_b, checkpoint_group)
-        outputs[head] = o.movedim(0, 2).flatten(2, 3)
+        outputs[head], folded = scan(*folded, blocks(q), blocks(k), blocks(tgt), blocks(lr), scale[head : head + b],
+                                     ln_w, ln_b, checkpoint_group)
     if pieces[1][1] > pieces[1][0]:
         segment(*pieces[1])
 

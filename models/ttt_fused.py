@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .parts import GELU_C
 
@@ -91,23 +90,25 @@ class _LNParamGrads:
 
     def __init__(self, lw, bt, B):
         self.neg_lw, self.two_lw, self.bt, self.B = -lw, 2 * lw, bt, B
-        self.d_tgt = torch.empty_like(bt)
+        self.d_tgt = bt.new_empty(bt.shape)
         self.d_lw = lw.new_zeros(lw.shape)
 
     def add(self, i, a, x_hat):
         torch.mul(a, self.neg_lw, out=self.d_tgt[i])
         self.d_lw += (a * torch.addcmul(self.bt[i], self.two_lw, x_hat)).sum(1, keepdim=True)
 
-    def result(self, d_out):
-        """(∂L/∂t [N, B·H, b, d], ∂L/∂γ, ∂L/∂β [H, 1, d]), with the read-out o = q + γ LN(z̄) + β's
-        ∂L/∂β = Σ ∂L/∂o (its ∂L/∂γ is added to ``d_lw`` by :func:`_read_out_backward`)."""
+    def result(self, d_lb_read):
+        """(∂L/∂t [N, B·H, b, d], ∂L/∂γ, ∂L/∂β [H, 1, d]); ``d_lb_read`` = Σ ∂L/∂o is the read-out
+        o = q + γ LN(z̄) + β's ∂L/∂β (its ∂L/∂γ is added to ``d_lw`` by :func:`_read_out_backward`)."""
         N, BH, b, d = self.d_tgt.shape
         B, H = self.B, BH // self.B
+        d_lb = self.d_tgt.view(N * B, H, b, d).sum(0).sum(1, keepdim=True).neg_().add_(d_lb_read)
+        return self.d_tgt, self.d_lw.view(B, H, 1, d).sum(0), d_lb
 
-        def head_sum(x):
-            return x.reshape(N * B, H, b, d).sum(0).sum(1, keepdim=True)
 
-        return self.d_tgt, self.d_lw.view(B, H, 1, d).sum(0), head_sum(d_out) - head_sum(self.d_tgt)
+def _head_sum(d_out, H, d):
+    """Σ over batch rows and tokens of ∂L/∂o [B, H, T, d] (None: no gradient) → [H, 1, d]."""
+    return 0.0 if d_out is None else d_out.sum((0, 2)).view(H, 1, d)
 
 
 def _read_out(z_bar, q, lw, lb, out, eps):
@@ -167,26 +168,41 @@ class _Anchors:
         return undo(*current) if isinstance(current, tuple) else undo(current)
 
 
+def _padded_kq(k, q):
+    """[K̃; Q̃] per mini-batch: [N, B·H, 2b, d+1] from k, q [N, B, H, b, d] (any strides), x̃ = [x, 1]."""
+    N, B, H, b, d = k.shape
+    kq = k.new_empty(N, B, H, 2 * b, d + 1)
+    kq[..., :b, :d], kq[..., b:, :d], kq[..., d] = k, q, 1.0
+    return kq.view(N, B * H, 2 * b, d + 1)
+
+
+def _tiles(x, N):
+    """The inverse view: [B, H, N·b, d] → [N, B·H, b, d] tiles (strided)."""
+    B, H, T, d = x.shape
+    return x.unflatten(2, (N, T // N)).permute(2, 0, 1, 3, 4).reshape(N, B * H, T // N, d)
+
+
 class LinearScan(torch.autograd.Function):
     """N full mini-batches of TTT-Linear in the dual form.
 
-    W: [B,H,d+1,d]; kq = [K; Q]: [N,B,H,2b,d] (padded to [K̃; Q̃] once inside, for the matmuls with
-    W̃ and ∂L/∂W̃; its gradient skips the ones column); tgt: [N,B,H,b,d]; mix = tril(s ηᵀ ⊙ (QKᵀ+1)): [N,B,H,b,b]; down = D: [N,B,H,d+1,b];
-    ln_w, ln_b: [H,1,d]. Returns (o = Q + LN_{γ,β}(Z̄) [N,B,H,b,d], W̃_N): the read-out LayerNorm is
-    taken per mini-batch here, where Z̄_i is in cache.
+    W: [B,H,d+1,d]; k, q, tgt: [N,B,H,b,d] (any strides); mix = tril(s ηᵀ ⊙ (QKᵀ+1)): [N,B,H,b,b];
+    slr = s_b η: [N,B,H,b] (the update W̃ −= D G with D = (slr ⊙ K̃)ᵀ); ln_w, ln_b: [H,1,d].
+    Returns (o = Q + LN_{γ,β}(Z̄) [B,H,N·b,d], W̃_N): the read-out LayerNorm is taken per mini-batch
+    here, where Z̄_i is in cache, and o is written in token order.
     """
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, W, kq, tgt, mix, down, ln_w, ln_b, eps=1e-6):
-        N, B, H, b2, d = kq.shape
-        b, d1, BH = b2 // 2, d + 1, B * H
-        kq3 = F.pad(kq.reshape(N, BH, b2, d), (0, 1), value=1.0)  # [K̃; Q̃]
-        mix3, down3, tgt3 = mix.reshape(N, BH, b, b), down.reshape(N, BH, d1, b), tgt.reshape(N, BH, b, d)
+    def forward(ctx, W, k, q, tgt, mix, slr, ln_w, ln_b, eps=1e-6):
+        N, B, H, b, d = k.shape
+        d1, BH = d + 1, B * H
+        kq3 = _padded_kq(k, q)  # [K̃; Q̃]
+        mix3, slr3, tgt3 = mix.reshape(N, BH, b, b), slr.reshape(N, BH, b, 1), tgt.reshape(N, BH, b, d)
         lw, lb, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
         w = W.reshape(BH, d1, d).clone()  # updated in place; the backward recovers W̃_i (see _Anchors)
         anchors = _Anchors(N)
-        out = W.new_empty(N, BH, b, d)
+        out = W.new_empty(B, H, N * b, d)
+        out_tiles = _tiles(out, N)
         keep = []
         for i in range(N):
             anchors.keep(i, w)
@@ -194,49 +210,55 @@ class LinearScan(torch.autograd.Function):
             saved = _ln_l2_grad(zz[:, :b], w_bt[i], w_sq, eps)
             g = saved[0]
             z_bar = torch.baddbmm(zz[:, b:], mix3[i], g, alpha=-1.0)
-            keep += [*saved, *_read_out(z_bar, kq3[i, :, b:, :d], lw, lb, out[i], eps)]
-            w.baddbmm_(down3[i], g, alpha=-1.0)
+            keep += [*saved, *_read_out(z_bar, kq3[i, :, b:, :d], lw, lb, out_tiles[i], eps)]
+            w.baddbmm_((slr3[i] * kq3[i, :, :b]).transpose(-1, -2), g, alpha=-1.0)
         anchors.keep(N, w)
-        ctx.save_for_backward(kq3, mix3, down3, lw, bt, *anchors.tensors(), *keep)
+        ctx.save_for_backward(kq3, mix3, slr3, lw, bt, *anchors.tensors(), *keep)
         ctx.shapes = (N, B, H, b, d)
-        return out.view(N, B, H, b, d), w.view(B, H, d1, d)
+        return out, w.view(B, H, d1, d)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, d_out, d_W):
-        kq3, mix3, down3, lw, bt, *keep = ctx.saved_tensors
+        kq3, mix3, slr3, lw, bt, *keep = ctx.saved_tensors
         N, B, H, b, d = ctx.shapes
         anchors, keep = _Anchors.restore(N, keep)
         BH, d1, w_sq = B * H, d + 1, lw * lw
         A = d_W.reshape(BH, d1, d).clone() if d_W is not None else kq3.new_zeros(BH, d1, d)  # ∂L/∂W̃_{i+1}
-        d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else d_out.reshape(N, BH, b, d)
+        d_lb_read = _head_sum(d_out, H, d)
+        d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else _tiles(d_out, N)
         dzz = kq3.new_empty(BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)]
-        d_kq, d_mix, d_down = kq3.new_empty(N, BH, 2 * b, d), torch.empty_like(mix3), torch.empty_like(down3)
+        d_kq, d_mix, d_slr = kq3.new_empty(N, BH, 2 * b, d), torch.empty_like(mix3), torch.empty_like(slr3)
         ln_grads = _LNParamGrads(lw, bt, B)
         w = None
         for i in range(N - 1, -1, -1):
             saved, (x_o, r_o) = keep[7 * i:7 * i + 5], keep[7 * i + 5:7 * i + 7]
-            w = anchors.before(i, w, lambda w: w.baddbmm_(down3[i], saved[0]))  # W̃_i = W̃_{i+1} + D_i G_i
-            do, g_t = dzz[:, b:], saved[0].transpose(-1, -2)
+            k_t, g = kq3[i, :, :b], saved[0]
+            d_t = slr3[i] * k_t  # Dᵀ
+            w = anchors.before(i, w, lambda w: w.baddbmm_(d_t.transpose(-1, -2), g))  # W̃_i = W̃_{i+1} + D_i G_i
+            do = dzz[:, b:]
             _read_out_backward(d_out[i], x_o, r_o, lw, ln_grads.d_lw, do)
-            torch.bmm(do, g_t, out=d_mix[i])  # negated below
-            torch.bmm(A, g_t, out=d_down[i])
+            torch.bmm(do, g.transpose(-1, -2), out=d_mix[i])  # negated below
+            GA = torch.bmm(g, A.transpose(-1, -2))  # −(∂L/∂D)ᵀ
+            torch.sum(GA * k_t, -1, keepdim=True, out=d_slr[i])  # negated below
             u = torch.bmm(mix3[i].transpose(-1, -2), do)
-            u = torch.baddbmm(u, down3[i].transpose(-1, -2), A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
+            u = torch.baddbmm(u, d_t, A, beta=-1.0, alpha=-1.0)  # ∂L/∂G_i
             ln_grads.add(i, _ln_l2_grad_backward(u, saved, w_sq, dzz[:, :b]), saved[1])
             torch.bmm(dzz, w[:, :d].transpose(-1, -2), out=d_kq[i])
+            d_kq[i, :, :b].addcmul_(slr3[i], GA[..., :d], value=-1.0)  # K̃ in D
             d_kq[i, :, b:] += d_out[i]  # o = q + …
             A.baddbmm_(kq3[i].transpose(-1, -2), dzz)
-        d_tgt, d_lw, d_lb = ln_grads.result(d_out)
+        d_tgt, d_lw, d_lb = ln_grads.result(d_lb_read)
         shape = (N, B, H)
-        return (A.view(B, H, d1, d), d_kq.view(*shape, 2 * b, d), d_tgt.view(*shape, b, d),
-                d_mix.neg_().view(*shape, b, b), d_down.neg_().view(*shape, d1, b), d_lw, d_lb, None)
+        d_kq = d_kq.view(*shape, 2 * b, d)
+        return (A.view(B, H, d1, d), d_kq[..., :b, :], d_kq[..., b:, :], d_tgt.view(*shape, b, d),
+                d_mix.neg_().view(*shape, b, b), d_slr.neg_().view(*shape, b), d_lw, d_lb, None)
 
 
 @torch.compiler.disable  # a Python loop over mini-batches: torch.compile runs it eagerly
-def linear_scan(W, kq, tgt, mix, down, ln_w, ln_b, eps: float = 1e-6):
-    """:class:`LinearScan` (Z̄ of every mini-batch and the final weights)."""
-    return LinearScan.apply(W, kq, tgt, mix, down, ln_w, ln_b, eps)
+def linear_scan(W, k, q, tgt, mix, slr, ln_w, ln_b, eps: float = 1e-6):
+    """:class:`LinearScan` (the read-out of every token [B,H,N·b,d] and the final weights)."""
+    return LinearScan.apply(W, k, q, tgt, mix, slr, ln_w, ln_b, eps)
 
 
 # ------------------------------------------------------------------------------------ TTT-MLP
@@ -281,9 +303,9 @@ def _with_ones_column(x):
 class MLPScan(torch.autograd.Function):
     """N full mini-batches of TTT-MLP in the dual form (both layers, as ttt_chunk._segment_mlp).
 
-    W1: [B,H,d+1,h], W2: [B,H,h+1,d]; kq = [K; Q]: [N,B,H,2b,d] (as LinearScan's); tgt: [N,B,H,b,d];
-    eta = tril(s ηᵀ), mix1 = eta ⊙ (QKᵀ+1): [N,B,H,b,b]; down1 = (s_b η ⊙ K̃)ᵀ: [N,B,H,d+1,b];
-    s_lr = s_b η: [N,B,H,b,1]. Returns (Z̄ [N,B,H,b,d], W̃1_N, W̃2_N). Per mini-batch:
+    W1: [B,H,d+1,h], W2: [B,H,h+1,d]; k, q, tgt: [N,B,H,b,d]; eta = tril(s ηᵀ), mix1 = eta ⊙ (QKᵀ+1):
+    [N,B,H,b,b]; s_lr = s_b η: [N,B,H,b] (down1 = (s_lr ⊙ K̃)ᵀ). Returns (o = Q + LN_{γ,β}(Z̄)
+    [B,H,N·b,d], W̃1_N, W̃2_N), as :class:`LinearScan`. Per mini-batch:
 
         Z1 = K̃W̃1, X̃2 = [gelu(Z1), 1], G2 = ∇LN-L2(X̃2 W̃2), G1 = (G2 W2ᵀ) ⊙ gelu'(Z1)
         Z̄1 = Q̃W̃1 − mix1 G1, X̄2 = [gelu(Z̄1), 1], Z̄ = X̄2 W̃2 − (eta ⊙ X̄2 X̃2ᵀ) G2
@@ -292,16 +314,16 @@ class MLPScan(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps=1e-6):
-        N, B, H, b2, d = kq.shape
-        b, d1, h, BH = b2 // 2, d + 1, W1.shape[-1], B * H
-        kq3, tgt3 = F.pad(kq.reshape(N, BH, b2, d), (0, 1), value=1.0), tgt.reshape(N, BH, b, d)  # [K̃; Q̃]
-        eta3, mix3 = eta.reshape(N, BH, b, b), mix1.reshape(N, BH, b, b)
-        down3, slr3 = down1.reshape(N, BH, d1, b), s_lr.reshape(N, BH, b, 1)
+    def forward(ctx, W1, W2, k, q, tgt, eta, mix1, s_lr, ln_w, ln_b, eps=1e-6):
+        N, B, H, b, d = k.shape
+        d1, h, BH = d + 1, W1.shape[-1], B * H
+        kq3, tgt3 = _padded_kq(k, q), tgt.reshape(N, BH, b, d)  # [K̃; Q̃]
+        eta3, mix3, slr3 = eta.reshape(N, BH, b, b), mix1.reshape(N, BH, b, b), s_lr.reshape(N, BH, b, 1)
         lw, lb, w_sq, bt, w_bt = _ln_params(ln_w, ln_b, tgt3, B)
         w1, w2 = W1.reshape(BH, d1, h).clone(), W2.reshape(BH, h + 1, d).clone()  # updated in place (_Anchors)
         anchors = _Anchors(N)
-        out = W1.new_empty(N, BH, b, d)
+        out = W1.new_empty(B, H, N * b, d)
+        out_tiles = _tiles(out, N)
         keep = []
         for i in range(N):
             anchors.keep(i, w1, w2)
@@ -318,28 +340,28 @@ class MLPScan(torch.autograd.Function):
             gp_bar, _ = _gelu_parts(z1bar, x2bar_a[..., :h])
             P = torch.bmm(x2bar_a, x2a.transpose(-1, -2))
             z_bar = torch.baddbmm(torch.bmm(x2bar_a, w2), eta3[i] * P, g2, alpha=-1.0)
-            read = _read_out(z_bar, kq3[i, :, b:, :d], lw, lb, out[i], eps)
+            read = _read_out(z_bar, kq3[i, :, b:, :d], lw, lb, out_tiles[i], eps)
             keep += [x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *read, *ln_saved]
-            w1.baddbmm_(down3[i], g1, alpha=-1.0)
+            w1.baddbmm_((slr3[i] * kq3[i, :, :b]).transpose(-1, -2), g1, alpha=-1.0)
             w2.baddbmm_(x2a.transpose(-1, -2), slr3[i] * g2, alpha=-1.0)
         anchors.keep(N, w1, w2)
-        ctx.save_for_backward(kq3, eta3, mix3, down3, slr3, lw, bt, *anchors.tensors(), *keep)
+        ctx.save_for_backward(kq3, eta3, mix3, slr3, lw, bt, *anchors.tensors(), *keep)
         ctx.shapes = (N, B, H, b, d, h)
-        return out.view(N, B, H, b, d), w1.view(B, H, d1, h), w2.view(B, H, h + 1, d)
+        return out, w1.view(B, H, d1, h), w2.view(B, H, h + 1, d)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, d_out, d_W1, d_W2):
-        kq3, eta3, mix3, down3, slr3, lw, bt, *keep = ctx.saved_tensors
+        kq3, eta3, mix3, slr3, lw, bt, *keep = ctx.saved_tensors
         N, B, H, b, d, h = ctx.shapes
         anchors, keep = _Anchors.restore(N, keep, 2)
         BH, d1, w_sq, n = B * H, d + 1, lw * lw, len(keep) // N
-        d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else d_out.reshape(N, BH, b, d)
+        d_lb_read = _head_sum(d_out, H, d)
+        d_out = kq3.new_zeros(N, BH, b, d) if d_out is None else _tiles(d_out, N)
         A1 = kq3.new_zeros(BH, d1, h) if d_W1 is None else d_W1.reshape(BH, d1, h).clone()  # ∂L/∂W̃1_{i+1}
         A2 = kq3.new_zeros(BH, h + 1, d) if d_W2 is None else d_W2.reshape(BH, h + 1, d).clone()
         d_kq = kq3.new_empty(N, BH, 2 * b, d)
-        d_eta, d_mix, d_down = (torch.empty_like(t) for t in (eta3, mix3, down3))
-        d_slr = torch.empty_like(slr3)
+        d_eta, d_mix, d_slr = (torch.empty_like(t) for t in (eta3, mix3, slr3))
         ln_grads = _LNParamGrads(lw, bt, B)
         dzz = kq3.new_empty(BH, 2 * b, h)  # [∂L/∂Z1; ∂L/∂Z̄1]
         # Ā2 += X̃2ᵀ ∂L/∂Z2 + X̄2ᵀ ∂L/∂Z̄ + [∂L/∂M, 0]ᵀ G2 as one product (one pass over Ā2, not three):
@@ -351,13 +373,13 @@ class MLPScan(torch.autograd.Function):
         for i in range(N - 1, -1, -1):
             xa, xba, gp, m_gpp, g1, gp_bar, P, x_o, r_o, *ln_saved = keep[n * i:n * (i + 1)]
             g2 = ln_saved[0]
-            et, slr = eta3[i], slr3[i]
+            et, slr, k_t = eta3[i], slr3[i], kq3[i, :, :b]
             do = rhs[:, b:2 * b]  # ∂L/∂Z̄
             _read_out_backward(d_out[i], x_o, r_o, lw, ln_grads.d_lw, do)
-            slr_g2 = slr * g2
+            slr_g2, d_t = slr * g2, slr * k_t  # V, down1ᵀ
 
             def undo(w1, w2):  # W̃1_i = W̃1_{i+1} + down1 G1, W̃2_i = W̃2_{i+1} + X̃2ᵀ(s_lr ⊙ G2)
-                return w1.baddbmm_(down3[i], g1), w2.baddbmm_(xa.transpose(-1, -2), slr_g2)
+                return w1.baddbmm_(d_t.transpose(-1, -2), g1), w2.baddbmm_(xa.transpose(-1, -2), slr_g2)
 
             w12 = anchors.before(i, w12, undo)
             w1, w2 = w12
@@ -375,9 +397,10 @@ class MLPScan(torch.autograd.Function):
             dZ1bar = torch.mul(dX2bar[..., :h], gp_bar, out=dzz[:, b:])
             torch.bmm(dZ1bar, g1.transpose(-1, -2), out=d_mix[i])  # negated below
             # W̃1' = W̃1 − down1 G1, Z̄1 = Q̃W̃1 − mix1 G1: ∂L/∂G1; G1 = M ⊙ gelu'(Z1), M = G2 W2ᵀ
-            torch.bmm(A1, g1.transpose(-1, -2), out=d_down[i])  # negated below
+            GA1 = torch.bmm(g1, A1.transpose(-1, -2))  # −(∂L/∂down1)ᵀ
+            d_slr[i] += (GA1 * k_t).sum(-1, keepdim=True)  # negated below
             dG1 = torch.bmm(mix3[i].transpose(-1, -2), dZ1bar)
-            dG1 = torch.baddbmm(dG1, down3[i].transpose(-1, -2), A1, beta=-1.0, alpha=-1.0)
+            dG1 = torch.baddbmm(dG1, d_t, A1, beta=-1.0, alpha=-1.0)
             torch.mul(dG1, gp, out=dM[..., :h])
             dG2 = torch.baddbmm(neg_dG2, dM, w2, beta=-1.0)
             # G2 = ∇LN-L2(Z2), Z2 = X̃2 W̃2
@@ -388,16 +411,18 @@ class MLPScan(torch.autograd.Function):
             # Z1 → X2 = gelu(Z1) and G1: ∂L/∂Z1 = ∂L/∂X2 ⊙ gelu'(Z1) + ∂L/∂G1 ⊙ M ⊙ gelu''(Z1)
             torch.addcmul(dG1 * m_gpp, dX2a[..., :h], gp, out=dzz[:, :b])
             torch.bmm(dzz, w1[:, :d].transpose(-1, -2), out=d_kq[i])
+            d_kq[i, :, :b].addcmul_(slr, GA1[..., :d], value=-1.0)  # K̃ in down1
             d_kq[i, :, b:] += d_out[i]  # o = q + …
             A1.baddbmm_(kq3[i].transpose(-1, -2), dzz)
-        d_tgt, d_lw, d_lb = ln_grads.result(d_out)
+        d_tgt, d_lw, d_lb = ln_grads.result(d_lb_read)
         shape = (N, B, H)
-        return (A1.view(B, H, d1, h), A2.view(B, H, h + 1, d), d_kq.view(*shape, 2 * b, d),
+        d_kq = d_kq.view(*shape, 2 * b, d)
+        return (A1.view(B, H, d1, h), A2.view(B, H, h + 1, d), d_kq[..., :b, :], d_kq[..., b:, :],
                 d_tgt.view(*shape, b, d), d_eta.neg_().view(*shape, b, b), d_mix.neg_().view(*shape, b, b),
-                d_down.neg_().view(*shape, d1, b), d_slr.neg_().view(*shape, b, 1), d_lw, d_lb, None)
+                d_slr.neg_().view(*shape, b), d_lw, d_lb, None)
 
 
 @torch.compiler.disable  # a Python loop over mini-batches: torch.compile runs it eagerly
-def mlp_scan(W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps: float = 1e-6):
-    """:class:`MLPScan` (Z̄ of every mini-batch and the final weights of both layers)."""
-    return MLPScan.apply(W1, W2, kq, tgt, eta, mix1, down1, s_lr, ln_w, ln_b, eps)
+def mlp_scan(W1, W2, k, q, tgt, eta, mix1, s_lr, ln_w, ln_b, eps: float = 1e-6):
+    """:class:`MLPScan` (the read-out of every token [B,H,N·b,d] and the final weights of both layers)."""
+    return MLPScan.apply(W1, W2, k, q, tgt, eta, mix1, s_lr, ln_w, ln_b, eps)

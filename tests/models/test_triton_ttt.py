@@ -50,11 +50,10 @@ def _run_mlp(fused, W1, W2, q, k, tgt, lr, scale, ln_w, ln_b):
     eta = ttt_chunk._causal_eta(scale, lr)
     mix1 = eta * (q @ k.transpose(-1, -2) + 1.0)
     s_lr = (scale[-1] * lr)[..., None]
-    if fused:  # the PyTorch scan returns the read-out q + LN(z̄), the kernels z̄
+    if fused:  # the PyTorch scan returns the read-out q + LN(z̄) in token order, the kernels z̄
         z, w1, w2 = triton_ttt.triton_mlp_scan(W1, W2, q, k, tgt, eta, mix1, s_lr[..., 0], ln_w, ln_b)
-        return ttt_chunk._read_out(q, z, ln_w, ln_b), w1, w2
-    kq = torch.cat([k, q], dim=-2)
-    return mlp_scan(W1, W2, kq, tgt, eta, mix1, ttt_chunk._down(k, s_lr[..., 0]), s_lr, ln_w, ln_b)
+        return ttt_chunk._tokens(ttt_chunk._read_out(q, z, ln_w, ln_b)), w1, w2
+    return mlp_scan(W1, W2, k, q, tgt, eta, mix1, s_lr[..., 0], ln_w, ln_b)
 
 
 def _run(fused, W, q, k, tgt, lr, scale, ln_w, ln_b):
@@ -63,11 +62,10 @@ def _run(fused, W, q, k, tgt, lr, scale, ln_w, ln_b):
 
     q32, k32, t32 = q.float(), k.float(), tgt.float()
     mix = ttt_chunk._causal_eta(scale, lr) * (q32 @ k32.transpose(-1, -2) + 1.0)
-    if fused:  # the PyTorch scan returns the read-out q + LN(z̄), the kernels z̄
+    if fused:  # the PyTorch scan returns the read-out q + LN(z̄) in token order, the kernels z̄
         z, w = triton_ttt.triton_linear_scan(W, q, k, tgt, mix, scale[-1] * lr, ln_w, ln_b)
-        return ttt_chunk._read_out(q32, z, ln_w, ln_b), w
-    kq = torch.cat([k32, q32], dim=-2)
-    return linear_scan(W, kq, t32, mix, ttt_chunk._down(k32, scale[-1] * lr), ln_w, ln_b)
+        return ttt_chunk._tokens(ttt_chunk._read_out(q32, z, ln_w, ln_b)), w
+    return linear_scan(W, k32, q32, t32, mix, scale[-1] * lr, ln_w, ln_b)
 
 
 def _err(a, b):

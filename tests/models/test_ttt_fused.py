@@ -45,3 +45,29 @@ def test_recovered_weights_across_anchors(inner):
         scale = max(1.0, b.abs().max().item())
         assert (a - b).abs().max() <= 1e-8 * scale, name
         assert (c - b).abs().max() <= 2e-5 * scale, name
+
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_strided_inputs_and_upstream_gradient(inner):
+    """The scan takes q, k, v, lr and ∂L/∂o in any layout (under TP and CP they arrive as head slices
+    and strided views): outputs and every gradient equal those of contiguous copies."""
+    layer = perturb(TTTLayer(16, 2, inner=inner, mini_batch_size=4))
+    g = torch.Generator().manual_seed(0)
+    big = [torch.randn(2, 16, 5, 8, generator=g).transpose(1, 2) for _ in range(3)]  # [B, 5 heads, T, d]
+    lr_big = 0.1 * torch.rand(2, 16, 5, generator=g).transpose(1, 2)
+    w = torch.randn(2, 2, 16, 8, generator=g)
+    results = []
+    for strided in (True, False):
+        q, k, v = (t[:, 1:3] if strided else t[:, 1:3].contiguous() for t in big)
+        lr = lr_big[:, 1:3] if strided else lr_big[:, 1:3].contiguous()
+        q, k, v, lr = (t.detach().requires_grad_() for t in (q, k, v, lr))
+        out, weights, _ = layer.scan(layer.init_state(2).weights, None, q, k, v, lr, 0)
+        up = w.transpose(2, 3).contiguous().transpose(2, 3) if strided else w
+        loss = (out * up).sum() + sum(t.square().sum() for t in weights.values())
+        params = [p for n, p in layer.named_parameters() if n.startswith(("W", "b", "ttt_norm", "token_idx"))]
+        results.append((out, torch.autograd.grad(loss, [q, k, v, lr, *params])))
+    (o1, g1), (o2, g2) = results
+    assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
