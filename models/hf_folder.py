@@ -32,6 +32,8 @@ MODEL_CODE_FILES = [
     "state.py",
     "titans.py",
     "tnt.py",
+    "triton_memory.py",
+    "triton_memory_kernels.py",
     "triton_ttt.py",
     "triton_ttt_kernels.py",
     "ttt.py",

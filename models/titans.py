@@ -40,6 +40,7 @@ from .parts import InnerKnobs, Recipe, copy_param, deep_mlp_memory, gelu_tanh, l
 from .reference import memory_scan_reference
 from .scan import linear_scan
 from .state import LayerState
+from .triton_memory import triton_titans_chunks, use_triton_titans
 
 # ------------------------------------------------------------------------------ coefficients
 
@@ -158,7 +159,11 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
 
     if head:
         piece(0, head)
-    if n_full:  # what does not depend on the memory is computed for all chunks at once
+    if n_full and use_triton_titans(q, cur, b):  # on CUDA: the Triton chunk kernels (models/triton_memory.py)
+        o, cur, mom = triton_titans_chunks(cur, mom, q, k, v, lr, eta, alpha, head, n_full, b, max_grad_norm)
+        outs.append(o)
+        anc = cur
+    elif n_full:  # what does not depend on the memory is computed for all chunks at once
         sl = slice(head, head + n_full * b)
 
         def blocks(x):

@@ -1,0 +1,168 @@
+"""The Triton kernels of Titans (models/triton_memory.py) under TRITON_INTERPRET=1 on CPU,
+against the PyTorch path: outputs, final state and every gradient (≤ 1e-4 relative to the largest
+value of each tensor), fp32 and bf16 inputs, padded shapes, and whole layers called in two pieces
+with their state (the partial chunks go through PyTorch).
+
+Triton picks its interpreter when it is imported, so the checks run in one child process started
+with TRITON_INTERPRET=1 (``python -m tests.models.test_triton_memory`` prints them as JSON).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import triton_memory
+
+REPO = Path(__file__).resolve().parents[2]
+TOL = 1e-4
+
+
+def _err(a, b):
+    """max |a − b| relative to max |b| (absolute where b is 0)."""
+    a, b = a.detach().float(), b.detach().float()
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30 if b.abs().max() > 0 else 1.0)
+
+
+def _compare(names, got, ref, prefix=""):
+    errs = {}
+    for n, a, b in zip(names, got, ref):
+        if a is None or b is None:
+            assert a is None and b is None, n  # both paths leave it out (e.g. s_last without momentum)
+            continue
+        errs[prefix + n] = _err(a, b)
+    return errs
+
+
+def _loss(tensors, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return sum((t * torch.randn(t.shape, generator=gen)).sum() for t in tensors)
+
+
+# ------------------------------------------------------------------------------------- Titans
+
+
+def _titans_case(depth=2, mom=True, tau=1.0, N=3, B=1, H=2, b=16, d=16, h=32, dtype=torch.float32, seed=0):
+    """The kernel against the PyTorch chunk loop (titans._segment per chunk); gradients of q, k, v,
+    the gates θ, η, α, every coefficient tensor and the initial weights and momenta."""
+    from models import titans
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, scale=1.0):
+        return scale * torch.randn(*s, generator=g)
+
+    q, k, v = (rnd(N, B, H, b, d).to(dtype).requires_grad_() for _ in range(3))
+    lr = (0.1 * torch.rand(N, B, H, b, generator=g)).requires_grad_()
+    eta = (torch.rand(N, B, H, b, generator=g) if mom else torch.zeros(N, B, H, b)).requires_grad_()
+    alpha = (0.1 * torch.rand(N, B, H, b, generator=g)).requires_grad_()
+    dims = [d] + [h] * (depth - 1) + [d]
+    W = [rnd(B, H, dims[i], dims[i + 1], scale=dims[i] ** -0.5).requires_grad_() for i in range(depth)]
+    S = [rnd(B, H, dims[i], dims[i + 1], scale=0.1).requires_grad_() for i in range(depth)] if mom else None
+    res = {}
+    for fused in (False, True):
+        co = titans.titans_coefficients(lr, eta, alpha)
+        if fused:
+            o, w, s = triton_memory.triton_titans_scan(W, S, q, k, v, *co, tau)
+        else:
+            cur, mm, outs = W, S, []
+            for i in range(N):
+                oi, cur, mm = titans._segment(cur, cur, mm, q[i].float(), k[i].float(), v[i].float(),
+                                              [t[i] for t in co], tau)
+                outs.append(oi)
+            o, w, s = torch.stack(outs), cur, mm
+        outs = [o, *w, *(s or [])]
+        wrt = [q, k, v, lr, eta, alpha, *co, *W, *(S or [])]
+        grads = torch.autograd.grad(_loss(outs), wrt, allow_unused=True)
+        res[fused] = (outs, grads, o.dtype, [t.dtype for t in grads if t is not None])
+    (o0, g0, *_), (o1, g1, out_dt, g_dt) = res[False], res[True]
+    out_names = ["out"] + [f"W{i + 1}" for i in range(depth)] + ([f"S{i + 1}" for i in range(depth)] if mom else [])
+    errs = _compare(out_names, o1, o0)
+    g_names = "q k v lr eta alpha c s_last beta f m".split() + out_names[1:]
+    errs.update(_compare(g_names, g1, g0, "d_"))
+    errs["out_fp32"] = float(out_dt == torch.float32)
+    errs["grad_dtypes_match"] = float(g_dt == res[False][3])
+    return errs
+
+
+def _titans_layer(depth=2, optimizer="momentum", max_grad_norm=1.0):
+    """A whole TitansMemory (head dim 16, chunk 16) in two calls, 21 + 35 tokens: 1 full chunk + a tail,
+    then a head that finishes it, 1 full chunk and a tail; kernels (MEMTRAIN_TRITON=1) against PyTorch (=0)."""
+    from models.titans import TitansMemory
+    from tests.models.helpers import perturb
+
+    torch.manual_seed(0)
+    layer = perturb(TitansMemory(32, 2, chunk_size=16, depth=depth, expansion=2, optimizer=optimizer,
+                                 max_grad_norm=max_grad_norm))
+    x = torch.randn(1, 56, 32, requires_grad=True)
+    res = {}
+    for flag in ("0", "1"):
+        os.environ["MEMTRAIN_TRITON"] = flag
+        y1, s1 = layer(x[:, :21])
+        y2, s2 = layer(x[:, 21:], s1)
+        st = s2.tensors()
+        y = torch.cat([y1, y2], 1)
+        res[flag] = (y, st, torch.autograd.grad(_loss([y, *st.values()]), [x, *layer.parameters()]))
+    errs = {"out": _err(res["1"][0], res["0"][0])}
+    assert res["1"][1].keys() == res["0"][1].keys()
+    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    errs.update(_compare(names, res["1"][2], res["0"][2], "d_"))
+    return errs
+
+
+CASES = {
+    "titans_depth1": lambda: _titans_case(depth=1),
+    "titans_depth2": lambda: _titans_case(depth=2),
+    "titans_depth2_sgd_noclamp": lambda: _titans_case(depth=2, mom=False, tau=None),
+    "titans_depth2_padded": lambda: _titans_case(depth=2, b=12, d=12, h=24),
+    "titans_bf16": lambda: _titans_case(depth=2, dtype=torch.bfloat16),
+    "titans_layer": _titans_layer,
+    "titans_layer_depth1_sgd": lambda: _titans_layer(depth=1, optimizer="sgd", max_grad_norm=None),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton: its CPU interpreter runs these)")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "tests.models.test_triton_memory"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_pytorch(interpreted, case):
+    errs = interpreted[case]
+    flags = {n: v for n, v in errs.items() if n in ("out_fp32", "grad_dtypes_match")}
+    assert all(v == 1.0 for v in flags.values()), flags
+    # gradients of bf16 inputs are bf16: the two paths round differently summed fp32 values (2 ulps)
+    bf16 = ("d_q", "d_k", "d_v", "d_lr0", "d_lr1", "d_lr2") if case.endswith("bf16") else ()
+    bad = {n: v for n, v in errs.items() if n not in flags and not v <= (2**-7 if n in bf16 else TOL)}
+    assert not bad, bad
+    assert len(errs) > 8  # outputs, state and the gradients were all compared
+
+
+def test_selection(monkeypatch):
+    x = torch.zeros(1)
+    w = [torch.zeros(1, 2, 64, 128), torch.zeros(1, 2, 128, 64)]
+    monkeypatch.delenv("MEMTRAIN_TRITON", raising=False)
+    assert not triton_memory.use_triton_titans(x, w, 64)  # CPU tensors: the PyTorch path
+    monkeypatch.setenv("MEMTRAIN_TRITON", "1")
+    on = triton_memory.AVAILABLE
+    assert triton_memory.use_triton_titans(x, w, 64) == on
+    assert triton_memory.use_triton_titans(x, w[:1], 7) == on  # depth 1, any chunk (padded)
+    assert not triton_memory.use_triton_titans(x, w + w[:1], 64)  # depth 3: the PyTorch loop
+    assert not triton_memory.use_triton_titans(x.double(), w, 64)  # fp32 kernels
+    monkeypatch.setenv("MEMTRAIN_TRITON", "0")
+    assert not triton_memory.use_triton_titans(x, w, 64)
+
+
+if __name__ == "__main__":  # the child process of the `interpreted` fixture
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    only = sys.argv[1:] or list(CASES)
+    print(json.dumps({n: CASES[n]() for n in only}))
