@@ -1,4 +1,4 @@
-"""Triton kernels for the Titans chunk scan, forward and backward.
+"""Triton kernels for the Titans chunk scan and the LaCT apply-then-gradient step, forward and backward.
 
 **Titans** (``titans.titans_scan_chunked``, the N full chunks of a call). One program per (batch, head)
 keeps the memory M = {W_l} and the momentum S = {S_l} (fp32) on chip and walks the chunks; per chunk
@@ -17,7 +17,20 @@ stores W_l, S_l once per chunk (N·|M|, not T·|M|); the backward walks the chun
 recomputes each from its stored weights and carries ∂L/∂W_l, ∂L/∂S_l, returning the gradients of q,
 k, v, of every coefficient (autograd takes them on to θ, η, α) and of the initial W, S.
 
-Selected on CUDA tensors by :func:`use_triton_titans`; everywhere else (and
+**LaCT** (``lact.lact_scan_chunked``, per chunk piece of n tokens, any n): with
+a = X W0, z = X W2 (SiLU, σ elementwise, s' = σ(1 + a(1 − σ)) the derivative of SiLU),
+
+    o = (SiLU(a_q) ⊙ z_q) W1                                      (the apply, X = Q)
+    e = V W1ᵀ,  G0 = −(η0 ⊙ K)ᵀ (e ⊙ z ⊙ s'(a)),  G2 = −(η2 ⊙ K)ᵀ (e ⊙ SiLU(a)),
+    G1 = −(η1 ⊙ SiLU(a) ⊙ z)ᵀ V                                   (X = K: the η-weighted gradient sums)
+
+Nothing is sequential inside a piece, so the kernels tile: the apply over token blocks (each loops
+over the hidden d_h in blocks), the gradient sums over d_h blocks (each loops over the tokens); the
+backward likewise in two kernels (weight gradients per d_h block, token gradients per token block),
+so no partial sums are written and the results are deterministic. The momentum, Newton–Schulz and
+the weight norm stay in PyTorch (``lact.lact_commit``: dense d×d_h matmuls once per chunk).
+
+Selected on CUDA tensors by :func:`use_triton_titans` / :func:`use_triton_lact`; everywhere else (and
 for the shapes they decline) the PyTorch path runs. Sizes are padded to powers of two ≥ 16 inside the
 kernels, so any chunk length and head dim run. The kernels run on CPU under ``TRITON_INTERPRET=1``
 (tests/models/test_triton_memory.py). Importable without triton (``AVAILABLE`` is then False); the
@@ -53,6 +66,7 @@ def _flag() -> str:
 # Larger shapes run only when asked for (MEMTRAIN_TRITON=1): they are unmeasured on a GPU.
 TITANS_AUTO_MAX_TILE = 64 * 128
 TITANS_AUTO_MAX_CHUNK = 64
+LACT_AUTO_MAX_DIM = 128  # the LaCT kernels hold [·, d] rows of q, k, v; d ≤ 128 padded
 
 
 def use_triton_titans(x: torch.Tensor, weights: list, chunk_size: int) -> bool:
@@ -67,6 +81,17 @@ def use_triton_titans(x: torch.Tensor, weights: list, chunk_size: int) -> bool:
     tiles = max(_p2(w.shape[-2]) * _p2(w.shape[-1]) for w in weights)
     auto = x.is_cuda and tiles <= TITANS_AUTO_MAX_TILE and _p2(chunk_size) <= TITANS_AUTO_MAX_CHUNK
     return auto or flag == "1"
+
+
+def use_triton_lact(x: torch.Tensor, weights: dict) -> bool:
+    """The LaCT kernels: W0, W2 [B, H, d, d_h], W1 [B, H, d_h, d], not float64; automatic on CUDA when
+    triton is installed and the padded d ≤ LACT_AUTO_MAX_DIM; anywhere with MEMTRAIN_TRITON=1."""
+    flag = _flag()
+    if not AVAILABLE or flag == "0" or x.dtype == torch.float64:
+        return False
+    if any(w.dtype == torch.float64 or w.dim() != 4 for w in weights.values()):
+        return False
+    return (x.is_cuda and _p2(x.shape[-1]) <= LACT_AUTO_MAX_DIM) or flag == "1"
 
 
 # ------------------------------------------------------------------------------------- Titans
@@ -162,3 +187,67 @@ def triton_titans_chunks(cur: list, mom: list | None, q, k, v, lr, eta, alpha, h
     coeffs = titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))
     o, cur, mom = triton_titans_scan(cur, mom, blocks(q), blocks(k), blocks(v), *coeffs, max_grad_norm)
     return o.movedim(0, 2).flatten(2, 3).to(q.dtype), cur, mom
+
+
+# --------------------------------------------------------------------------------------- LaCT
+
+
+def _lact_blocks(n: int, d: int, dh: int, block_t: int | None, block_j: int | None):
+    """Token block BT (≤ 64) and d_h block BJ (D·BJ ≤ 4096 elements per weight block), both ≥ 16."""
+    D = _p2(d)
+    bt = block_t or min(64, _p2(n))
+    bj = block_j or max(16, min(_p2(dh), 4096 // D))
+    return bt, D, bj
+
+
+class TritonLaCTChunk(torch.autograd.Function):
+    """One LaCT chunk piece: W0, W2 [B,H,d,dh], W1 [B,H,dh,d]; q, k, v [B,H,n,d]; lr0, lr1, lr2 [B,H,n]
+    → (o [B,H,n,d], G0, G1, G2 like W0, W1, W2), all fp32."""
+
+    @staticmethod
+    def forward(ctx, block_t, block_j, W0, W1, W2, q, k, v, lr0, lr1, lr2):
+        B, H, n, d = q.shape
+        BH, dh = B * H, W0.shape[-1]
+        ws = [w.float().contiguous() for w in (W0, W1, W2)]
+        xs = [t.contiguous() for t in (q, k, v, lr0, lr1, lr2)]
+        bt, D, bj = _lact_blocks(n, d, dh, block_t, block_j)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        out = torch.empty(B, H, n, d, **f32)
+        G = [torch.empty(w.shape, **f32) for w in ws]
+        K = _kernels()
+        K._lact_apply[(BH, triton_cdiv(n, bt))](*ws, xs[0], out, n, d, dh, BT=bt, D=D, BJ=bj)
+        K._lact_grads[(BH, triton_cdiv(dh, bj))](*ws, *xs[1:], *G, n, d, dh, BT=bt, D=D, BJ=bj)
+        ctx.save_for_backward(*ws, *xs)
+        ctx.cfg = (bt, D, bj, [t.dtype for t in (W0, W1, W2, q, k, v, lr0, lr1, lr2)])
+        return out, *G
+
+    @staticmethod
+    def backward(ctx, d_out, *d_G):
+        bt, D, bj, dtypes = ctx.cfg
+        W0, W1, W2, q, k, v, lr0, lr1, lr2 = ctx.saved_tensors
+        B, H, n, d = q.shape
+        BH, dh = B * H, W0.shape[-1]
+        f32 = dict(device=q.device, dtype=torch.float32)
+        d_out = torch.zeros(B, H, n, d, **f32) if d_out is None else d_out.float().contiguous()
+        d_G = [torch.zeros(w.shape, **f32) if g is None else g.float().contiguous() for g, w in zip(d_G, (W0, W1, W2))]
+        dW = [torch.empty(w.shape, **f32) for w in (W0, W1, W2)]
+        dx = [torch.empty(t.shape, **f32) for t in (q, k, v, lr0, lr1, lr2)]
+        K = _kernels()
+        args = (W0, W1, W2, q, k, v, lr0, lr1, lr2, d_out, *d_G)
+        K._lact_bwd_w[(BH, triton_cdiv(dh, bj))](*args, *dW, n, d, dh, BT=bt, D=D, BJ=bj)
+        K._lact_bwd_x[(BH, triton_cdiv(n, bt))](*args, *dx, n, d, dh, BT=bt, D=D, BJ=bj)
+        return (None, None, *[g.to(dt) for g, dt in zip(dW + dx, dtypes)])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.compiler.disable  # launches its own kernels
+def triton_lact_chunk(weights: dict, q, k, v, lr0, lr1, lr2, block_t: int | None = None,
+                      block_j: int | None = None):
+    """:class:`TritonLaCTChunk` = (``swiglu_memory(weights, q)``, ``lact_grads(weights, k, v, lr0, lr1, lr2)``)
+    in one call: (o [B,H,n,d] fp32, {W0, W1, W2: G}). ``block_t``/``block_j`` override the tile sizes."""
+    o, g0, g1, g2 = TritonLaCTChunk.apply(block_t, block_j, weights["W0"], weights["W1"], weights["W2"],
+                                          q, k, v, lr0, lr1, lr2)
+    return o, {n: g.to(weights[n].dtype) for n, g in zip(("W0", "W1", "W2"), (g0, g1, g2))}

@@ -1,4 +1,4 @@
-"""The Triton kernels of Titans (models/triton_memory.py) under TRITON_INTERPRET=1 on CPU,
+"""The Triton kernels of Titans and LaCT (models/triton_memory.py) under TRITON_INTERPRET=1 on CPU,
 against the PyTorch path: outputs, final state and every gradient (≤ 1e-4 relative to the largest
 value of each tensor), fp32 and bf16 inputs, padded shapes, and whole layers called in two pieces
 with their state (the partial chunks go through PyTorch).
@@ -114,6 +114,62 @@ def _titans_layer(depth=2, optimizer="momentum", max_grad_norm=1.0):
     return errs
 
 
+# --------------------------------------------------------------------------------------- LaCT
+
+
+def _lact_case(B=1, H=2, n=40, d=16, dh=32, dtype=torch.float32, block_t=16, block_j=16, seed=0):
+    """The fused apply + gradient sums against swiglu_memory + lact_grads (n = 40: three token blocks,
+    the last partial; d_h = 32: two d_h blocks)."""
+    from models.lact import lact_grads
+    from models.parts import swiglu_memory
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"W0": (d, dh), "W1": (dh, d), "W2": (d, dh)}
+    W = {nm: (torch.randn(B, H, *s, generator=g) * s[0] ** -0.5).requires_grad_() for nm, s in shapes.items()}
+    q, k, v = ((torch.randn(B, H, n, d, generator=g) / d**0.5).to(dtype).requires_grad_() for _ in range(3))
+    lrs = [(0.1 * torch.rand(B, H, n, generator=g)).to(dtype).requires_grad_() for _ in range(3)]
+    wrt = [W["W0"], W["W1"], W["W2"], q, k, v, *lrs]
+    res = {}
+    for fused in (False, True):
+        if fused:
+            o, G = triton_memory.triton_lact_chunk(W, q, k, v, *lrs, block_t=block_t, block_j=block_j)
+        else:
+            o, G = swiglu_memory(W, q.float()), lact_grads(W, k.float(), v.float(), *[t.float() for t in lrs])
+        outs = [o, G["W0"], G["W1"], G["W2"]]
+        grads = torch.autograd.grad(_loss(outs), wrt)
+        res[fused] = (outs, grads, [t.dtype for t in grads])
+    errs = _compare(["out", "G0", "G1", "G2"], res[True][0], res[False][0])
+    errs.update(_compare("W0 W1 W2 q k v lr0 lr1 lr2".split(), res[True][1], res[False][1], "d_"))
+    errs["out_fp32"] = float(res[True][0][0].dtype == torch.float32)
+    errs["grad_dtypes_match"] = float(res[True][2] == res[False][2])
+    return errs
+
+
+def _lact_layer(optimizer="muon", momentum=True):
+    """A whole LaCTLayer (fast head dim 16, d_h 32, chunk 16) in two calls, 21 + 19 tokens (a chunk,
+    a piece that the second call finishes, a chunk, a tail); kernels against PyTorch."""
+    from models.lact import LaCTLayer
+    from tests.models.helpers import perturb
+
+    torch.manual_seed(0)
+    layer = perturb(LaCTLayer(32, 2, num_lact_heads=2, chunk_size=16, window=8, inter_multi=2, base_lr=0.1,
+                              optimizer=optimizer, momentum=momentum))
+    x = torch.randn(1, 40, 32, requires_grad=True)
+    res = {}
+    for flag in ("0", "1"):
+        os.environ["MEMTRAIN_TRITON"] = flag
+        y1, s1 = layer(x[:, :21])
+        y2, s2 = layer(x[:, 21:], s1)
+        st = {n: t for n, t in s2.tensors().items() if t.is_floating_point()}
+        y = torch.cat([y1, y2], 1)
+        res[flag] = (y, st, torch.autograd.grad(_loss([y, *st.values()]), [x, *layer.parameters()]))
+    errs = {"out": _err(res["1"][0], res["0"][0])}
+    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    errs.update(_compare(names, res["1"][2], res["0"][2], "d_"))
+    return errs
+
+
 CASES = {
     "titans_depth1": lambda: _titans_case(depth=1),
     "titans_depth2": lambda: _titans_case(depth=2),
@@ -122,6 +178,11 @@ CASES = {
     "titans_bf16": lambda: _titans_case(depth=2, dtype=torch.bfloat16),
     "titans_layer": _titans_layer,
     "titans_layer_depth1_sgd": lambda: _titans_layer(depth=1, optimizer="sgd", max_grad_norm=None),
+    "lact": _lact_case,
+    "lact_padded": lambda: _lact_case(d=12, dh=20),
+    "lact_bf16": lambda: _lact_case(dtype=torch.bfloat16),
+    "lact_layer": _lact_layer,
+    "lact_layer_sgd": lambda: _lact_layer(optimizer="sgd", momentum=False),
 }
 
 
@@ -150,16 +211,21 @@ def test_triton_matches_pytorch(interpreted, case):
 def test_selection(monkeypatch):
     x = torch.zeros(1)
     w = [torch.zeros(1, 2, 64, 128), torch.zeros(1, 2, 128, 64)]
+    lw = {"W0": torch.zeros(1, 2, 64, 64), "W1": torch.zeros(1, 2, 64, 64), "W2": torch.zeros(1, 2, 64, 64)}
     monkeypatch.delenv("MEMTRAIN_TRITON", raising=False)
     assert not triton_memory.use_triton_titans(x, w, 64)  # CPU tensors: the PyTorch path
+    assert not triton_memory.use_triton_lact(x, lw)
     monkeypatch.setenv("MEMTRAIN_TRITON", "1")
     on = triton_memory.AVAILABLE
     assert triton_memory.use_triton_titans(x, w, 64) == on
     assert triton_memory.use_triton_titans(x, w[:1], 7) == on  # depth 1, any chunk (padded)
     assert not triton_memory.use_triton_titans(x, w + w[:1], 64)  # depth 3: the PyTorch loop
     assert not triton_memory.use_triton_titans(x.double(), w, 64)  # fp32 kernels
+    assert triton_memory.use_triton_lact(x, lw) == on
+    assert not triton_memory.use_triton_lact(x.double(), lw)
     monkeypatch.setenv("MEMTRAIN_TRITON", "0")
     assert not triton_memory.use_triton_titans(x, w, 64)
+    assert not triton_memory.use_triton_lact(x, lw)
 
 
 if __name__ == "__main__":  # the child process of the `interpreted` fixture
