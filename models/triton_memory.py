@@ -57,29 +57,52 @@ def _p2(n: int) -> int:
     return max(16, 1 << (max(int(n), 1) - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _flag() -> str:
     return os.environ.get("MEMTRAIN_TRITON", "")
 
 
-# Largest padded tile (elements) selected automatically on CUDA. The Titans kernel holds the whole
-# memory and momentum per program: depth 2 with expansion 2 at head dim 64 is four 64×128 fp32 tiles.
-# Larger shapes run only when asked for (MEMTRAIN_TRITON=1): they are unmeasured on a GPU.
-TITANS_AUTO_MAX_TILE = 64 * 128
+# Automatic selection on CUDA (MEMTRAIN_TRITON=1 runs any shape). The Titans kernel holds the whole
+# memory, its momentum and (backward) their adjoints per program: automatic while the padded memory has
+# ≤ 64×64 elements in all (depth 1 up to head dim 64, depth 2 up to 32×64 + 64×32) and chunks ≤ 64.
+# Larger memories — e.g. the default depth 2, expansion 2 at head dim 64 (64×128 + 128×64) — only when
+# asked for: compiled for sm_90 they spill heavily and the backward took > 7 minutes to compile already
+# at 64×64 + 64×64 (bench/triton_sm90.py); nothing has measured them on a GPU.
+TITANS_AUTO_MAX_MEMORY = 64 * 64
 TITANS_AUTO_MAX_CHUNK = 64
-LACT_AUTO_MAX_DIM = 128  # the LaCT kernels hold [·, d] rows of q, k, v; d ≤ 128 padded
+LACT_AUTO_MAX_DIM = 128  # LaCT: token-block rows [BT, d] of q, k, v, ∂o; d ≤ 128 padded
+
+
+def titans_meta(chunk: int, dk: int, dh: int, dv: int) -> dict:
+    """Tile sizes and launch options of the Titans kernels. One stage: the chunks are a dependent chain
+    (nothing to prefetch-pipeline), and it halves the shared memory (280 → 131 KB at d = b = 64, sm_90)."""
+    return dict(BLK=_p2(chunk), DK=_p2(dk), DH=_p2(dh), DV=_p2(dv), num_warps=4, num_stages=1)
+
+
+def lact_meta(n: int, d: int, dh: int, backward: bool, block_t: int | None = None,
+              block_j: int | None = None) -> dict:
+    """Tile sizes and launch options of the LaCT kernels: token block BT and d_h block BJ of 32 (16 for
+    d > 64); the backward kernels with 8 warps (sm_90 static compile: 255 registers, not 32 + spills)."""
+    D = _p2(d)
+    size = 32 if D <= 64 else 16
+    return dict(BT=block_t or min(size, _p2(n)), D=D, BJ=block_j or min(size, _p2(dh)),
+                num_warps=8 if backward else 4, num_stages=1 if backward else 2)
 
 
 def use_triton_titans(x: torch.Tensor, weights: list, chunk_size: int) -> bool:
     """The Titans kernel: depth 1 or 2 (weights [B, H, d_in, d_out]), not float64; automatic on CUDA
-    when triton is installed and the padded chunk ≤ TITANS_AUTO_MAX_CHUNK and each padded matrix ≤
-    TITANS_AUTO_MAX_TILE elements; anywhere with MEMTRAIN_TRITON=1, never with MEMTRAIN_TRITON=0."""
+    when triton is installed, the padded chunk ≤ TITANS_AUTO_MAX_CHUNK and the padded memory ≤
+    TITANS_AUTO_MAX_MEMORY elements; anywhere with MEMTRAIN_TRITON=1, never with MEMTRAIN_TRITON=0."""
     flag = _flag()
     if not AVAILABLE or flag == "0" or len(weights) not in (1, 2):
         return False
     if any(t.dtype == torch.float64 for t in (x, *weights)) or any(w.dim() != 4 for w in weights):
         return False
-    tiles = max(_p2(w.shape[-2]) * _p2(w.shape[-1]) for w in weights)
-    auto = x.is_cuda and tiles <= TITANS_AUTO_MAX_TILE and _p2(chunk_size) <= TITANS_AUTO_MAX_CHUNK
+    size = sum(_p2(w.shape[-2]) * _p2(w.shape[-1]) for w in weights)
+    auto = x.is_cuda and size <= TITANS_AUTO_MAX_MEMORY and _p2(chunk_size) <= TITANS_AUTO_MAX_CHUNK
     return auto or flag == "1"
 
 
@@ -122,8 +145,7 @@ class TritonTitansScan(torch.autograd.Function):
         out = torch.empty(N, B, H, b, dv, **f32)
         _kernels()._titans_fwd[(BH,)](*four(ws), *four(ss), q, k, v, c, s_last, beta, f, m, out,
                                       *four(saved_w), *four(saved_s), *four(wn), *four(sn),
-                                      N, BH, b, dk, dh, dv, float(tau or 1.0),
-                                      BLK=_p2(b), DK=_p2(dk), DH=_p2(dh), DV=_p2(dv),
+                                      N, BH, b, dk, dh, dv, float(tau or 1.0), **titans_meta(b, dk, dh, dv),
                                       DEPTH=depth, MOM=mom, CLAMP=bool(tau))
         ctx.save_for_backward(q, k, v, c, s_last, beta, f, m, *saved_w, *saved_s)
         ctx.cfg = (tau, depth, mom, [t.dtype for t in (q, k, v, c, s_last, beta, f, m)], [t.dtype for t in state])
@@ -151,8 +173,7 @@ class TritonTitansScan(torch.autograd.Function):
         _kernels()._titans_bwd[(BH,)](*four(saved_w), *four(saved_s), q, k, v, c, s_last, beta, f, m, d_out,
                                       *four(d_state[:depth]), *four(d_state[depth:]),
                                       *four(d_init[:depth]), *four(d_init[depth:]), *grads,
-                                      N, BH, b, dk, dh, dv, float(tau or 1.0),
-                                      BLK=_p2(b), DK=_p2(dk), DH=_p2(dh), DV=_p2(dv),
+                                      N, BH, b, dk, dh, dv, float(tau or 1.0), **titans_meta(b, dk, dh, dv),
                                       DEPTH=depth, MOM=mom, CLAMP=bool(tau))
         grads = [g.to(dt) for g, dt in zip(grads, in_dtypes)]
         if not mom:  # s_last, f, m do not enter the scan without momentum
@@ -192,14 +213,6 @@ def triton_titans_chunks(cur: list, mom: list | None, q, k, v, lr, eta, alpha, h
 # --------------------------------------------------------------------------------------- LaCT
 
 
-def _lact_blocks(n: int, d: int, dh: int, block_t: int | None, block_j: int | None):
-    """Token block BT (≤ 64) and d_h block BJ (D·BJ ≤ 4096 elements per weight block), both ≥ 16."""
-    D = _p2(d)
-    bt = block_t or min(64, _p2(n))
-    bj = block_j or max(16, min(_p2(dh), 4096 // D))
-    return bt, D, bj
-
-
 class TritonLaCTChunk(torch.autograd.Function):
     """One LaCT chunk piece: W0, W2 [B,H,d,dh], W1 [B,H,dh,d]; q, k, v [B,H,n,d]; lr0, lr1, lr2 [B,H,n]
     → (o [B,H,n,d], G0, G1, G2 like W0, W1, W2), all fp32."""
@@ -210,20 +223,21 @@ class TritonLaCTChunk(torch.autograd.Function):
         BH, dh = B * H, W0.shape[-1]
         ws = [w.float().contiguous() for w in (W0, W1, W2)]
         xs = [t.contiguous() for t in (q, k, v, lr0, lr1, lr2)]
-        bt, D, bj = _lact_blocks(n, d, dh, block_t, block_j)
+        fwd = lact_meta(n, d, dh, False, block_t, block_j)
         f32 = dict(device=q.device, dtype=torch.float32)
         out = torch.empty(B, H, n, d, **f32)
         G = [torch.empty(w.shape, **f32) for w in ws]
         K = _kernels()
-        K._lact_apply[(BH, triton_cdiv(n, bt))](*ws, xs[0], out, n, d, dh, BT=bt, D=D, BJ=bj)
-        K._lact_grads[(BH, triton_cdiv(dh, bj))](*ws, *xs[1:], *G, n, d, dh, BT=bt, D=D, BJ=bj)
+        K._lact_apply[(BH, _cdiv(n, fwd["BT"]))](*ws, xs[0], out, n, d, dh, **fwd)
+        K._lact_grads[(BH, _cdiv(dh, fwd["BJ"]))](*ws, *xs[1:], *G, n, d, dh, **fwd)
         ctx.save_for_backward(*ws, *xs)
-        ctx.cfg = (bt, D, bj, [t.dtype for t in (W0, W1, W2, q, k, v, lr0, lr1, lr2)])
+        dtypes = [t.dtype for t in (W0, W1, W2, q, k, v, lr0, lr1, lr2)]
+        ctx.cfg = (lact_meta(n, d, dh, True, block_t, block_j), dtypes)
         return out, *G
 
     @staticmethod
     def backward(ctx, d_out, *d_G):
-        bt, D, bj, dtypes = ctx.cfg
+        bwd, dtypes = ctx.cfg
         W0, W1, W2, q, k, v, lr0, lr1, lr2 = ctx.saved_tensors
         B, H, n, d = q.shape
         BH, dh = B * H, W0.shape[-1]
@@ -234,13 +248,9 @@ class TritonLaCTChunk(torch.autograd.Function):
         dx = [torch.empty(t.shape, **f32) for t in (q, k, v, lr0, lr1, lr2)]
         K = _kernels()
         args = (W0, W1, W2, q, k, v, lr0, lr1, lr2, d_out, *d_G)
-        K._lact_bwd_w[(BH, triton_cdiv(dh, bj))](*args, *dW, n, d, dh, BT=bt, D=D, BJ=bj)
-        K._lact_bwd_x[(BH, triton_cdiv(n, bt))](*args, *dx, n, d, dh, BT=bt, D=D, BJ=bj)
+        K._lact_bwd_w[(BH, _cdiv(dh, bwd["BJ"]))](*args, *dW, n, d, dh, **bwd)
+        K._lact_bwd_x[(BH, _cdiv(n, bwd["BT"]))](*args, *dx, n, d, dh, **bwd)
         return (None, None, *[g.to(dt) for g, dt in zip(dW + dx, dtypes)])
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.compiler.disable  # launches its own kernels

@@ -70,7 +70,7 @@ def _rownorm(x):
 
 @triton.jit
 def _clamp_factor(xn, dr, tau):
-    """φ = τ tanh(n/τ)/n with n = max(‖X‖‖Δ‖, 1e-12) per row (titans.soft_clamp_factor); also ‖Δ‖, n, tanh."""
+    """φ = τ tanh(n/τ)/n, n = max(‖X‖‖Δ‖, 1e-12) per row (titans.soft_clamp_factor); with ‖Δ‖, n, tanh."""
     dn = _rownorm(dr)
     nc = tl.maximum(xn * dn, 1e-12)
     th = _tanh(nc / tau)

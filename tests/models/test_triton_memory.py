@@ -6,6 +6,7 @@ with their state (the partial chunks go through PyTorch).
 Triton picks its interpreter when it is imported, so the checks run in one child process started
 with TRITON_INTERPRET=1 (``python -m tests.models.test_triton_memory`` prints them as JSON).
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -114,6 +115,33 @@ def _titans_layer(depth=2, optimizer="momentum", max_grad_norm=1.0):
     return errs
 
 
+def _mixer_layer(kind, **cfg):
+    """TNT and Hope call titans_scan_chunked for their memories, so they run the kernel too: the whole
+    mixer in two calls (21 + 19 tokens), output, floating state and every gradient, kernel against PyTorch."""
+    from models import MemoryLMConfig
+    from models.modeling_memory import build_mixer
+    from tests.models.helpers import perturb
+
+    torch.manual_seed(0)
+    layer = perturb(build_mixer(MemoryLMConfig(hidden_size=32, num_attention_heads=2, memory_layer=kind,
+                                               num_hidden_layers=1, conv_kernel=3, **cfg), 0))
+    x = torch.randn(1, 40, 32, requires_grad=True)
+    res = {}
+    for flag in ("0", "1"):
+        os.environ["MEMTRAIN_TRITON"] = flag
+        y1, s1 = layer(x[:, :21])
+        y2, s2 = layer(x[:, 21:], s1)
+        st = {n: t for n, t in s2.tensors().items() if t.is_floating_point()}
+        y = torch.cat([y1, y2], 1)
+        grads = torch.autograd.grad(_loss([y, *st.values()]), [x, *layer.parameters()], allow_unused=True)
+        res[flag] = (y, st, grads)
+    errs = {"out": _err(res["1"][0], res["0"][0])}
+    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    errs.update(_compare(names, res["1"][2], res["0"][2], "d_"))
+    return errs
+
+
 # --------------------------------------------------------------------------------------- LaCT
 
 
@@ -178,6 +206,9 @@ CASES = {
     "titans_bf16": lambda: _titans_case(depth=2, dtype=torch.bfloat16),
     "titans_layer": _titans_layer,
     "titans_layer_depth1_sgd": lambda: _titans_layer(depth=1, optimizer="sgd", max_grad_norm=None),
+    "tnt_layer": lambda: _mixer_layer("tnt", tnt_global_chunk_size=16, tnt_local_chunk_sizes=[16],
+                                      tnt_reset_period=32),
+    "hope_layer": lambda: _mixer_layer("hope", hope_chunk_size=16, hope_cms_chunk_sizes=[16, 32]),
     "lact": _lact_case,
     "lact_padded": lambda: _lact_case(d=12, dh=20),
     "lact_bf16": lambda: _lact_case(dtype=torch.bfloat16),
@@ -208,6 +239,25 @@ def test_triton_matches_pytorch(interpreted, case):
     assert len(errs) > 8  # outputs, state and the gradients were all compared
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code that the compiler rejects (e.g. a non-constexpr global): every kernel
+    and constexpr branch is compiled ahead of time for sm_90 (triton's own ptxas, no GPU needed) at the
+    test sizes, and fits the shared memory of one H100/H200 block."""
+    pytest.importorskip("triton")
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no nvidia backend")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-m", "bench.triton_sm90", "--titans", "16,16,32,16,2,1,1",
+                          "--titans", "16,16,16,16,1,0,0", "--lact", "40,16,32"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 8, rows
+    assert all(r["shared_bytes"] <= 227 * 1024 for r in rows), rows
+
+
 def test_selection(monkeypatch):
     x = torch.zeros(1)
     w = [torch.zeros(1, 2, 64, 128), torch.zeros(1, 2, 128, 64)]
@@ -226,6 +276,30 @@ def test_selection(monkeypatch):
     monkeypatch.setenv("MEMTRAIN_TRITON", "0")
     assert not triton_memory.use_triton_titans(x, w, 64)
     assert not triton_memory.use_triton_lact(x, lw)
+
+
+def test_automatic_selection_bounds(monkeypatch):
+    """On CUDA without MEMTRAIN_TRITON: Titans up to 64×64 memory elements and chunk 64, LaCT up to d = 128."""
+    monkeypatch.delenv("MEMTRAIN_TRITON", raising=False)
+    monkeypatch.setattr(triton_memory, "AVAILABLE", True)
+
+    class Cuda:  # stands in for a CUDA tensor (only is_cuda, dtype and shape are read)
+        is_cuda, dtype = True, torch.float32
+
+        def __init__(self, *shape):
+            self.shape = shape
+
+    def mats(*dims):
+        return [torch.zeros(1, 1, a, b) for a, b in zip(dims[:-1], dims[1:])]
+
+    titans = triton_memory.use_triton_titans
+    assert titans(Cuda(1), mats(64, 64), 64) and titans(Cuda(1), mats(32, 64, 32), 64)
+    assert not titans(Cuda(1), mats(64, 64, 64), 16)
+    assert not titans(Cuda(1), mats(64, 128, 64), 64)  # the default depth 2, expansion 2 at d = 64: asked-for only
+    assert not titans(Cuda(1), mats(64, 64), 128)
+    lact = triton_memory.use_triton_lact
+    assert lact(Cuda(1, 1, 8, 128), {"W0": torch.zeros(1, 1, 128, 128)})
+    assert not lact(Cuda(1, 1, 8, 192), {"W0": torch.zeros(1, 1, 192, 192)})
 
 
 if __name__ == "__main__":  # the child process of the `interpreted` fixture
