@@ -15,7 +15,8 @@ of b tokens (inputs fp32 or bf16, math fp32), with the coefficients c [b, b], s_
 (dk×dh, dh×dv, GELU between) run in the kernel; deeper memories stay on the PyTorch loop. The forward
 stores W_l, S_l once per chunk (N·|M|, not T·|M|); the backward walks the chunks in reverse,
 recomputes each from its stored weights and carries ∂L/∂W_l, ∂L/∂S_l, returning the gradients of q,
-k, v, of every coefficient (autograd takes them on to θ, η, α) and of the initial W, S.
+k, v, of every coefficient (autograd takes them on to θ, η, α) and of the initial W, S. TNT and Hope,
+which call ``titans_scan_chunked``, take the kernel for their full chunks too.
 
 **LaCT** (``lact.lact_scan_chunked``, per chunk piece of n tokens, any n): with
 a = X W0, z = X W2 (SiLU, σ elementwise, s' = σ(1 + a(1 − σ)) the derivative of SiLU),
@@ -26,8 +27,8 @@ a = X W0, z = X W2 (SiLU, σ elementwise, s' = σ(1 + a(1 − σ)) the derivativ
 
 Nothing is sequential inside a piece, so the kernels tile: the apply over token blocks (each loops
 over the hidden d_h in blocks), the gradient sums over d_h blocks (each loops over the tokens); the
-backward likewise in two kernels (weight gradients per d_h block, token gradients per token block),
-so no partial sums are written and the results are deterministic. The momentum, Newton–Schulz and
+backward likewise in two kernels (weight gradients per d_h block, token gradients per token block; both
+recompute the per-token products), so no partial sums are written and the results are deterministic. The momentum, Newton–Schulz and
 the weight norm stay in PyTorch (``lact.lact_commit``: dense d×d_h matmuls once per chunk).
 
 Selected on CUDA tensors by :func:`use_triton_titans` / :func:`use_triton_lact`; everywhere else (and
