@@ -66,21 +66,32 @@ def _flag() -> str:
     return os.environ.get("MEMTRAIN_TRITON", "")
 
 
-# Automatic selection on CUDA (MEMTRAIN_TRITON=1 runs any shape). The Titans kernel holds the whole
-# memory, its momentum and (backward) their adjoints per program: automatic while the padded memory has
-# ≤ 64×64 elements in all (depth 1 up to head dim 64, depth 2 up to 32×64 + 64×32) and chunks ≤ 64.
-# Larger memories — e.g. the default depth 2, expansion 2 at head dim 64 (64×128 + 128×64) — only when
-# asked for: compiled for sm_90 they spill heavily and the backward took > 7 minutes to compile already
-# at 64×64 + 64×64 (bench/triton_sm90.py); nothing has measured them on a GPU.
+# Selection on CUDA. The Titans kernel holds the whole memory, its momentum and (backward) their
+# adjoints per program: automatic while the padded memory has ≤ 64×64 elements in all (depth 1 up to
+# head dim 64, depth 2 up to 32×64 + 64×32) and chunks ≤ 64; up to 2·64×64 with MEMTRAIN_TRITON=1.
+# Beyond that — e.g. the default depth 2, expansion 2 at head dim 64 (64×128 + 128×64) — the backward
+# needs 304 KB of shared memory compiled for sm_90 (an H200 block has 227 KB), so CUDA keeps PyTorch.
+# LaCT: automatic for padded fast head dims ≤ 128, up to 256 with MEMTRAIN_TRITON=1. Each bound also
+# needs the device to give a block the shared memory the sm_90 compile took (bench/triton_sm90.py, at
+# the bound, the backward kernels); on CPU tensors (the interpreter) MEMTRAIN_TRITON=1 runs any shape.
 TITANS_AUTO_MAX_MEMORY = 64 * 64
-TITANS_AUTO_MAX_CHUNK = 64
-LACT_AUTO_MAX_DIM = 128  # LaCT: token-block rows [BT, d] of q, k, v, ∂o; d ≤ 128 padded
+TITANS_MAX_CHUNK = 64
+TITANS_SHARED = ((64 * 64, 144 * 1024), (2 * 64 * 64, 208 * 1024))  # (padded memory ≤, shared bytes)
+LACT_AUTO_MAX_DIM = 128
+LACT_SHARED = ((64, 112 * 1024), (128, 88 * 1024), (256, 168 * 1024))  # (padded d ≤, shared bytes)
+
+
+def _device_gives(x: torch.Tensor, table, size: int) -> bool:
+    """A CUDA block on x's device has the shared memory the first bound ≥ size needs (none: no)."""
+    need = next((b for bound, b in table if size <= bound), None)
+    return need is not None and torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin >= need
 
 
 def titans_meta(chunk: int, dk: int, dh: int, dv: int) -> dict:
     """Tile sizes and launch options of the Titans kernels. One stage: the chunks are a dependent chain
-    (nothing to prefetch-pipeline), and it halves the shared memory (280 → 131 KB at d = b = 64, sm_90)."""
-    return dict(BLK=_p2(chunk), DK=_p2(dk), DH=_p2(dh), DV=_p2(dv), num_warps=4, num_stages=1)
+    (nothing to prefetch-pipeline), and it halves the shared memory (280 → 131 KB at d = b = 64, sm_90);
+    8 warps: the backward compiles in 74 s instead of 275 s there (142 s instead of > 420 s at 32×64)."""
+    return dict(BLK=_p2(chunk), DK=_p2(dk), DH=_p2(dh), DV=_p2(dv), num_warps=8, num_stages=1)
 
 
 def lact_meta(n: int, d: int, dh: int, backward: bool, block_t: int | None = None,
@@ -94,28 +105,36 @@ def lact_meta(n: int, d: int, dh: int, backward: bool, block_t: int | None = Non
 
 
 def use_triton_titans(x: torch.Tensor, weights: list, chunk_size: int) -> bool:
-    """The Titans kernel: depth 1 or 2 (weights [B, H, d_in, d_out]), not float64; automatic on CUDA
-    when triton is installed, the padded chunk ≤ TITANS_AUTO_MAX_CHUNK and the padded memory ≤
-    TITANS_AUTO_MAX_MEMORY elements; anywhere with MEMTRAIN_TRITON=1, never with MEMTRAIN_TRITON=0."""
+    """The Titans kernel: depth 1 or 2 (weights [B, H, d_in, d_out]), not float64, triton installed. On
+    CUDA: chunk ≤ TITANS_MAX_CHUNK, padded memory ≤ TITANS_AUTO_MAX_MEMORY elements (2× that with
+    MEMTRAIN_TRITON=1) and the device's shared memory enough (TITANS_SHARED). Elsewhere only with
+    MEMTRAIN_TRITON=1 (the interpreter: any shape); never with MEMTRAIN_TRITON=0."""
     flag = _flag()
     if not AVAILABLE or flag == "0" or len(weights) not in (1, 2):
         return False
     if any(t.dtype == torch.float64 for t in (x, *weights)) or any(w.dim() != 4 for w in weights):
         return False
+    if not x.is_cuda:
+        return flag == "1"
     size = sum(_p2(w.shape[-2]) * _p2(w.shape[-1]) for w in weights)
-    auto = x.is_cuda and size <= TITANS_AUTO_MAX_MEMORY and _p2(chunk_size) <= TITANS_AUTO_MAX_CHUNK
-    return auto or flag == "1"
+    if _p2(chunk_size) > TITANS_MAX_CHUNK or not _device_gives(x, TITANS_SHARED, size):
+        return False
+    return size <= TITANS_AUTO_MAX_MEMORY or flag == "1"
 
 
 def use_triton_lact(x: torch.Tensor, weights: dict) -> bool:
-    """The LaCT kernels: W0, W2 [B, H, d, d_h], W1 [B, H, d_h, d], not float64; automatic on CUDA when
-    triton is installed and the padded d ≤ LACT_AUTO_MAX_DIM; anywhere with MEMTRAIN_TRITON=1."""
+    """The LaCT kernels: W0, W2 [B, H, d, d_h], W1 [B, H, d_h, d], not float64, triton installed. On CUDA:
+    padded d ≤ LACT_AUTO_MAX_DIM (≤ 256 with MEMTRAIN_TRITON=1) and the device's shared memory enough
+    (LACT_SHARED). Elsewhere only with MEMTRAIN_TRITON=1; never with MEMTRAIN_TRITON=0."""
     flag = _flag()
     if not AVAILABLE or flag == "0" or x.dtype == torch.float64:
         return False
     if any(w.dtype == torch.float64 or w.dim() != 4 for w in weights.values()):
         return False
-    return (x.is_cuda and _p2(x.shape[-1]) <= LACT_AUTO_MAX_DIM) or flag == "1"
+    if not x.is_cuda:
+        return flag == "1"
+    D = _p2(x.shape[-1])
+    return _device_gives(x, LACT_SHARED, D) and (D <= LACT_AUTO_MAX_DIM or flag == "1")
 
 
 # ------------------------------------------------------------------------------------- Titans

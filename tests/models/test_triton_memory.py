@@ -278,13 +278,18 @@ def test_selection(monkeypatch):
     assert not triton_memory.use_triton_lact(x, lw)
 
 
-def test_automatic_selection_bounds(monkeypatch):
-    """On CUDA without MEMTRAIN_TRITON: Titans up to 64×64 memory elements and chunk 64, LaCT up to d = 128."""
+def test_cuda_selection_bounds(monkeypatch):
+    """On CUDA: Titans automatic up to 64×64 memory elements and chunk 64, asked-for up to 2·64×64, never
+    beyond (the default 64×128 + 128×64 memory needs 304 KB of shared memory on sm_90); LaCT automatic up
+    to d = 128, asked-for up to 256; neither where the device's blocks have less shared memory."""
     monkeypatch.delenv("MEMTRAIN_TRITON", raising=False)
     monkeypatch.setattr(triton_memory, "AVAILABLE", True)
+    shared = {"bytes": 227 * 1024}  # an H100/H200 block
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), {"shared_memory_per_block_optin": shared["bytes"]}))
 
-    class Cuda:  # stands in for a CUDA tensor (only is_cuda, dtype and shape are read)
-        is_cuda, dtype = True, torch.float32
+    class Cuda:  # stands in for a CUDA tensor (only is_cuda, device, dtype and shape are read)
+        is_cuda, device, dtype = True, "cuda:0", torch.float32
 
         def __init__(self, *shape):
             self.shape = shape
@@ -292,14 +297,19 @@ def test_automatic_selection_bounds(monkeypatch):
     def mats(*dims):
         return [torch.zeros(1, 1, a, b) for a, b in zip(dims[:-1], dims[1:])]
 
-    titans = triton_memory.use_triton_titans
-    assert titans(Cuda(1), mats(64, 64), 64) and titans(Cuda(1), mats(32, 64, 32), 64)
-    assert not titans(Cuda(1), mats(64, 64, 64), 16)
-    assert not titans(Cuda(1), mats(64, 128, 64), 64)  # the default depth 2, expansion 2 at d = 64: asked-for only
-    assert not titans(Cuda(1), mats(64, 64), 128)
-    lact = triton_memory.use_triton_lact
-    assert lact(Cuda(1, 1, 8, 128), {"W0": torch.zeros(1, 1, 128, 128)})
-    assert not lact(Cuda(1, 1, 8, 192), {"W0": torch.zeros(1, 1, 192, 192)})
+    titans, lact, x = triton_memory.use_triton_titans, triton_memory.use_triton_lact, Cuda(1)
+    lw = {n: torch.zeros(1, 1, 128, 128) for n in ("W0", "W1", "W2")}
+    assert titans(x, mats(64, 64), 64) and titans(x, mats(32, 64, 32), 64) and titans(x, mats(12, 24, 12), 5)
+    assert not titans(x, mats(64, 64, 64), 16)  # 2·64×64: asked-for only
+    assert not titans(x, mats(64, 64), 128)
+    assert lact(Cuda(1, 1, 8, 128), lw) and not lact(Cuda(1, 1, 8, 192), lw)
+    monkeypatch.setenv("MEMTRAIN_TRITON", "1")
+    assert titans(x, mats(64, 64, 64), 64) and lact(Cuda(1, 1, 8, 192), lw)
+    assert not titans(x, mats(64, 128, 64), 64)  # does not fit an H200 block: PyTorch even when asked
+    assert not titans(x, mats(64, 64), 128) and not lact(Cuda(1, 1, 8, 384), lw)
+    shared["bytes"] = 99 * 1024  # e.g. a consumer GPU's block
+    assert not titans(x, mats(64, 64), 64) and not lact(Cuda(1, 1, 8, 64), lw)
+    assert lact(Cuda(1, 1, 8, 128), lw)  # d = 128 runs 16-wide blocks: 88 KB
 
 
 if __name__ == "__main__":  # the child process of the `interpreted` fixture
