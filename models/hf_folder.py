@@ -33,6 +33,8 @@ MODEL_CODE_FILES = [
     "titans.py",
     "titans_fused.py",
     "tnt.py",
+    "triton_memory.py",
+    "triton_memory_kernels.py",
     "triton_ttt.py",
     "triton_ttt_kernels.py",
     "ttt.py",

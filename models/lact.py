@@ -36,6 +36,7 @@ from .modules import HeadRMSNorm, apply_rotate_half_rope, rope_cos_sin
 from .parts import InnerKnobs, Recipe, column_norms, dot_product_loss, l2_normalize, newton_schulz, swiglu_memory
 from .reference import memory_scan_reference
 from .state import LayerState
+from .triton_memory import triton_lact_chunk, use_triton_lact
 
 NAMES = ("W0", "W1", "W2")
 
@@ -78,11 +79,17 @@ def lact_scan_chunked(weights, pending, m_sum, momentum, q, k, v, lr0, lr1, lr2,
     C, T = chunk_size, q.shape[2]
     outs = []
     start = 0
+    fused = use_triton_lact(q, weights)  # on CUDA: the fused apply + gradient kernels (models/triton_memory.py)
     while start < T:
         stop = min(T, start + C - (position + start) % C)
         sl = slice(start, stop)
-        outs.append(swiglu_memory(weights, q[:, :, sl]))
-        g = lact_grads(weights, k[:, :, sl], v[:, :, sl], lr0[:, :, sl], lr1[:, :, sl], lr2[:, :, sl])
+        if fused:
+            o, g = triton_lact_chunk(weights, q[:, :, sl], k[:, :, sl], v[:, :, sl], lr0[:, :, sl], lr1[:, :, sl],
+                                     lr2[:, :, sl])
+            outs.append(o.to(q.dtype))
+        else:
+            outs.append(swiglu_memory(weights, q[:, :, sl]))
+            g = lact_grads(weights, k[:, :, sl], v[:, :, sl], lr0[:, :, sl], lr1[:, :, sl], lr2[:, :, sl])
         pending = g if pending is None else {n: pending[n] + g[n] for n in NAMES}
         ms = m[:, :, sl].sum(-1)
         m_sum = ms if m_sum is None else m_sum + ms

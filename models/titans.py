@@ -44,6 +44,7 @@ from .reference import memory_scan_reference
 from .scan import linear_scan
 from .state import LayerState
 from .titans_fused import chunk_scan
+from .triton_memory import triton_titans_chunks, use_triton_titans
 
 # ------------------------------------------------------------------------------ coefficients
 
@@ -241,7 +242,11 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
 
     if head:
         piece(0, head)
-    if n_full:  # what does not depend on the memory is computed for all chunks at once
+    if n_full and use_triton_titans(q, cur, b):  # on CUDA: the Triton chunk kernels (models/triton_memory.py)
+        o, cur, mom = triton_titans_chunks(cur, mom, q, k, v, lr, eta, alpha, head, n_full, b, max_grad_norm)
+        outs.append(o)
+        anc = cur
+    elif n_full:  # what does not depend on the memory is computed for all chunks at once
         sl = slice(head, head + n_full * b)
 
         def blocks(x):
