@@ -293,10 +293,14 @@ def _gelu_second(x, parts, scale):
     return inner.mul_(x).add_(du).mul_(sech2).mul_(scale)
 
 
-def _with_ones_column(x):
-    """An empty [..., n, h + 1] tensor like x [..., n, h] whose last column is 1 (x̃ = [x, 1])."""
-    out = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
-    out[..., -1] = 1.0
+def _x2_tiles(z1):
+    """The per-mini-batch buffer [X̃2; X̄2; scratch] [B·H, 3b, h + 1] for z1 [B·H, b, h]: the ones
+    column of x̃ = [x, 1] set in the first 2b rows, zero in the last b (the backward's [∂L/∂M, 0]).
+    Keeping X̃2 and X̄2 in one tensor lets the backward update Ā2 with one product, without copies."""
+    BH, b, h = z1.shape
+    out = z1.new_empty(BH, 3 * b, h + 1)
+    out[:, :2 * b, h] = 1.0
+    out[:, 2 * b:, h] = 0.0
     return out
 
 
@@ -329,7 +333,8 @@ class MLPScan(torch.autograd.Function):
             anchors.keep(i, w1, w2)
             zz = torch.bmm(kq3[i], w1)  # [K̃; Q̃] W̃1
             z1, z1q = zz[:, :b], zz[:, b:]
-            x2a, x2bar_a = _with_ones_column(z1), _with_ones_column(z1)  # [gelu(·), 1], filled below
+            x2s = _x2_tiles(z1)
+            x2a, x2bar_a = x2s[:, :b], x2s[:, b:2 * b]  # [gelu(·), 1], filled below
             gp, parts = _gelu_parts(z1, x2a[..., :h], second=True)
             ln_saved = _ln_l2_grad(torch.bmm(x2a, w2), w_bt[i], w_sq, eps)
             g2 = ln_saved[0]
@@ -341,7 +346,7 @@ class MLPScan(torch.autograd.Function):
             P = torch.bmm(x2bar_a, x2a.transpose(-1, -2))
             z_bar = torch.baddbmm(torch.bmm(x2bar_a, w2), eta3[i] * P, g2, alpha=-1.0)
             read = _read_out(z_bar, kq3[i, :, b:, :d], lw, lb, out_tiles[i], eps)
-            keep += [x2a, x2bar_a, gp, m_gpp, g1, gp_bar, P, *read, *ln_saved]
+            keep += [x2s, gp, m_gpp, g1, gp_bar, P, *read, *ln_saved]
             w1.baddbmm_((slr3[i] * kq3[i, :, :b]).transpose(-1, -2), g1, alpha=-1.0)
             w2.baddbmm_(x2a.transpose(-1, -2), slr3[i] * g2, alpha=-1.0)
         anchors.keep(N, w1, w2)
@@ -365,13 +370,12 @@ class MLPScan(torch.autograd.Function):
         ln_grads = _LNParamGrads(lw, bt, B)
         dzz = kq3.new_empty(BH, 2 * b, h)  # [∂L/∂Z1; ∂L/∂Z̄1]
         # Ā2 += X̃2ᵀ ∂L/∂Z2 + X̄2ᵀ ∂L/∂Z̄ + [∂L/∂M, 0]ᵀ G2 as one product (one pass over Ā2, not three):
-        lhs = kq3.new_empty(BH, 3 * b, h + 1)  # [X̃2; X̄2; [∂L/∂M, 0]]
-        rhs = kq3.new_empty(BH, 3 * b, d)  # [∂L/∂Z2; ∂L/∂Z̄; G2]
-        lhs[:, 2 * b:, h] = 0.0
-        dz2, dM = rhs[:, :b], lhs[:, 2 * b:]
+        rhs = kq3.new_empty(BH, 3 * b, d)  # [∂L/∂Z2; ∂L/∂Z̄; G2], against the forward's [X̃2; X̄2; [∂L/∂M, 0]]
+        dz2 = rhs[:, :b]
         w12 = None
         for i in range(N - 1, -1, -1):
-            xa, xba, gp, m_gpp, g1, gp_bar, P, x_o, r_o, *ln_saved = keep[n * i:n * (i + 1)]
+            x2s, gp, m_gpp, g1, gp_bar, P, x_o, r_o, *ln_saved = keep[n * i:n * (i + 1)]
+            xa, xba, dM = x2s[:, :b], x2s[:, b:2 * b], x2s[:, 2 * b:]  # dM: the scratch rows
             g2 = ln_saved[0]
             et, slr, k_t = eta3[i], slr3[i], kq3[i, :, :b]
             do = rhs[:, b:2 * b]  # ∂L/∂Z̄
@@ -405,8 +409,8 @@ class MLPScan(torch.autograd.Function):
             dG2 = torch.baddbmm(neg_dG2, dM, w2, beta=-1.0)
             # G2 = ∇LN-L2(Z2), Z2 = X̃2 W̃2
             ln_grads.add(i, _ln_l2_grad_backward(dG2, ln_saved, w_sq, dz2), ln_saved[1])
-            lhs[:, :b], lhs[:, b:2 * b], rhs[:, 2 * b:] = xa, xba, g2
-            A2.baddbmm_(lhs.transpose(-1, -2), rhs)
+            rhs[:, 2 * b:] = g2
+            A2.baddbmm_(x2s.transpose(-1, -2), rhs)
             dX2a = neg_dX2a.baddbmm_(dz2, w2.transpose(-1, -2), beta=-1.0)
             # Z1 → X2 = gelu(Z1) and G1: ∂L/∂Z1 = ∂L/∂X2 ⊙ gelu'(Z1) + ∂L/∂G1 ⊙ M ⊙ gelu''(Z1)
             torch.addcmul(dG1 * m_gpp, dX2a[..., :h], gp, out=dzz[:, :b])
