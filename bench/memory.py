@@ -7,8 +7,8 @@ scan checkpointing.
 Each point runs in a fresh process: peak resident-set growth over the model and its input
 (ru_maxrss − RSS before the step) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. For scale,
 every row also prints what one (B, H, T, d, d) tensor of per-token fast weights would take: the
-chunked scan stores fast weights once per mini-batch (T/b · d²), and with checkpointing only
-once per group of mini-batches.
+chunked scan keeps the fast weights every 16 mini-batches (T/(16b) · d²; the backward recovers the
+others, ``ttt_fused._Anchors``), and with checkpointing only once per group of mini-batches.
 """
 from __future__ import annotations
 

@@ -1,24 +1,25 @@
 """The sequential core of the chunked TTT scan as autograd Functions with a hand-written backward.
 
-Across mini-batches only the fast weights are sequential. Everything else, the reads
-Z̄ = Q̃ W̃_i − M_i G_i and every gradient that does not feed the next weights, is done for all
-mini-batches at once, outside the loop. For TTT-Linear (x̃ = [x, 1], W̃ = [W; b]) one step is
+Across mini-batches only the fast weights are sequential. For TTT-Linear (x̃ = [x, 1], W̃ = [W; b])
+one step is
 
-    G_i = ∇LN-L2(K̃_i W̃_i, t_i)          W̃_{i+1} = W̃_i − D_i G_i,   D_i = (s_b η_i ⊙ K̃_i)ᵀ
+    G_i = ∇LN-L2(K̃_i W̃_i, t_i),   o_i = Q_i + LN_{γ,β}(Q̃_i W̃_i − M_i G_i),   W̃_{i+1} = W̃_i − D_i G_i
 
-and its backward runs the recursion Ā_i = Ā_{i+1} + R_i + K̃_iᵀ J_iᵀ(Ḡ_i − D_iᵀ Ā_{i+1}) in reverse
-(Ā: ∂L/∂W̃, R_i = Q̃_iᵀ ∂L/∂Z̄_i, J_i the LN-L2 Jacobian applied in closed form per token), so the
-per-mini-batch work is a handful of batched (b × d) matmuls and elementwise ops with no autograd
-graph; the (b × d) per-token quantities of the loop are kept, the weights W̃_i once per
-mini-batch (N × d × d, never T × d × d).
+with D_i = (s_b η_i ⊙ K̃_i)ᵀ and M_i = tril(s ηᵀ ⊙ (QKᵀ + 1)); the backward runs the recursion
+Ā_i = Ā_{i+1} + K̃_iᵀ J_iᵀ(Ḡ_i − D_iᵀ Ā_{i+1}) + Q̃_iᵀ ∂L/∂(Q̃_i W̃_i) in reverse (Ā: ∂L/∂W̃, J_i the
+LN-L2 Jacobian and the read-out LayerNorm's applied in closed form per token), so the per-mini-batch
+work is a handful of [B·H]-batched (b × d) matmuls and elementwise ops with no autograd graph.
+The (b × d) per-token quantities of the loop are kept; the weights are not (``_Anchors``: updated in
+place, kept every 16 mini-batches, the others recovered in the backward by undoing the update), so
+the scan never holds N·d² (let alone T·d²) per head.
 
-On CPU the loop's cost is the number of operations, not their arithmetic: each elementwise op
-on a (B·H, b, d) tile costs about the same whatever it computes. So the row reductions are sums
-with 1/d folded into the next op, products are fused into ``addcmul``/``baddbmm`` with ``out=``
-buffers, every per-mini-batch tensor is kept by reference (never copied), and every product is
-taken per mini-batch: [B·H]-batched matmuls whose operands stay in cache (one batched matmul over
-all N·B·H small matrices streams them from memory and is slower). Only torch is imported: this
-file is copied into HF folders.
+On CPU the loop's cost is the number of operations and the memory they touch, not their arithmetic:
+each elementwise op on a (B·H, b, d) tile costs about the same whatever it computes. So the row
+reductions are sums with 1/d folded into the next op, products are fused into ``addcmul``/``baddbmm``
+with ``out=`` buffers, per-mini-batch tensors are kept by reference (never copied), gradients that
+are sums over the sequence are gathered while their tiles are in cache, and every product is taken
+per mini-batch (one batched matmul over all N·B·H small matrices streams them from memory and is
+slower). Only torch is imported: this file is copied into HF folders.
 """
 from __future__ import annotations
 
