@@ -96,7 +96,6 @@ def _titans_fwd(W10, W20, S10, S20, Q, K, V, CM, SL, BE, FF, MM, OUT, W1S, W2S, 
                 DEPTH: tl.constexpr, MOM: tl.constexpr, CLAMP: tl.constexpr):
     """One program per (batch, head) walks the N chunks; W1: [dk, dh] (depth 1: dh = dv), W2: [dh, dv]."""
     bh = tl.program_id(0)
-    r = tl.arange(0, BLK)
     w1 = _ld2(W10 + bh * dk * dh, DK, DH, dk, dh)
     s1 = tl.zeros([DK, DH], dtype=tl.float32)
     w2 = tl.zeros([DH, DV], dtype=tl.float32)

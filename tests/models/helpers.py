@@ -1,5 +1,26 @@
-"""Shared helpers of the layer tests: perturbed layers, piecewise runs, state comparison."""
+"""Shared helpers of the layer tests: perturbed layers, piecewise runs, state comparison, the Triton
+interpreter's child process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_interpreted(module: str) -> dict:
+    """``python -m module`` with TRITON_INTERPRET=1 (the Triton kernels run on the CPU; triton picks its
+    interpreter when imported, hence a child process) → the JSON dict it prints last."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton: its CPU interpreter runs these)")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def perturb(module, scale=0.1, seed=0):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from models import triton_memory
+from tests.models.helpers import run_interpreted
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -41,6 +42,26 @@ def _compare(names, got, ref, prefix=""):
 def _loss(tensors, seed=5):
     gen = torch.Generator().manual_seed(seed)
     return sum((t * torch.randn(t.shape, generator=gen)).sum() for t in tensors)
+
+
+def _two_call_errors(layer, x, cut=21):
+    """The layer on x in two calls (x[:, :cut] then the rest, with the state), kernels (MEMTRAIN_TRITON=1)
+    against PyTorch (=0): errors of the output, every floating state tensor and every gradient."""
+    res = {}
+    for flag in ("0", "1"):
+        os.environ["MEMTRAIN_TRITON"] = flag
+        y1, s1 = layer(x[:, :cut])
+        y2, s2 = layer(x[:, cut:], s1)
+        st = {n: t for n, t in s2.tensors().items() if t.is_floating_point()}
+        y = torch.cat([y1, y2], 1)
+        grads = torch.autograd.grad(_loss([y, *st.values()]), [x, *layer.parameters()], allow_unused=True)
+        res[flag] = (y, st, grads)
+    assert res["1"][1].keys() == res["0"][1].keys()
+    errs = {"out": _err(res["1"][0], res["0"][0])}
+    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    errs.update(_compare(names, res["1"][2], res["0"][2], "d_"))
+    return errs
 
 
 # ------------------------------------------------------------------------------------- Titans
@@ -98,21 +119,7 @@ def _titans_layer(depth=2, optimizer="momentum", max_grad_norm=1.0):
     torch.manual_seed(0)
     layer = perturb(TitansMemory(32, 2, chunk_size=16, depth=depth, expansion=2, optimizer=optimizer,
                                  max_grad_norm=max_grad_norm))
-    x = torch.randn(1, 56, 32, requires_grad=True)
-    res = {}
-    for flag in ("0", "1"):
-        os.environ["MEMTRAIN_TRITON"] = flag
-        y1, s1 = layer(x[:, :21])
-        y2, s2 = layer(x[:, 21:], s1)
-        st = s2.tensors()
-        y = torch.cat([y1, y2], 1)
-        res[flag] = (y, st, torch.autograd.grad(_loss([y, *st.values()]), [x, *layer.parameters()]))
-    errs = {"out": _err(res["1"][0], res["0"][0])}
-    assert res["1"][1].keys() == res["0"][1].keys()
-    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
-    names = ["x"] + [n for n, _ in layer.named_parameters()]
-    errs.update(_compare(names, res["1"][2], res["0"][2], "d_"))
-    return errs
+    return _two_call_errors(layer, torch.randn(1, 56, 32, requires_grad=True))
 
 
 def _mixer_layer(kind, **cfg):
@@ -125,21 +132,7 @@ def _mixer_layer(kind, **cfg):
     torch.manual_seed(0)
     layer = perturb(build_mixer(MemoryLMConfig(hidden_size=32, num_attention_heads=2, memory_layer=kind,
                                                num_hidden_layers=1, conv_kernel=3, **cfg), 0))
-    x = torch.randn(1, 40, 32, requires_grad=True)
-    res = {}
-    for flag in ("0", "1"):
-        os.environ["MEMTRAIN_TRITON"] = flag
-        y1, s1 = layer(x[:, :21])
-        y2, s2 = layer(x[:, 21:], s1)
-        st = {n: t for n, t in s2.tensors().items() if t.is_floating_point()}
-        y = torch.cat([y1, y2], 1)
-        grads = torch.autograd.grad(_loss([y, *st.values()]), [x, *layer.parameters()], allow_unused=True)
-        res[flag] = (y, st, grads)
-    errs = {"out": _err(res["1"][0], res["0"][0])}
-    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
-    names = ["x"] + [n for n, _ in layer.named_parameters()]
-    errs.update(_compare(names, res["1"][2], res["0"][2], "d_"))
-    return errs
+    return _two_call_errors(layer, torch.randn(1, 40, 32, requires_grad=True))
 
 
 # --------------------------------------------------------------------------------------- LaCT
@@ -182,20 +175,7 @@ def _lact_layer(optimizer="muon", momentum=True):
     torch.manual_seed(0)
     layer = perturb(LaCTLayer(32, 2, num_lact_heads=2, chunk_size=16, window=8, inter_multi=2, base_lr=0.1,
                               optimizer=optimizer, momentum=momentum))
-    x = torch.randn(1, 40, 32, requires_grad=True)
-    res = {}
-    for flag in ("0", "1"):
-        os.environ["MEMTRAIN_TRITON"] = flag
-        y1, s1 = layer(x[:, :21])
-        y2, s2 = layer(x[:, 21:], s1)
-        st = {n: t for n, t in s2.tensors().items() if t.is_floating_point()}
-        y = torch.cat([y1, y2], 1)
-        res[flag] = (y, st, torch.autograd.grad(_loss([y, *st.values()]), [x, *layer.parameters()]))
-    errs = {"out": _err(res["1"][0], res["0"][0])}
-    errs.update({f"state_{n}": _err(res["1"][1][n], res["0"][1][n]) for n in res["0"][1]})
-    names = ["x"] + [n for n, _ in layer.named_parameters()]
-    errs.update(_compare(names, res["1"][2], res["0"][2], "d_"))
-    return errs
+    return _two_call_errors(layer, torch.randn(1, 40, 32, requires_grad=True))
 
 
 CASES = {
@@ -219,12 +199,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton: its CPU interpreter runs these)")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "tests.models.test_triton_memory"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_interpreted("tests.models.test_triton_memory")
 
 
 @pytest.mark.parametrize("case", list(CASES))

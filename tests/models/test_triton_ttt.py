@@ -7,16 +7,13 @@ with TRITON_INTERPRET=1 (``python -m tests.models.test_triton_ttt`` prints them 
 """
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from models import triton_ttt
+from tests.models.helpers import run_interpreted
 
-REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-4
 
 
@@ -127,12 +124,7 @@ def _layer_errors(inner="linear"):
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton: its CPU interpreter runs these)")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "tests.models.test_triton_ttt"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_interpreted("tests.models.test_triton_ttt")
 
 
 @pytest.mark.parametrize("case", ["kernel_float32", "kernel_bfloat16", "layer", "mlp_kernel", "mlp_layer"])
