@@ -158,15 +158,13 @@ class _Anchors:
         return cls(n, {i: tuple(flat[j * per_step:(j + 1) * per_step]) for j, i in enumerate(steps)}), saved[count:]
 
     def before(self, i, current, undo):
-        """W̃_i from W̃_{i+1} (``current``, a tuple or one tensor): a copy of the kept weights where i is
-        kept, else ``undo(*current)``."""
+        """The weights W̃_i (a tuple) from W̃_{i+1} (``current``; None at the start of the backward): a copy
+        of the kept ones where i is kept, else ``undo(*current)``."""
         if i in self.kept:
-            kept = tuple(w.clone() for w in self.kept[i])
-            return kept if len(kept) > 1 else kept[0]
-        if current is None:  # the first step of the backward: start from W̃_N
+            return tuple(w.clone() for w in self.kept[i])
+        if current is None:
             current = tuple(w.clone() for w in self.kept[self.n])
-            current = current if len(current) > 1 else current[0]
-        return undo(*current) if isinstance(current, tuple) else undo(current)
+        return undo(*current)
 
 
 def _padded_kq(k, q):
@@ -178,7 +176,7 @@ def _padded_kq(k, q):
 
 
 def _tiles(x, N):
-    """The inverse view: [B, H, N·b, d] → [N, B·H, b, d] tiles (strided)."""
+    """[B, H, N·b, d] in token order as [N, B·H, b, d] per-mini-batch tiles (a strided view where possible)."""
     B, H, T, d = x.shape
     return x.unflatten(2, (N, T // N)).permute(2, 0, 1, 3, 4).reshape(N, B * H, T // N, d)
 
@@ -231,12 +229,13 @@ class LinearScan(torch.autograd.Function):
         dzz = kq3.new_empty(BH, 2 * b, d)  # [∂L/∂(K̃W̃); ∂L/∂(Q̃W̃)]
         d_kq, d_mix, d_slr = kq3.new_empty(N, BH, 2 * b, d), torch.empty_like(mix3), torch.empty_like(slr3)
         ln_grads = _LNParamGrads(lw, bt, B)
-        w = None
+        ws = None
         for i in range(N - 1, -1, -1):
             saved, (x_o, r_o) = keep[7 * i:7 * i + 5], keep[7 * i + 5:7 * i + 7]
             k_t, g = kq3[i, :, :b], saved[0]
             d_t = slr3[i] * k_t  # Dᵀ
-            w = anchors.before(i, w, lambda w: w.baddbmm_(d_t.transpose(-1, -2), g))  # W̃_i = W̃_{i+1} + D_i G_i
+            ws = anchors.before(i, ws, lambda w: (w.baddbmm_(d_t.transpose(-1, -2), g),))  # W̃_{i+1} + D_i G_i
+            w = ws[0]
             do = dzz[:, b:]
             _read_out_backward(d_out[i], x_o, r_o, lw, ln_grads.d_lw, do)
             torch.bmm(do, g.transpose(-1, -2), out=d_mix[i])  # negated below
