@@ -1,4 +1,5 @@
-"""bench.layer --interleave and bench.memory at toy sizes: they run, and report every row asked for."""
+"""bench.layer --interleave, bench.memory and bench.kernels at toy sizes: they run, and report every row asked
+for; bench/gpu_suite.sh parses."""
 import json
 import os
 import subprocess
@@ -12,8 +13,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 TOY = ["--hidden", "32", "--heads", "2", "--mini-batch", "4"]
 
 
-def _json_rows(args):
-    res = subprocess.run([sys.executable, "-m", *args, "--json"], cwd=REPO, env=ENV, capture_output=True, text=True,
+def _json_rows(args, env=ENV):
+    res = subprocess.run([sys.executable, "-m", *args, "--json"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
@@ -33,3 +34,22 @@ def test_memory_rows_and_plot(tmp_path):
                        "--plot", str(png), *TOY])
     assert [(r["seq_len"], r["group"]) for r in rows] == [(32, 0), (32, 2)]
     assert all(r["btdd_tensor_mb"] > 0 for r in rows) and png.stat().st_size > 0
+
+
+@pytest.mark.slow  # one child process under the Triton interpreter
+def test_kernels_rows_under_the_interpreter():
+    """bench.kernels (the GPU comparison of the Triton kernels with the PyTorch path) at a toy size on
+    the CPU interpreter: every layer's kernels ran and agree with PyTorch."""
+    pytest.importorskip("triton")
+    rows = _json_rows(["bench.kernels", "--hidden", "32", "--heads", "2", "--chunk", "16", "--window", "16",
+                       "--seq-len", "48", "--iters", "1"], env=dict(ENV, TRITON_INTERPRET="1"))
+    assert [r["layer"] for r in rows] == ["ttt_linear", "ttt_mlp", "titans", "lact"]
+    assert all(r["kernels_ran"] for r in rows)
+    assert all(r["out_rel_err"] < 1e-4 for r in rows)
+    # LaCT's Newton–Schulz amplifies float32 rounding: both paths are ~1e-3 from float64 in its gate bias
+    assert all(r["max_grad_rel_err"] < (1e-2 if r["layer"] == "lact" else 1e-4) for r in rows)
+
+
+def test_gpu_suite_script_parses():
+    res = subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
