@@ -294,13 +294,11 @@ def _gelu_second(x, parts, scale):
 
 
 def _x2_tiles(z1):
-    """The per-mini-batch buffer [X̃2; X̄2; scratch] [B·H, 3b, h + 1] for z1 [B·H, b, h]: the ones
-    column of x̃ = [x, 1] set in the first 2b rows, zero in the last b (the backward's [∂L/∂M, 0]).
-    Keeping X̃2 and X̄2 in one tensor lets the backward update Ā2 with one product, without copies."""
+    """The per-mini-batch [X̃2; X̄2] [B·H, 2b, h + 1] for z1 [B·H, b, h], its ones column (x̃ = [x, 1]) set:
+    one tensor, so that the backward copies both into its Ā2 product at once."""
     BH, b, h = z1.shape
-    out = z1.new_empty(BH, 3 * b, h + 1)
-    out[:, :2 * b, h] = 1.0
-    out[:, 2 * b:, h] = 0.0
+    out = z1.new_empty(BH, 2 * b, h + 1)
+    out[..., h] = 1.0
     return out
 
 
@@ -334,7 +332,7 @@ class MLPScan(torch.autograd.Function):
             zz = torch.bmm(kq3[i], w1)  # [K̃; Q̃] W̃1
             z1, z1q = zz[:, :b], zz[:, b:]
             x2s = _x2_tiles(z1)
-            x2a, x2bar_a = x2s[:, :b], x2s[:, b:2 * b]  # [gelu(·), 1], filled below
+            x2a, x2bar_a = x2s[:, :b], x2s[:, b:]  # [gelu(·), 1], filled below
             gp, parts = _gelu_parts(z1, x2a[..., :h], second=True)
             ln_saved = _ln_l2_grad(torch.bmm(x2a, w2), w_bt[i], w_sq, eps)
             g2 = ln_saved[0]
@@ -370,12 +368,15 @@ class MLPScan(torch.autograd.Function):
         ln_grads = _LNParamGrads(lw, bt, B)
         dzz = kq3.new_empty(BH, 2 * b, h)  # [∂L/∂Z1; ∂L/∂Z̄1]
         # Ā2 += X̃2ᵀ ∂L/∂Z2 + X̄2ᵀ ∂L/∂Z̄ + [∂L/∂M, 0]ᵀ G2 as one product (one pass over Ā2, not three):
-        rhs = kq3.new_empty(BH, 3 * b, d)  # [∂L/∂Z2; ∂L/∂Z̄; G2], against the forward's [X̃2; X̄2; [∂L/∂M, 0]]
-        dz2 = rhs[:, :b]
+        # Ā2 += X̃2ᵀ ∂L/∂Z2 + X̄2ᵀ ∂L/∂Z̄ + [∂L/∂M, 0]ᵀ G2 as one product (one pass over Ā2, not three)
+        lhs = kq3.new_empty(BH, 3 * b, h + 1)  # [X̃2; X̄2; [∂L/∂M, 0]]
+        rhs = kq3.new_empty(BH, 3 * b, d)  # [∂L/∂Z2; ∂L/∂Z̄; G2]
+        lhs[:, 2 * b:, h] = 0.0
+        dz2, dM = rhs[:, :b], lhs[:, 2 * b:]
         w12 = None
         for i in range(N - 1, -1, -1):
             x2s, gp, m_gpp, g1, gp_bar, P, x_o, r_o, *ln_saved = keep[n * i:n * (i + 1)]
-            xa, xba, dM = x2s[:, :b], x2s[:, b:2 * b], x2s[:, 2 * b:]  # dM: the scratch rows
+            xa, xba = x2s[:, :b], x2s[:, b:]
             g2 = ln_saved[0]
             et, slr, k_t = eta3[i], slr3[i], kq3[i, :, :b]
             do = rhs[:, b:2 * b]  # ∂L/∂Z̄
@@ -409,8 +410,8 @@ class MLPScan(torch.autograd.Function):
             dG2 = torch.baddbmm(neg_dG2, dM, w2, beta=-1.0)
             # G2 = ∇LN-L2(Z2), Z2 = X̃2 W̃2
             ln_grads.add(i, _ln_l2_grad_backward(dG2, ln_saved, w_sq, dz2), ln_saved[1])
-            rhs[:, 2 * b:] = g2
-            A2.baddbmm_(x2s.transpose(-1, -2), rhs)
+            lhs[:, :2 * b], rhs[:, 2 * b:] = x2s, g2  # (a saved tensor is never written to)
+            A2.baddbmm_(lhs.transpose(-1, -2), rhs)
             dX2a = neg_dX2a.baddbmm_(dz2, w2.transpose(-1, -2), beta=-1.0)
             # Z1 → X2 = gelu(Z1) and G1: ∂L/∂Z1 = ∂L/∂X2 ⊙ gelu'(Z1) + ∂L/∂G1 ⊙ M ⊙ gelu''(Z1)
             torch.addcmul(dG1 * m_gpp, dX2a[..., :h], gp, out=dzz[:, :b])
