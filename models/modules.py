@@ -122,7 +122,7 @@ class CausalConv1d(nn.Module):
         if tail is None and causal_conv1d_fn is not None and x.is_cuda:
             xt = x.transpose(1, 2)
             y = causal_conv1d_fn(xt.contiguous(), self.weight.squeeze(1), self.bias, activation=activation)
-            return y.transpose(1, 2), _last_inputs(xt, n)
+            return y.transpose(1, 2), _new_tail(x, None, n)
         prev = None if tail is None else tail.to(x.dtype).transpose(1, 2)
         y = _ShiftedCausalConv.apply(x, prev, self.weight, self.bias, activation == "silu")
         return y, _new_tail(x, tail, n)
@@ -190,18 +190,12 @@ def causal_conv1d_reference(x: torch.Tensor, tail: torch.Tensor | None, weight: 
 
 
 def _new_tail(x: torch.Tensor, tail: torch.Tensor | None, n: int) -> torch.Tensor:
-    """The last n inputs of [tail; x] as [B, C, n] (zeros before the sequence start)."""
+    """The last n inputs of [tail; x] as [B, C, n] (zeros before the sequence start when tail is None)."""
     xt = x.transpose(1, 2)
     if xt.shape[-1] >= n:
         return xt[..., xt.shape[-1] - n:]
     prev = xt.new_zeros(xt.shape[0], xt.shape[1], n) if tail is None else tail.to(xt.dtype)
-    return torch.cat([prev, xt], -1)[..., -n:] if n else xt[..., :0]
-
-
-def _last_inputs(xt: torch.Tensor, n: int) -> torch.Tensor:
-    if xt.shape[-1] >= n:
-        return xt[..., xt.shape[-1] - n:]
-    return F.pad(xt, (n - xt.shape[-1], 0))
+    return torch.cat([prev, xt], -1)[..., -n:]
 
 
 def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
