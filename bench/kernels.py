@@ -28,7 +28,7 @@ from bench.layer import ALL_LAYERS, build
 ENTRY_POINTS = {
     "ttt_linear": [("models.ttt_chunk", "triton_linear_scan")],
     "ttt_mlp": [("models.ttt_chunk", "triton_mlp_scan")],
-    "titans": [("models.titans", "triton_titans_chunks")],
+    "titans": [("models.titans", "triton_titans_scan")],
     "lact": [("models.lact", "triton_lact_chunk")],
 }
 

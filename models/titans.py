@@ -44,7 +44,7 @@ from .reference import memory_scan_reference
 from .scan import linear_scan
 from .state import LayerState
 from .titans_fused import chunk_scan
-from .triton_memory import triton_titans_chunks, use_triton_titans
+from .triton_memory import triton_titans_scan, use_triton_titans
 
 # ------------------------------------------------------------------------------ coefficients
 
@@ -242,18 +242,18 @@ def titans_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
 
     if head:
         piece(0, head)
-    if n_full and use_triton_titans(q, cur, b):  # on CUDA: the Triton chunk kernels (models/triton_memory.py)
-        o, cur, mom = triton_titans_chunks(cur, mom, q, k, v, lr, eta, alpha, head, n_full, b, max_grad_norm)
-        outs.append(o)
-        anc = cur
-    elif n_full:  # what does not depend on the memory is computed for all chunks at once
+    if n_full:  # what does not depend on the memory is computed for all chunks at once
         sl = slice(head, head + n_full * b)
 
         def blocks(x):
             return x[:, :, sl].unflatten(2, (n_full, b)).movedim(2, 0)  # [N, B, H, b, ...]
 
         coeffs = titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))
-        o, cur, mom = _whole_chunks(cur, mom, blocks(q), blocks(k), blocks(v), coeffs, max_grad_norm)
+        if use_triton_titans(q, cur, b):  # on CUDA: the Triton chunk kernels (models/triton_memory.py)
+            o, cur, mom = triton_titans_scan(cur, mom, blocks(q), blocks(k), blocks(v), *coeffs, max_grad_norm)
+            o = o.movedim(0, 2).flatten(2, 3).to(q.dtype)
+        else:
+            o, cur, mom = _whole_chunks(cur, mom, blocks(q), blocks(k), blocks(v), coeffs, max_grad_norm)
         outs.append(o)
         anc = cur
     if head + n_full * b < T:

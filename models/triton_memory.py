@@ -212,24 +212,6 @@ def triton_titans_scan(weights: list, momentum: list | None, q, k, v, c, s_last,
     return res[0], list(res[1:1 + depth]), (list(res[1 + depth:]) if mom else None)
 
 
-def triton_titans_chunks(cur: list, mom: list | None, q, k, v, lr, eta, alpha, head: int, n_full: int,
-                         chunk_size: int, max_grad_norm: float | None = None):
-    """The full-chunk branch of ``titans.titans_scan_chunked`` through the kernel: tokens
-    [head, head + n_full·b) of q, k, v [B,H,T,d] and lr, eta, alpha [B,H,T] (eta already 0 without
-    momentum). Returns (o [B,H,n_full·b,dv] in q's dtype, weights after, momentum after)."""
-    from .titans import titans_coefficients  # titans imports this module
-
-    b = chunk_size
-    sl = slice(head, head + n_full * b)
-
-    def blocks(x):
-        return x[:, :, sl].unflatten(2, (n_full, b)).movedim(2, 0)  # [N, B, H, b, ...]
-
-    coeffs = titans_coefficients(blocks(lr), blocks(eta), blocks(alpha))
-    o, cur, mom = triton_titans_scan(cur, mom, blocks(q), blocks(k), blocks(v), *coeffs, max_grad_norm)
-    return o.movedim(0, 2).flatten(2, 3).to(q.dtype), cur, mom
-
-
 # --------------------------------------------------------------------------------------- LaCT
 
 
