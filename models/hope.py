@@ -40,7 +40,7 @@ from torch import nn
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import deep_mlp_memory, l2_loss, l2_normalize
 from .state import LayerState
-from .titans import _backprop_at, soft_clamp_factor, titans_scan_chunked
+from .titans import backprop_at, soft_clamp_factor, titans_scan_chunked
 from .tnt import _advance, chunk_end_coefficients
 
 MEMORIES = ("key", "value", "lr", "decay", "memory")
@@ -139,7 +139,7 @@ def cms_level_chunked(weights: dict, pending: dict, k, v, lr, position: int, spa
         stop = min(T, t + span - (position + t) % span)
         sl = slice(t, stop)
         outs.append(deep_mlp_memory(weights, k[:, :, sl]))
-        xs, ds = _backprop_at([weights[n] for n in names], k[:, :, sl], v[:, :, sl])
+        xs, ds = backprop_at([weights[n] for n in names], k[:, :, sl], v[:, :, sl])
         pending = {n: pending[n] + (lr[:, :, sl, None] * X).transpose(-1, -2) @ D for n, X, D in zip(names, xs, ds)}
         if (position + stop) % span == 0:
             weights = {n: weights[n] - pending[n] for n in names}

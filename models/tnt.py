@@ -33,7 +33,7 @@ from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import copy_param, deep_mlp_memory, l2_loss, l2_normalize, momentum_step
 from .scan import linear_scan
 from .state import LayerState
-from .titans import _backprop_at, soft_clamp_factor, titans_gate_bias, titans_scan_chunked
+from .titans import backprop_at, soft_clamp_factor, titans_gate_bias, titans_scan_chunked
 
 # ------------------------------------------------------------------------------ global memory
 
@@ -65,7 +65,7 @@ def chunk_end_coefficients(lr, eta, alpha):
 def _advance(cur: list, anchor: list, mom: list | None, k, v, lr, eta, alpha, max_norm, coeffs=None):
     """(M, S) after n tokens whose gradients are taken at ``anchor``; no per-token read.
     ``coeffs``: chunk_end_coefficients(lr, eta, alpha) when the caller already has them."""
-    xs, ds = _backprop_at(anchor, k, v, max_norm)
+    xs, ds = backprop_at(anchor, k, v, max_norm)
     c, f, beta, s, m = chunk_end_coefficients(lr, eta, alpha) if coeffs is None else coeffs
     new_w = [beta[..., None, None] * W + (c[..., None] * X).transpose(-1, -2) @ D for W, X, D in zip(cur, xs, ds)]
     if mom is None:

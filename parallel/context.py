@@ -40,7 +40,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .groups import ParallelDims
 
@@ -486,35 +485,3 @@ class CPPrefixDeltaNet:
         S_in = prefix_state(A.mT, Bm.mT, S0.mT, dims).mT
         o, S = delta_rule_run(prep, S_in) if prep is not None else self.scan(q, k, v, beta, log_alpha, S_in)
         return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=position + T)
-
-
-def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
-    """Makes every block of ``model`` context-parallel, in place; returns the channel.
-
-    TTT mixers: the scan-level state pass (``"pass"``) or Ulysses; DeltaNet layers: the prefix
-    combine under ``"prefix"``, else the generic state pass; attention layers: all-gather (full)
-    or halo (sliding window) attention; every other mixer: the generic state pass."""
-    from models.attention import AttentionLayer
-    from models.deltanet import DeltaNetLayer
-    from models.ttt import TTTLayer
-
-    from .ulysses import UlyssesTTT
-
-    base = model.model if hasattr(model, "model") else model
-    comm = CPComm(dims)
-    for block in base.layers:
-        block._cp_comm = comm
-        m = block.mixer
-        m._cp_comm, m._cp_layer_idx = comm, block.layer_idx
-        swap_class(block, CPBlock)
-        if isinstance(m, TTTLayer):
-            mixin = UlyssesTTT if cp_mode == "ulysses" else CPPassTTT
-        elif isinstance(m, AttentionLayer):
-            mixin = CPAttention
-        elif isinstance(m, DeltaNetLayer) and cp_mode == "prefix":
-            mixin = CPPrefixDeltaNet
-        else:
-            mixin = CPGenericMixer
-        m._cp_base_cls = type(m)  # its forward without CP exchanges (CPBlock's packed-document path)
-        swap_class(m, mixin)
-    return comm

@@ -25,12 +25,42 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .context import apply_cp
+from .context import CPAttention, CPBlock, CPComm, CPGenericMixer, CPPassTTT, CPPrefixDeltaNet, swap_class
 from .groups import ParallelDims
 from .tensor import apply_tp, check_tp, shard_of, unshard
-from .ulysses import check_ulysses
+from .ulysses import UlyssesTTT, check_ulysses
 
 CP_MODES = ("pass", "ulysses", "prefix")
+
+
+def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
+    """Makes every block of ``model`` context-parallel, in place; returns the channel.
+
+    TTT mixers: the scan-level state pass (``"pass"``) or Ulysses; DeltaNet layers: the prefix
+    combine under ``"prefix"``, else the generic state pass; attention layers: all-gather (full)
+    or halo (sliding window) attention; every other mixer: the generic state pass."""
+    from models.attention import AttentionLayer
+    from models.deltanet import DeltaNetLayer
+    from models.ttt import TTTLayer
+
+    base = model.model if hasattr(model, "model") else model
+    comm = CPComm(dims)
+    for block in base.layers:
+        block._cp_comm = comm
+        m = block.mixer
+        m._cp_comm, m._cp_layer_idx = comm, block.layer_idx
+        swap_class(block, CPBlock)
+        if isinstance(m, TTTLayer):
+            mixin = UlyssesTTT if cp_mode == "ulysses" else CPPassTTT
+        elif isinstance(m, AttentionLayer):
+            mixin = CPAttention
+        elif isinstance(m, DeltaNetLayer) and cp_mode == "prefix":
+            mixin = CPPrefixDeltaNet
+        else:
+            mixin = CPGenericMixer
+        m._cp_base_cls = type(m)  # its forward without CP exchanges (CPBlock's packed-document path)
+        swap_class(m, mixin)
+    return comm
 
 
 def _mixer_kinds(model):
