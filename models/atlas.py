@@ -217,6 +217,8 @@ class AtlasLayer(nn.Module):
     """ATLAS as a sequence mixer: q/k/v projections → causal conv → SiLU → L2-normalised q, k →
     polynomial features → the Omega-rule memory → per-head RMSNorm ⊙ σ(gate) → output projection."""
 
+    fast_weight_names = ("W1", "W2")  # θ₀, the initial memory (no weight decay in pretrain.optim)
+
     def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 16, window: int = 8, poly_degree: int = 2,
                  expansion: int = 2, base_lr: float = 0.1, optimizer: str = "muon", conv_kernel: int = 4,
                  norm_eps: float = 1e-6, scan_impl: str = "chunk"):

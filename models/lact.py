@@ -154,6 +154,8 @@ def _inv_softplus(x: float) -> float:
 class LaCTLayer(nn.Module):
     """Sliding-window attention + a large-chunk SwiGLU fast-weight memory sharing one qkv projection."""
 
+    fast_weight_names = NAMES  # θ₀ = (W0, W1, W2): the initial fast weights (no weight decay in pretrain.optim)
+
     def __init__(self, hidden_size: int, num_attn_heads: int, num_lact_heads: int = 4, chunk_size: int = 2048,
                  window: int | None = 2048, inter_multi: int = 1, base_lr: float = 1e-3, optimizer: str = "muon",
                  momentum: bool = True, rope_theta: float = 1e6, norm_eps: float = 1e-6, scan_impl: str = "chunk",

@@ -267,6 +267,8 @@ class MirasLayer(nn.Module):
     Per-token, per-head gates: η_t = base_lr·σ(·), retention α_t = σ(·) (Yaad: 1 − a_t, a_t = σ(·)),
     Yaad's δ_t = softplus(·)."""
 
+    fast_weight_names = ("W1", "W2")  # θ₀, the initial memory (no weight decay in pretrain.optim)
+
     def __init__(self, hidden_size: int, num_heads: int, variant: str = "moneta", chunk_size: int = 16,
                  expansion: int = 4, base_lr: float = 0.1, p: float = 3.0, q: float = 4.0, conv_kernel: int = 4,
                  norm_eps: float = 1e-6, scan_impl: str = "chunk"):

@@ -5,10 +5,13 @@ memory layer's lr gate, the MLP, and the causal convolutions (every parameter wi
 not one of the exceptions below). No decay for
 - biases and every norm's scale/shift (RMSNorm, LayerNorm, the per-head ``ttt_norm_*``);
 - the embedding (and so the tied LM head): decay would shrink rare tokens' rows toward zero;
-- the memory layer's own per-head parameters — the initial fast weights θ₀ (``W1, b1, W2, b2``, and
-  whatever a layer lists in ``fast_weight_names``) and ``token_idx_offset``. θ₀ is the inner learner's starting point, not a projection: the inner
-  loop moves away from it on every sequence, and pulling it to zero would only make every
-  sequence start from a worse inner model (the same choice as for Mamba's ``A_log``/``D``).
+- a memory layer's own parameters — every direct parameter of a module that declares
+  ``fast_weight_names`` (the memory layers): the initial fast weights θ₀ and the per-head
+  gates, scales, norms and offsets beside them (TTT's ``token_idx_offset``/``ttt_norm_*``, LaCT's
+  ``qk_scale``/``qk_offset``, Miras' ``ln_*``, ATLAS' ``poly_coef``). θ₀ is the inner learner's starting
+  point, not a projection: the inner loop moves away from it on every sequence, and pulling it to
+  zero would only make every sequence start from a worse inner model (the same choice as for
+  Mamba's ``A_log``/``D``). Their projections are ``nn.Linear`` submodules and are decayed.
 See docs/training.md.
 """
 from __future__ import annotations
@@ -18,10 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-# direct parameters of a memory layer that are per-head state/initialisation, not projections
-_NO_DECAY_NAMES = {"W1", "b1", "W2", "b2", "token_idx_offset", "ttt_norm_weight", "ttt_norm_bias"}
-
 
 def _is_embedding(module: nn.Module) -> bool:
     return "Embedding" in type(module).__name__
@@ -36,12 +35,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     no_decay: set[int] = set()
     for module in model.modules():
         direct = dict(module.named_parameters(recurse=False))
-        if _is_embedding(module) or _is_norm(module):
-            no_decay.update(id(p) for p in direct.values())
+        if _is_embedding(module) or _is_norm(module) or hasattr(module, "fast_weight_names"):
+            no_decay.update(id(p) for p in direct.values())  # a memory layer's θ₀ and per-head parameters
             continue
-        fast = set(getattr(module, "fast_weight_names", ()))  # e.g. TNT's global_W1, Hope's key_W1
         for name, p in direct.items():
-            if p.ndim < 2 or name in _NO_DECAY_NAMES or name in fast or name.endswith("bias"):
+            if p.ndim < 2 or name.endswith("bias"):
                 no_decay.add(id(p))
     decay, rest, seen = [], [], set()
     for p in model.parameters():  # deduplicated: a tied weight appears once (as the embedding)

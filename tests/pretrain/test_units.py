@@ -82,6 +82,28 @@ def test_weight_decay_groups():
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
 
+def test_memory_layers_own_parameters_are_not_decayed():
+    """Every memory layer (a module declaring ``fast_weight_names``) keeps all its direct parameters
+    (θ₀ and the per-head gates/scales/norms beside it) out of weight decay, every family alike; its
+    projections (nn.Linear) and convolutions are decayed."""
+    from torch import nn
+
+    from tests.models.test_families_model import all_types_model
+
+    model = all_types_model()
+    decay, no_decay = map(set, decay_parameter_names(model))
+    kinds = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "fast_weight_names"):
+            kinds.add(type(module).__name__)
+            assert set(module.fast_weight_names) <= dict(module.named_parameters(recurse=False)).keys(), name
+            for p in module.named_parameters(recurse=False):
+                assert f"{name}.{p[0]}" in no_decay, f"{name}.{p[0]}"
+        elif isinstance(module, nn.Linear) and name.startswith("model.layers."):  # (lm_head: tied to the embedding)
+            assert f"{name}.weight" in decay, name
+    assert {"TTTLayer", "TitansMemory", "LaCTLayer", "MirasLayer", "AtlasLayer", "TNTLayer", "HopeLayer"} <= kinds
+
+
 @pytest.mark.parametrize("kind", ["cosine", "wsd"])
 def test_schedules(kind):
     s = LRSchedule(kind, total=100, warmup=10, min_ratio=0.1, decay_fraction=0.2)
