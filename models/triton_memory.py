@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -50,7 +51,12 @@ AVAILABLE = (importlib.util.find_spec("triton") is not None
 
 
 def _kernels():
-    return importlib.import_module(f"{__package__}.triton_memory_kernels")
+    """The kernels module, imported on first use (it imports triton). The import is written out as
+    ``from .triton_memory_kernels import …`` because transformers copies into its remote-code module cache only
+    the sibling files imported that way: an exported folder's model finds its kernels."""
+    from .triton_memory_kernels import __name__ as name
+
+    return sys.modules[name]
 
 
 def _p2(n: int) -> int:

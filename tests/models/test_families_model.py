@@ -1,5 +1,6 @@
 """Every mixer type inside the HF model: an exported folder (model code inside) loads and runs
 without this project installed, presets of the families, and their parameter counts."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -59,12 +60,28 @@ def test_all_layer_types_standalone_remote_code(tmp_path):
     save_file({"input_ids": ids, "logits": out.logits, "loss": out.loss}, tmp_path / "io.safetensors")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    res = subprocess.run([sys.executable, "-c", STANDALONE.replace("REPO_PATH", repr(str(REPO))), str(dst),
-                          str(tmp_path / "io.safetensors")], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
+    res = subprocess.run([sys.executable, "-c", STANDALONE.replace("REPO_PATH", repr(str(REPO))) + KERNELS_FOUND,
+                          str(dst), str(tmp_path / "io.safetensors")], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    logit_err, loss_err = map(float, res.stdout.split()[-2:])
+    errors, kernels = res.stdout.strip().splitlines()[-2:]
+    logit_err, loss_err = map(float, errors.split())
     assert logit_err <= 1e-5 and loss_err <= 1e-6
+    # the Triton kernel files reach transformers' remote-code cache (where triton is importable, they load)
+    if importlib.util.find_spec("triton") is not None:
+        assert kernels == "triton_ttt:True triton_memory:True", kernels
+
+
+# appended to STANDALONE: the exported model's package finds its Triton kernels modules
+KERNELS_FOUND = """
+import importlib
+package = type(model).__module__.rsplit(".", 1)[0]
+found = []
+for name, kernel in (("triton_ttt", "_ttt_linear_fwd"), ("triton_memory", "_titans_fwd")):
+    module = importlib.import_module(package + "." + name)
+    found.append(f"{name}:{module.AVAILABLE and hasattr(module._kernels(), kernel)}")
+print(*found)
+"""
 
 
 def test_all_layer_types_save_load_and_cached_generation(tmp_path):
