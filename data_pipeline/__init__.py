@@ -10,7 +10,6 @@
 - `default_corpus` the embedded corpus (the interpreter's standard library), cached
                    (``python -m data_pipeline.default_corpus`` prepares it ahead of time)
 - `synthetic`      Markov LM, MQAR and passkey datasets
-- `evaluation`     validation loss / perplexity over a validation loader
 
 See docs/data.md.
 """

@@ -4,7 +4,7 @@ prefix combine for the affine DeltaNet family, all-gather / halo attention, Ulys
 all-to-all (TTT), and helpers for the loss and single-device checkpoints. See docs/parallelism.md.
 """
 from .groups import ParallelDims, destroy_parallel, init_parallel
-from .loss import causal_targets, cp_slice, global_mean_loss, parallel_cross_entropy
+from .loss import causal_targets, cp_slice, global_mean_loss, parallel_cross_entropy, validation_loss
 from .parallelize import (
     CP_MODES,
     gather_full_grads,
@@ -28,4 +28,5 @@ __all__ = [
     "parallel_cross_entropy",
     "parallelize",
     "reduce_gradients",
+    "validation_loss",
 ]

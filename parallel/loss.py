@@ -7,6 +7,9 @@ under CP (and the logits are vocab-sharded under TP), so ``parallelize`` rejects
 """
 from __future__ import annotations
 
+import math
+from typing import Callable, Iterable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -59,3 +62,23 @@ def global_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, dims: Parallel
     if dims.dp_cp_group is not None and dims.dp * dims.cp > 1:
         dist.all_reduce(count, group=dims.dp_cp_group)
     return loss_sum / count.clamp_min(1).to(loss_sum.dtype)
+
+
+@torch.no_grad()
+def validation_loss(logits_fn: Callable[[dict], torch.Tensor], batches: Iterable[dict], dims: ParallelDims) -> dict:
+    """Mean next-token loss over every labelled token of ``batches`` (labels −100 ignored) and its
+    perplexity: :func:`parallel_cross_entropy`'s sums (vocab-parallel under TP), all-reduced over
+    DP × CP so every rank gets the global value. ``logits_fn(batch)`` returns this rank's logits."""
+    total = None
+    for batch in batches:
+        logits = logits_fn(batch)
+        loss_sum, count = parallel_cross_entropy(logits, batch["labels"].to(logits.device), dims, inplace=True)
+        sums = torch.stack([loss_sum.double(), count.double()])
+        total = sums if total is None else total + sums
+    if total is None:
+        total = torch.zeros(2, dtype=torch.float64)
+    if dims.dp_cp_group is not None and dims.dp * dims.cp > 1:
+        dist.all_reduce(total, group=dims.dp_cp_group)
+    loss_sum, tokens = total.tolist()
+    loss = loss_sum / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if tokens else float("nan"), "tokens": int(tokens)}

@@ -179,18 +179,6 @@ class CarriedState:
 
 
 # ------------------------------------------------------------------------------------ the loss
-def local_loss(logits, labels, dims):
-    """(sum of token losses, token count) of this rank's piece; vocab-parallel under TP."""
-    if dims.tp > 1:
-        from parallel.loss import parallel_cross_entropy
-
-        return parallel_cross_entropy(logits, labels, dims)
-    flat = labels.reshape(-1)
-    total = torch.nn.functional.cross_entropy(logits.float().reshape(flat.numel(), -1), flat, ignore_index=-100,
-                                              reduction="sum")
-    return total, (flat != -100).sum()
-
-
 def gradient_norm(model, dims) -> float:
     """Global L2 norm of the gradients (ZeRO-0 path; ZeRO optimizers report their own): parameters
     sharded by TP add their squares over the TP group, replicas count once."""
@@ -247,7 +235,7 @@ def train(cfg: TrainConfig) -> int:
 
     import deepspeed
 
-    from parallel import init_parallel, parallelize
+    from parallel import init_parallel, parallel_cross_entropy, parallelize
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -322,7 +310,7 @@ def train(cfg: TrainConfig) -> int:
             if carried is not None:
                 carried.update(out)
             logits = out.logits
-            loss_sum, count = local_loss(logits, batch["labels"], dims)
+            loss_sum, count = parallel_cross_entropy(logits, batch["labels"], dims)
             global_count = count.detach().float().clone()
             dist.all_reduce(global_count, group=dims.dp_cp_group)
             # DeepSpeed averages over its data-parallel group (DP × CP): undo it, so gradients are
@@ -361,19 +349,19 @@ def train(cfg: TrainConfig) -> int:
 
 @torch.no_grad()
 def evaluate(engine, val_loader, dims, cfg) -> dict:
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    total = total.to(engine.device)
-    for batch in val_loader:
+    """Validation loss and perplexity over the whole val loader (rows start fresh; documents and
+    periods reset as in training)."""
+    from parallel.loss import validation_loss
+
+    def logits(batch):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        with autocast(cfg):  # validation rows start fresh; documents and periods reset as in training
-            logits = engine(batch["input_ids"], **reset_inputs(cfg, batch, dims.cp_rank)).logits
-        loss_sum, count = local_loss(logits, batch["labels"], dims)
-        total += torch.stack([loss_sum.double().detach(), count.double()])
-    dist.all_reduce(total, group=dims.dp_cp_group)
+        with autocast(cfg):
+            return engine(batch["input_ids"], **reset_inputs(cfg, batch, dims.cp_rank)).logits
+
+    engine.eval()
+    result = validation_loss(logits, val_loader, dims)
     engine.train()
-    val = (total[0] / total[1].clamp_min(1)).item()
-    return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+    return {"val_loss": result["loss"], "val_ppl": result["perplexity"]}
 
 
 def main(argv=None) -> int:

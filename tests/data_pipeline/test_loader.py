@@ -221,18 +221,20 @@ def test_unknown_data_source():
 
 
 def test_validation_loss_is_token_weighted():
-    from data_pipeline.evaluation import validation_loss
+    """parallel.loss.validation_loss (the trainer's evaluation) over the val loader."""
+    from parallel import ParallelDims, validation_loss
 
+    single = ParallelDims()
     cfg = DataLoaderConfig(data="mqar", seq_len=64, global_batch_size=4, val_batches=3)
     vocab = cfg.synthetic.vocab_size
-    uniform = validation_loss(lambda b: torch.zeros(*b["input_ids"].shape, vocab), build_val_loader(cfg))
+    uniform = validation_loss(lambda b: torch.zeros(*b["input_ids"].shape, vocab), build_val_loader(cfg), single)
     assert uniform["tokens"] == 3 * 4 * cfg.synthetic.num_kv_pairs  # only the answers are labelled
     assert abs(uniform["loss"] - np.log(vocab)) < 1e-5 and abs(uniform["perplexity"] - vocab) < 1e-2
 
     def oracle(batch):  # knows the answers: loss 0
         return torch.nn.functional.one_hot(batch["labels"].clamp(min=0), vocab).float() * 1e4
 
-    assert validation_loss(oracle, build_val_loader(cfg))["loss"] < 1e-6
+    assert validation_loss(oracle, build_val_loader(cfg), single)["loss"] < 1e-6
 
 
 def test_loader_exposes_model_settings(prepared):
