@@ -30,14 +30,13 @@ def cp_slice(t: torch.Tensor, dims: ParallelDims, dim: int = 1) -> torch.Tensor:
     return t.narrow(dim, dims.cp_rank * (n // dims.cp), n // dims.cp)
 
 
-def parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, dims: ParallelDims,
-                           ignore_index: int = -100, inplace: bool = False):
-    """(Σ token losses, number of counted tokens) over this rank's piece.
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, dims: ParallelDims, ignore_index: int = -100,
+                 inplace: bool = False) -> torch.Tensor:
+    """Per-token cross-entropy [B, T] (float32; 0 where the label is ``ignore_index``).
 
-    logits: [B, T, V/tp] (vocab-sharded when tp > 1); labels: [B, T] targets, ``ignore_index``
-    skipped. Under TP, megatron's ``vocab_parallel_cross_entropy`` is used; it overwrites its
-    input to save memory, so the logits are cloned unless ``inplace=True``.
-    The trainer all-reduces both numbers over ``dims.dp_cp_group`` and divides.
+    logits: [B, T, V/tp] (vocab-sharded when tp > 1); labels: [B, T] targets. Under TP, megatron's
+    ``vocab_parallel_cross_entropy`` is used; it overwrites its input to save memory, so the logits
+    are cloned unless ``inplace=True``.
     """
     mask = labels != ignore_index
     target = labels.masked_fill(~mask, 0)
@@ -51,7 +50,15 @@ def parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, dims: Par
     else:
         per_token = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(), reduction="none")
         per_token = per_token.view_as(target)
-    return (per_token * mask).sum(), mask.sum()
+    return per_token * mask
+
+
+def parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, dims: ParallelDims,
+                           ignore_index: int = -100, inplace: bool = False):
+    """(Σ token losses, number of counted tokens) over this rank's piece (:func:`token_losses`).
+    The trainer all-reduces both numbers over ``dims.dp_cp_group`` and divides."""
+    return (token_losses(logits, labels, dims, ignore_index, inplace).sum(),
+            (labels != ignore_index).sum())
 
 
 def global_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

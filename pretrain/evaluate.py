@@ -175,7 +175,7 @@ class Scorer:
         window get ``doc_starts`` instead, so a document that starts at a piece's first token
         drops the carried state there too.
         """
-        from parallel.loss import cp_slice
+        from parallel.loss import cp_slice, token_losses
 
         start = 0
         if self.dims.cp > 1:
@@ -197,8 +197,7 @@ class Scorer:
             tgt = targets[:, s:s + step].to(self.device)
             for b in range(0, tgt.shape[1], SCORE_BLOCK):  # float32 log-softmax of a block at a time
                 lg, t = logits[:, b:b + SCORE_BLOCK].float(), tgt[:, b:b + SCORE_BLOCK]
-                nll.append(F.cross_entropy(lg.flatten(0, 1), t.clamp_min(0).flatten(), reduction="none")
-                           .view_as(t).double().cpu())
+                nll.append(token_losses(lg, t, self.dims).double().cpu())
                 hit.append((lg.argmax(-1) == t).cpu())
             del logits
         counted = targets != -100
