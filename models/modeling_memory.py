@@ -279,6 +279,8 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
+    # transformers.Trainer passes num_items_in_batch (the label count of the whole accumulated batch)
+    accepts_loss_kwargs = True
     if _TRANSFORMERS_V5:
         _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     else:  # pragma: no cover
@@ -316,9 +318,12 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         doc_ids: torch.Tensor | None = None,
         doc_starts: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> MemoryLMOutput:
-        """Causal LM forward. ``labels`` are the input ids (shifted inside, -100 ignored).
+        """Causal LM forward. ``labels`` are the input ids (shifted inside, -100 ignored); the loss
+        is their mean, or their sum / ``num_items_in_batch`` when given (transformers.Trainer's count
+        over all accumulated micro-batches: gradient accumulation then equals one larger batch).
 
         ``attention_mask`` may only mark every token as real: a recurrent memory has no padding
         (pack documents instead, marked by ``doc_ids`` / ``doc_starts`` / ``cu_seqlens``, see
@@ -335,9 +340,10 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
-            )
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
+                                   ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         return MemoryLMOutput(
             loss=loss,
             logits=logits,
