@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "transformers>=4.46",
+    "accelerate>=1.1",  # transformers.TrainingArguments / Trainer (docs/training.md#hugging-face-trainer)
     "safetensors>=0.4",
     "deepspeed>=0.15",
     "megatron-core>=0.9",

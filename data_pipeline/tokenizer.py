@@ -204,8 +204,9 @@ def to_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike) -
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` so ``AutoTokenizer.from_pretrained(out_dir)`` works.
 
     Built with transformers' own SentencePiece converter, which follows the model's normaliser
-    settings; for BPE models it encodes exactly like `Tokenizer.encode` (no BOS/EOS added).
-    The SentencePiece file is copied beside them as ``tokenizer.model``.
+    settings; for BPE models it encodes exactly like `Tokenizer.encode` (no BOS/EOS added). A stock
+    fast tokenizer (no remote code), padding on the left. The SentencePiece file is copied beside
+    them as ``tokenizer.model``.
     """
     from sentencepiece import sentencepiece_model_pb2
     from transformers import PreTrainedTokenizerFast
@@ -225,7 +226,9 @@ def to_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike) -
     special = {"unk_token": spec.unk_piece, "bos_token": spec.bos_piece, "eos_token": spec.eos_piece}
     if spec.pad_id >= 0:
         special["pad_token"] = spec.pad_piece
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special)
+    # left padding: a padded batch then runs each row exactly as alone (models/varlen.py), in generate and training
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, padding_side="left",
+                                 **special)
     out = Path(out_dir)
     hf.save_pretrained(out)
     (out / MODEL_FILENAME).write_bytes(model_path.read_bytes())

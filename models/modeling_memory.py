@@ -25,7 +25,8 @@ from .deltanet import DeltaNetLayer
 from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
 from .parts import InnerKnobs
 from .ttt import TTTLayer, TTTState
-from .varlen import RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, map_tree, needs_segments, run_segments
+from .varlen import (RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, doc_starts_from_padding, map_tree,
+                     needs_segments, run_segments)
 
 try:  # transformers ≥ 5: initialisers that leave loaded weights alone
     from transformers import initialization as init
@@ -223,18 +224,33 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
         doc_starts: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         use_cache: bool = True,
+        attention_mask: torch.Tensor | None = None,
     ):
         """Packed documents (every mixer restarts at each document start, see models/varlen.py): give
         one of ``doc_ids`` [B, T] (a new document where the id changes; column 0 continues the
         incoming ``memory_state``), ``doc_starts`` [B, T] bool (column 0 True: that row drops its
         incoming state, e.g. a new document while decoding) or ``cu_seqlens`` [N+1] (one flattened
-        row, B = 1). ``use_cache=False`` skips the final states of the packed path (training)."""
+        row, B = 1). ``use_cache=False`` skips the final states of the packed path (training).
+
+        ``attention_mask`` [B, T] (1: token, 0: pad) with left padding: each row is a document that
+        starts at its first real token, exactly as if run alone (:func:`models.varlen.doc_starts_from_padding`);
+        right padding only with ``use_cache=False``; only in a call without ``memory_state``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if h.dim() != 3 or h.shape[-1] != self.config.hidden_size:
             raise ValueError(f"expected inputs of shape [batch, seq, {self.config.hidden_size}], got {tuple(h.shape)}")
         starts = self._doc_starts(h, doc_ids, doc_starts, cu_seqlens)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(h.shape[:2]):
+                raise ValueError(f"attention_mask must have the inputs' shape {tuple(h.shape[:2])}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            pad_starts = doc_starts_from_padding(attention_mask, allow_right=not use_cache)
+            if pad_starts is not None and memory_state is not None:
+                raise ValueError("padding is for the first call (the prompt): with a memory_state every row "
+                                 "continues its own state, pass an attention_mask of ones or none")
+            if pad_starts is not None:
+                starts = pad_starts if starts is None else starts | pad_starts
         layer_states = memory_state.layers if memory_state is not None else [None] * len(self.layers)
         new_states, all_hidden = [], []
         for block, st in zip(self.layers, layer_states):
@@ -279,6 +295,8 @@ class MemoryLMModel(MemoryLMPreTrainedModel):
 
 
 class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
+    # transformers.Trainer passes num_items_in_batch (the label count of the whole accumulated batch)
+    accepts_loss_kwargs = True
     if _TRANSFORMERS_V5:
         _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     else:  # pragma: no cover
@@ -316,28 +334,35 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
         doc_ids: torch.Tensor | None = None,
         doc_starts: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> MemoryLMOutput:
-        """Causal LM forward. ``labels`` are the input ids (shifted inside, -100 ignored).
+        """Causal LM forward. ``labels`` are the input ids (shifted inside, -100 ignored); the loss
+        is their mean, or their sum / ``num_items_in_batch`` when given (transformers.Trainer's count
+        over all accumulated micro-batches: gradient accumulation then equals one larger batch).
 
-        ``attention_mask`` may only mark every token as real: a recurrent memory has no padding
-        (pack documents instead, marked by ``doc_ids`` / ``doc_starts`` / ``cu_seqlens``, see
-        :meth:`MemoryLMModel.forward`).
+        ``attention_mask``: left padding is exact (each row as if alone; predictions from or of
+        pads leave the loss), right padding only without a cache, see :meth:`MemoryLMModel.forward`.
+        Packed documents: ``doc_ids`` / ``doc_starts`` / ``cu_seqlens``.
         """
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding is not supported by memory layers: pass equal-length, unpadded sequences")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         out = self.model(input_ids, inputs_embeds, memory_state, bool(output_hidden_states), doc_ids=doc_ids,
-                         doc_starts=doc_starts, cu_seqlens=cu_seqlens, use_cache=use_cache)
+                         doc_starts=doc_starts, cu_seqlens=cu_seqlens, use_cache=use_cache,
+                         attention_mask=attention_mask)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
-            )
+            targets = labels[:, 1:].to(logits.device)
+            if attention_mask is not None:  # a pad neither predicts nor is predicted
+                real = attention_mask.to(logits.device).bool()
+                targets = targets.masked_fill(~(real[:, :-1] & real[:, 1:]), -100)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                   reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         return MemoryLMOutput(
             loss=loss,
             logits=logits,
@@ -351,12 +376,18 @@ class MemoryLMForCausalLM(MemoryLMPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the recurrent state is the cache
 
+    def _prepare_attention_mask_for_generation(self, inputs_tensor, *args, **kwargs):
+        """No padding unless an ``attention_mask`` is given: the pad id may be a real token of a prompt."""
+        return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
+
     def prepare_inputs_for_generation(self, input_ids, memory_state=None, inputs_embeds=None, **kwargs):
         if memory_state is not None:  # the state holds the prefix: feed only the new token (it continues
             # the last document of its row)
             return {"input_ids": input_ids[:, memory_state.position:], "memory_state": memory_state, "use_cache": True}
-        # the prompt: packed documents of the prompt (doc_ids / doc_starts / cu_seqlens) apply here
-        packed = {k: kwargs[k] for k in ("doc_ids", "doc_starts", "cu_seqlens") if kwargs.get(k) is not None}
+        # the prompt: its padding (left: each row as if alone) and packed documents (doc_ids / doc_starts /
+        # cu_seqlens) apply here
+        packed = {k: kwargs[k] for k in ("attention_mask", "doc_ids", "doc_starts", "cu_seqlens")
+                  if kwargs.get(k) is not None}
         if inputs_embeds is not None:
             return {"inputs_embeds": inputs_embeds, "use_cache": True, **packed}
         return {"input_ids": input_ids, "use_cache": True, **packed}

@@ -20,6 +20,9 @@ first token, wherever it falls). This works for every mixer without touching its
 * the last segment of each row, when the state is wanted, is batched only with segments of the
   same length and starting state (its final state must not see padding).
 
+A left-padded row (``attention_mask`` ``0…0 1…1``, :func:`doc_starts_from_padding`) is the same
+thing: its document starts at the first real token, so a padded batch gives each row's own results.
+
 Rows whose final states stand at different positions cannot share one batched state (a state
 has one ``position``): they come back as :class:`RowStates`, a per-row list with the same
 ``tensors()``/``map()`` interface, which every block accepts as its incoming state.
@@ -149,6 +152,36 @@ def doc_starts_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Te
     starts[0, cu[:-1][cu[:-1] < total]] = True
     starts[0, 0] = False
     return starts
+
+
+def doc_starts_from_padding(attention_mask: torch.Tensor, allow_right: bool) -> torch.Tensor | None:
+    """An attention mask [B, T] (1: token, 0: pad) → document starts [B, T], or None if nothing is padded.
+
+    Left padding (each row ``0…0 1…1``) is exact: the row's document starts at its first real token
+    (the pads before it form a separate segment whose outputs are ignored), so every mixer — chunk
+    grids, RoPE positions, conv tails — starts there as if the row were alone. Right padding
+    (``1…1 0…0``) leaves the outputs of the real tokens exact (causal layers never look ahead) but
+    not a final state, which would take in the pads: allowed only with ``allow_right``.
+    Anything else (a hole inside a row, a row without tokens) cannot be exact: ValueError."""
+    real = attention_mask.detach().to("cpu").bool()
+    if real.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(real.shape)}")
+    if bool(real.all()):
+        return None
+    if not bool(real.any(1).all()):
+        raise ValueError(f"attention_mask: rows {torch.nonzero(~real.any(1)).flatten().tolist()} have no real token")
+    if bool((real[:, 1:] >= real[:, :-1]).all()):  # left padding
+        starts = torch.zeros(real.shape, dtype=torch.bool)
+        starts[torch.arange(real.shape[0]), real.to(torch.int8).argmax(1)] = True
+        return starts
+    if bool((real[:, 1:] <= real[:, :-1]).all()):  # right padding
+        if not allow_right:
+            raise ValueError("right padding: the memory state would take in the pads. Pad on the left "
+                             "(tokenizer.padding_side = 'left'), exact for generation and training, or pass "
+                             "use_cache=False")
+        return None
+    raise ValueError("attention_mask must pad on the left (each row 0…0 1…1): a row with pads between its "
+                     "tokens cannot run as one document")
 
 
 def needs_segments(starts: torch.Tensor | None, state) -> bool:

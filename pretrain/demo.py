@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)  # a stock tokenizer: no prompt
     ids = tok(args.prompt, return_tensors="pt").input_ids
     torch.manual_seed(0)
     out = model.generate(ids, max_new_tokens=80, do_sample=True, top_k=20, temperature=0.8,

@@ -60,3 +60,43 @@ def test_hf_export_loads_with_auto_tokenizer(model_type, tokenizer, tmp_path):
         assert hf.decode(ids) == text
         if model_type == "bpe":  # BPE converts exactly; unigram may segment differently but decodes the same
             assert hf(text, add_special_tokens=False)["input_ids"] == ids == hf(text)["input_ids"]  # no BOS/EOS added
+
+
+_LOAD = r"""
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)
+texts = json.loads(sys.argv[2])
+print(json.dumps({"class": type(tok).__module__ + "." + type(tok).__name__, "padding_side": tok.padding_side,
+                  "ids": [tok(t)["input_ids"] for t in texts],
+                  "custom": sorted(m for m in sys.modules if m.startswith("transformers_modules"))}))
+"""
+
+
+def test_exported_folder_tokenizer_loads_without_remote_code(tokenizer, tmp_path):
+    """An exported model folder (config.json with the model code's auto_map beside the tokenizer):
+    in a fresh process, AutoTokenizer loads a stock transformers tokenizer with trust_remote_code=False,
+    asks nothing, runs none of the folder's code, pads on the left and encodes like `Tokenizer`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from models import MemoryLMForCausalLM, preset_config
+    from models.hf_folder import save_model_folder
+
+    folder = tmp_path / "exported"
+    save_model_folder(MemoryLMForCausalLM(preset_config("test", vocab_size=tokenizer.vocab_size)), folder)
+    to_hf_tokenizer(tokenizer.model_path, folder)
+    texts = TRICKY + ["Grüße, 東京 — ∑x² ≠ 🙂🙃"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    res = subprocess.run([sys.executable, "-c", _LOAD, str(folder), json.dumps(texts)], cwd=tmp_path, env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "custom code" not in res.stdout + res.stderr, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["class"].startswith("transformers.") and not got["custom"], got
+    assert got["padding_side"] == "left"
+    assert got["ids"] == [tokenizer.encode(t) for t in texts]
+    assert not (tmp_path / "hf_modules").exists() or not any((tmp_path / "hf_modules").rglob("*.py"))

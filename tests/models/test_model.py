@@ -117,14 +117,5 @@ def test_bad_model_config(kwargs, match):
         MemoryLMConfig(**kwargs)
 
 
-def test_padding_is_rejected():
-    model = tiny_model("linear")
-    ids = torch.randint(0, 128, (2, 8))
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=mask)
-
-
 def test_package_exports():
     assert models.MemoryLMForCausalLM is MemoryLMForCausalLM
