@@ -88,9 +88,14 @@ def test_all_layer_types_save_load_and_cached_generation(tmp_path):
     model = all_types_model()
     model.save_pretrained(tmp_path)
     loaded = MemoryLMForCausalLM.from_pretrained(tmp_path).eval()
+    original, reloaded = model.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys() and all(torch.equal(original[k], reloaded[k]) for k in original)
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
+        # transformers 5 leaves the loaded weights as views into the memory-mapped file, at offsets not
+        # aligned to 64 bytes, and CPU BLAS kernels round differently on unaligned data (measured: 4.5e-7;
+        # 0.0 once the weights are copied to aligned memory): equal values, float32 rounding apart
+        assert (model(ids).logits - loaded(ids).logits).abs().max() <= 1e-5
     gen = loaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     seq = ids
     for _ in range(8):
