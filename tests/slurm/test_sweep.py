@@ -2,6 +2,7 @@
 synthetic metrics (no training); the plots are valid PNGs."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,50 @@ def test_plan_rejects_unknown_layer_and_size(tmp_path, capsys):
     assert "not implemented" in capsys.readouterr().err
     assert cli.main(["plan", "--sweep", str(tmp_path / "b"), "--sizes", "100x2", "--tokens", "1e4"]) == 2
     assert "multiple of 64" in capsys.readouterr().err
+
+
+PLAN = ["--sizes", "64x1,64x2", "--tokens", "1e4,3e4", "--seq-len", "64", "--micro-batch", "4"]
+
+
+def test_refused_plan_leaves_nothing_behind(tmp_path, capsys):
+    """A size refused after others were fine (96 is no multiple of 64) writes nothing: no sweep folder,
+    no temporary folder; re-planning an existing sweep with it leaves that sweep as it was."""
+    sweep = tmp_path / "sweep"
+    assert cli.main(["plan", "--sweep", str(sweep), "--sizes", "64x1,64x2,96x2", "--tokens", "1e4"]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN]) == 0
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN, "--lr", "5e-3", "--layers", "ttt_linear,nope", "--overwrite"]) == 2
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
+def test_plan_failing_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
+    from pretrain.sweep import plan as plan_mod
+
+    real, calls = plan_mod.write_model, []
+
+    def flaky(config, folder, seed):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(config, folder, seed)
+
+    monkeypatch.setattr(plan_mod, "write_model", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        plan_mod.plan(tmp_path / "sweep", ["64x1", "64x2"], [10_000], ["ttt_linear"], seq_len=64, micro_batch=4)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_replan_overwrite_keeps_the_runs_outputs(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN]) == 0
+    run = json.loads((sweep / "sweep.json").read_text())["runs"][0]
+    (Path(run["dir"]) / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN, "--lr", "5e-3", "--overwrite"]) == 0
+    cfg = json.loads(Path(run["config"]).read_text())
+    assert cfg["lr"] == 5e-3 and cfg["precision"] == "auto"  # decided where the run runs: fp32 on CPU, bf16 on GPU
+    assert (Path(run["dir"]) / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    assert sorted(p.name for p in (sweep / "models").iterdir()) == ["ttt_linear-64x1", "ttt_linear-64x2"]
