@@ -84,6 +84,52 @@ def count_params(model) -> tuple[int, int]:
     return total - emb - (head.weight.numel() if untied else 0), total
 
 
+def suggest_sizes(targets, layer: str, base_model: str = "tiny", vocab_size: int = 0,
+                  aspect: float = 64.0) -> list[tuple[str, int]]:
+    """For each target N (non-embedding parameters), the ``WIDTHxDEPTH`` size nearest to it in log N,
+    shaped like the sweep (width / depth within 2× of ``aspect``, ties to the closer shape), and its N;
+    duplicates dropped. N is linear in the depth for a width (two models per width, built on the meta
+    device: no memory, milliseconds each); the chosen size's N is then counted exactly."""
+    import torch
+
+    from models import MemoryLMForCausalLM
+
+    vocab = {"vocab_size": vocab_size} if vocab_size else {}
+
+    def n_of(width: int, depth: int) -> int:
+        with torch.device("meta"):
+            return count_params(MemoryLMForCausalLM(model_config(f"{width}x{depth}", layer, base_model, **vocab)))[0]
+
+    per_width = {}  # width -> (N of one more block, N of the rest)
+
+    def n_est(width: int, depth: int) -> float:
+        if width not in per_width:
+            one, two = n_of(width, 1), n_of(width, 2)
+            per_width[width] = (two - one, 2 * one - two)
+        block, rest = per_width[width]
+        return depth * block + rest
+
+    out: list[tuple[str, int]] = []
+    for target in targets:
+        best, best_score = None, math.inf
+        for width in range(64, 64 * 256 + 1, 64):
+            depths = range(max(1, math.ceil(width / (2 * aspect))), int(2 * width / aspect) + 1)
+            if not depths:
+                continue
+            if n_est(width, depths[0]) > 2 * target:
+                break
+            for depth in depths:
+                n = n_est(width, depth)
+                score = abs(math.log(n / target)) + 0.1 * abs(math.log(width / depth / aspect))
+                if score < best_score:
+                    best, best_score = (width, depth), score
+        if best is not None:
+            found = (f"{best[0]}x{best[1]}", n_of(*best))
+            if found not in out:
+                out.append(found)
+    return out
+
+
 def _parse_tokens(text: str) -> list[int]:
     try:
         return [int(float(t)) for t in text.split(",") if t.strip()]

@@ -176,6 +176,9 @@ def test_tiny_sweep_local_then_slurm_array(slurm, tmp_path, monkeypatch):
     df = pd.read_csv(sweep / "results.csv")
     assert len(df) == 6 and df["complete"].all() and df["final_val_loss"].notna().all(), df.to_string()
     assert df["flops_logged"].gt(0).all()
+    for run in df["name"]:  # planned as precision auto: fp32 on this CPU (bf16 autocast on CPU is slow and inexact)
+        assert json.loads((sweep / "runs" / run / "train_config.json").read_text())["precision"] == "auto"
+        assert json.loads((sweep / "runs" / run / "config.json").read_text())["precision"] == "fp32"
     assert cli.main(["fit", "--sweep", str(sweep), "--bootstrap", "4", "--starts", "8"]) == 0
     assert "ttt_linear" in json.loads((sweep / "fit.json").read_text())["fits"]
     assert cli.main(["plot", "--sweep", str(sweep)]) == 0
