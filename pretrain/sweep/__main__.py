@@ -195,18 +195,22 @@ def _plot(args, sweep: Path, df) -> int:
     from .fit import load_fits
     from .plot import plot_all
 
+    data = _usable(df, args.include_incomplete)
+    data = data[data["loss"].map(math.isfinite)]
+    if data.empty:
+        raise ValueError("no complete run with a finite loss to plot (`submit` and `collect` first, or --include-incomplete)")
     path = sweep / "fit.json"
     fits = {}
     if path.is_file():
         fits = load_fits(path)
         for layer, fit in fits.items():
-            n = len(_usable(df[df["layer"] == layer], args.include_incomplete))
+            n = int((data["layer"] == layer).sum())
             if n != fit.n_points:
                 print(f"warning: {layer}: fit.json was fitted to {fit.n_points} runs, {n} are usable now: "
                       f"re-run `fit` to update it", file=sys.stderr)
     else:
         print(f"note: no {path}: plotting the measured runs only (run `fit` to draw the fits)", file=sys.stderr)
-    for out in plot_all(_usable(df, args.include_incomplete), fits, sweep / "plots", budgets=args.budget):
+    for out in plot_all(data, fits, sweep / "plots", budgets=args.budget):
         print(f"wrote {out}")
     return 0
 

@@ -95,8 +95,11 @@ def test_plan_collect_fit_plot(tmp_path, capsys):
     sizes = {r["size"]: r["n_params"] for r in manifest["runs"] if r["layer"] == "ttt_linear"}
     assert sizes["64x1"] < sizes["64x2"] < sizes["128x2"] < sizes["192x3"]
 
-    # nothing trained yet: collect shows incomplete runs, fit finds nothing to fit
+    # nothing trained yet: collect shows incomplete runs, fit finds nothing to fit, plot nothing to draw
     assert cli.main(["collect", "--sweep", str(sweep)]) == 0
+    capsys.readouterr()
+    assert cli.main(["plot", "--sweep", str(sweep)]) == 2
+    assert capsys.readouterr().err.startswith("error: no complete run with a finite loss to plot")
     params = (2.0, 40.0, 60.0, 0.4, 0.35)
     _fake_metrics(manifest, params)
     assert cli.main(["collect", "--sweep", str(sweep)]) == 0
@@ -108,6 +111,8 @@ def test_plan_collect_fit_plot(tmp_path, capsys):
     assert np.allclose(df["flops_6nd"], 6 * df["n_params"] * df["tokens"])
 
     capsys.readouterr()
+    assert cli.main(["plot", "--sweep", str(sweep)]) == 0  # no fit.json yet: the runs alone
+    assert "plotting the measured runs only" in capsys.readouterr().err
     assert cli.main(["fit", "--sweep", str(sweep), "--bootstrap", "8", "--starts", "16", "--budget", "1e15"]) == 0
     out, err = capsys.readouterr()
     assert "ttt_linear: L =" in out and "C=1e+15: N_opt=" in out
