@@ -154,6 +154,8 @@ def _fit(args, sweep: Path, df) -> int:
               f"({d['n_points']} runs; swept N {d['swept']['N'][0]:.3g}–{d['swept']['N'][1]:.3g})")
         for row in d["compute_optimal"]:
             where = "" if row["N_opt_in_swept_range"] else "  (N_opt outside the swept N: extrapolated)"
+            if not math.isfinite(row["N_opt"]):
+                where = "  (no compute-optimal N: the fitted law has a non-positive coefficient or exponent)"
             print(f"  C={row['C']:.3g}: N_opt={row['N_opt']:.3g}  D_opt={row['D_opt']:.3g}  "
                   f"D/N={row['D_opt'] / row['N_opt']:.3g}  loss={row['loss']:.4f}{where}")
         _warn_unbracketed(sweep, df, layer, fits[layer], d["swept"], budgets)

@@ -103,7 +103,8 @@ def isoflop_figure(df, fits: dict, budgets=None):
                 color = cmap(norm(C))
                 n_opt, d_opt = (float(v) for v in fit.compute_optimal(C))
                 shown = n_lo / X_PAD <= n_opt <= n_hi * X_PAD
-                label = f"C={C:.2g}: N_opt={n_opt:.2g}" + ("" if shown else " (off the plot)")
+                label = f"C={C:.2g}: " + (f"N_opt={n_opt:.2g}" + ("" if shown else " (off the plot)")
+                                          if np.isfinite(n_opt) else "no finite N_opt")
                 _split(ax, n, fit.loss(n, C / (6 * n)), (n >= n_lo) & (n <= n_hi), color, label=label, lw=1.5)
                 if shown:
                     ax.plot([n_opt], [fit.loss(n_opt, d_opt)], "*", color=color, ms=14, mec="k", zorder=4)

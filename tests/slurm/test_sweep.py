@@ -278,3 +278,23 @@ def test_plot_draws_the_runs_and_the_saved_fits_framed_on_the_data(far_sweep, mo
     (y0, y1) = ax.get_ylim()
     assert y0 < df["loss"].min() and df["loss"].max() < y1 < 1.3 * df["loss"].max()
     assert any("off the plot" in t.get_text() for t in ax.get_legend().get_texts())  # N_opt ≈ 3e6 is beyond
+
+
+def test_fit_and_plot_of_a_degenerate_law(far_sweep, tmp_path, monkeypatch, capsys):
+    """A law with a negative exponent (as 6 noisy CPU runs can give) has no compute-optimal N: fit says
+    so instead of calling a NaN extrapolated, and plot still draws the runs and the per-size fits."""
+    import shutil
+
+    from pretrain.sweep.fit import ScalingFit
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(far_sweep[0], sweep)
+    degenerate = ScalingFit(E=5.5, A=0.31, B=2.9e-4, alpha=1.64, beta=-0.73, n_points=6)
+    monkeypatch.setattr(cli, "_fits_for", lambda df, args: {"ttt_linear": degenerate})
+    capsys.readouterr()
+    assert cli.main(["fit", "--sweep", str(sweep), "--budget", "1e11"]) == 0
+    out, err = capsys.readouterr()
+    assert "N_opt=nan" in out and "(no compute-optimal N: the fitted law has a non-positive" in out, out
+    assert "warning" not in err, err
+    assert cli.main(["plot", "--sweep", str(sweep)]) == 0
+    assert (sweep / "plots" / "isoflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
