@@ -41,8 +41,9 @@ class TrainConfig:
     offload: bool = _f(False, "offload optimizer states (and ZeRO-3 parameters) to CPU memory")
     deepspeed_config: str = _f("", "DeepSpeed JSON to use instead of configs/deepspeed/zero<stage>[_offload].json")
     # ------------------------------------------------------------------ numerics
-    precision: str = _f("bf16", "fp32; bf16 autocast; or fp8 (Transformer Engine / torchao) for dense projections",
-                        ["fp32", "bf16", "fp8"])
+    precision: str = _f("bf16", "fp32; bf16 autocast; fp8 (Transformer Engine / torchao) for dense projections; or "
+                        "auto: what the hardware runs well (bf16 on a GPU with bf16, else fp32)",
+                        ["fp32", "bf16", "fp8", "auto"])
     fp8_backend: str = _f("te", "FP8 implementation: te (Transformer Engine) or torchao", ["te", "torchao"])
     fp8_recipe: str = _f("delayed", "FP8 scaling recipe: delayed or current (tensor-wise) scaling", ["delayed", "current"])
     activation_checkpointing: bool = _f(False, "recompute each block in backward instead of storing its activations")

@@ -224,6 +224,8 @@ class StopRequested:
 
 
 def train(cfg: TrainConfig) -> int:
+    if cfg.precision == "auto":  # what this hardware runs well (bf16 autocast on CPU is slow and inexact)
+        cfg.precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     rank, local_rank, world = ensure_env()
     mcfg = build_model_config(cfg)  # errors before any process group or file exists
     if world % (cfg.tp * cfg.cp):

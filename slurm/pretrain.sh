@@ -9,7 +9,8 @@
 #                   with the same RUN_DIR resumes, as does the automatic requeue.
 #   LAUNCHER        torchrun (default: one torchrun per node) or deepspeed (the DeepSpeed launcher
 #                   per node with a generated hostfile, --no_ssh)
-#   NPROC_PER_NODE  processes per node (default: GPUs Slurm gave the node, else 1)
+#   NPROC_PER_NODE  processes per node (default: the GPUs Slurm gave the node; 1 on a node without GPUs,
+#                   e.g. with sbatch --gpus-per-node=0 on a CPU partition)
 #   TRAIN_MODULE    python module to launch (default pretrain.train)
 #   PYTHON          interpreter (default: REPO/.venv/bin/python if present, else python3)
 #   REPO            the checkout (default: found from the submitted script's path, else the submit dir)
@@ -23,9 +24,11 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=slurm-%x-%j.out
+#SBATCH --output=/tmp/slurm-%x-%j.out
 # (--signal: USR1 to this script 10 min before the time limit -> the training program saves and
-#  exits 0 -> this script requeues the job; --open-mode=append keeps one log across requeues.)
+#  exits 0 -> this script requeues the job; --open-mode=append keeps one log across requeues.
+#  The log: RUN_DIR/logs/slurm-JOBNAME-JOBID.out (the script copies its output there); Slurm's own
+#  file goes to the batch node's /tmp, not the submit directory, unless you pass --output.)
 set -uo pipefail
 
 die() { echo "pretrain.sh: error: $*" >&2; exit 2; }
@@ -46,18 +49,28 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
 fi
 case "$RUN_DIR" in /*) ;; *) RUN_DIR=${SLURM_SUBMIT_DIR:-$PWD}/$RUN_DIR ;; esac
-mkdir -p "$RUN_DIR"
+mkdir -p "$RUN_DIR/logs" || die "cannot create $RUN_DIR/logs"
+# Everything from here on also goes to RUN_DIR/logs (appended across requeues: the job id stays).
+LOG=$RUN_DIR/logs/slurm-${SLURM_JOB_NAME:-job}-$SLURM_JOB_ID.out
+exec > >(tee -a "$LOG") 2>&1
+tee_pid=$!
+trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # let tee write the last lines before the job ends
 cd "$REPO" || die "cannot cd to $REPO"
 
 # ---------------------------------------------------------------- rendezvous
 LAUNCHER=${LAUNCHER:-torchrun}
 TRAIN_MODULE=${TRAIN_MODULE:-pretrain.train}
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-if [ -z "${NPROC_PER_NODE:-}" ]; then
+nproc_from=NPROC_PER_NODE
+if [ -z "${NPROC_PER_NODE:-}" ]; then  # one process per GPU; one on a node without GPUs
     gpus=${SLURM_GPUS_ON_NODE:-}
     [ -z "$gpus" ] && [ -n "${SLURM_GPUS_PER_NODE:-}" ] && gpus=${SLURM_GPUS_PER_NODE##*:}
-    NPROC_PER_NODE=${gpus:-1}
+    nproc_from="the GPUs per node (SLURM_GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-} SLURM_GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-})"
+    case "$gpus" in ''|0) NPROC_PER_NODE=1 ;; *) NPROC_PER_NODE=$gpus ;; esac
 fi
+case "$NPROC_PER_NODE" in
+    ''|*[!0-9]*|0*) die "processes per node from $nproc_from: '$NPROC_PER_NODE' is not a whole number ≥ 1 (set NPROC_PER_NODE)" ;;
+esac
 mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 [ "${#HOSTS[@]}" -ge 1 ] || die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
 if [ -z "${MASTER_ADDR:-}" ]; then

@@ -1,13 +1,16 @@
 #!/bin/bash
-# The 1B preset on N nodes x G GPUs: edit the #SBATCH defaults below, then
+# The 1B recipe (configs/runs/1b.yaml) on N nodes x G GPUs: edit the #SBATCH defaults below, then
 #
 #   RUN_DIR=/shared/runs/1b DATA=/shared/data/fineweb sbatch slurm/pretrain_1b.sh [more training flags]
 #
-# It sets the 1B defaults and runs slurm/pretrain.sh (the generic script: rendezvous, one srun step
-# with torchrun or the DeepSpeed launcher per node, USR1 -> save -> requeue -> resume). Flags given
-# after the script name override the defaults here (the training program keeps the last value).
-# Defaults: 4 nodes x 8 GPUs = 32-way DP (TP=1: 1B fits one H100 with ZeRO-1), 2048-token sequences,
-# 32 x 8 x 2048 = 0.5M tokens per step, 50k steps = 26B tokens (~20 tokens per parameter).
+# It runs slurm/pretrain.sh (the generic script: rendezvous, one srun step with torchrun or the
+# DeepSpeed launcher per node, USR1 -> save -> requeue -> resume) with --config configs/runs/1b.yaml:
+# that file is the recipe (model, batch, schedule, evaluation, checkpoints); this script adds only the
+# cluster shape below, DATA (--data; default: the file's) and RUN_DIR (--out). Flags given after the
+# script name override the file (the training program keeps the last value).
+# The shape: 4 nodes x 8 GPUs = 32-way DP (TP=1: 1B fits one H100 with ZeRO-1); on other hardware
+# override it when submitting, e.g. sbatch --nodes=1 --gpus-per-node=0 ... (one process per node
+# without GPUs; NPROC_PER_NODE sets the count). The log: RUN_DIR/logs/slurm-memtrain-1b-JOBID.out.
 #
 #SBATCH --job-name=memtrain-1b
 #SBATCH --nodes=4
@@ -20,7 +23,7 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=slurm-%x-%j.out
+#SBATCH --output=/tmp/slurm-%x-%j.out
 ##SBATCH --partition=YOUR_PARTITION
 ##SBATCH --account=YOUR_ACCOUNT
 # (a line starting with ##SBATCH is ignored: remove one # to use it)
@@ -35,12 +38,7 @@ if [ -z "${REPO:-}" ]; then
     fi
 fi
 export REPO
-: "${DATA:?set DATA to a prepared data folder (python -m data_pipeline.prepare), or default}"
+data=()
+[ -n "${DATA:-}" ] && data=(--data "$DATA")
 
-exec bash "$REPO/slurm/pretrain.sh" \
-    --model 1b --data "$DATA" \
-    --seq-len 2048 --micro-batch 8 --grad-accum 1 \
-    --tp 1 --cp 1 --zero-stage 1 --precision bf16 \
-    --lr 4e-4 --schedule cosine --warmup 2000 --steps 50000 \
-    --save-every 1000 --seed 0 \
-    "$@"
+exec bash "$REPO/slurm/pretrain.sh" --config "$REPO/configs/runs/1b.yaml" "${data[@]}" "$@"

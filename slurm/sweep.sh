@@ -11,6 +11,8 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
+#SBATCH --output=/tmp/slurm-%x-%A_%a.out
+# (submit passes --output=SWEEP_DIR/logs/...; each run's log is also in its RUN_DIR/logs)
 set -uo pipefail
 : "${SWEEP_DIR:?set by python -m pretrain.sweep submit}" "${SLURM_ARRAY_TASK_ID:?submit me as a job array}"
 REPO=${REPO:-$SLURM_SUBMIT_DIR}

@@ -24,8 +24,7 @@ def _fits_for(df, args):
     from .fit import fit_chinchilla
 
     fits = {}
-    for layer, sub in df.groupby("layer"):
-        sub = sub[sub["complete"] & sub["loss"].map(math.isfinite)] if not args.include_incomplete else sub
+    for layer, sub in _usable(df, args.include_incomplete).groupby("layer"):
         if len(sub) < 5:
             print(f"{layer}: {len(sub)} usable runs, need ≥ 5 to fit; skipped", file=sys.stderr)
             continue
@@ -127,27 +126,94 @@ def _run(args) -> int:
 
     csv = Path(args.csv) if args.csv else sweep / "results.csv"
     df = pd.read_csv(csv) if csv.is_file() else collect(sweep)
+    if args.cmd == "fit":
+        return _fit(args, sweep, df)
+    return _plot(args, sweep, df)
+
+
+def _usable(df, include_incomplete: bool):
+    return df if include_incomplete else df[df["complete"] & df["loss"].map(math.isfinite)]
+
+
+def _fit(args, sweep: Path, df) -> int:
+    from .fit import save_fits
+
     budgets = args.budget or [1e18, 1e20, 1e22]
     args.budget = budgets
     fits = _fits_for(df, args)
-    if args.cmd == "fit":
-        from .fit import save_fits
+    swept = {}
+    for layer in fits:
+        sub = _usable(df[df["layer"] == layer], args.include_incomplete)
+        swept[layer] = {"N": [float(sub["n_params"].min()), float(sub["n_params"].max())],
+                        "C": [float(sub["flops_6nd"].min()), float(sub["flops_6nd"].max())]}
+    doc = save_fits(fits, budgets, sweep / "fit.json", swept)
+    for layer, d in doc.items():
+        ci = d["ci"]
+        fmt = lambda k: f"{d[k]:.4g}" + (f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "")  # noqa: E731
+        print(f"{layer}: L = {fmt('E')} + {fmt('A')}/N^{fmt('alpha')} + {fmt('B')}/D^{fmt('beta')}  "
+              f"({d['n_points']} runs; swept N {d['swept']['N'][0]:.3g}–{d['swept']['N'][1]:.3g})")
+        for row in d["compute_optimal"]:
+            where = "" if row["N_opt_in_swept_range"] else "  (N_opt outside the swept N: extrapolated)"
+            if not math.isfinite(row["N_opt"]):
+                where = "  (no compute-optimal N: the fitted law has a non-positive coefficient or exponent)"
+            print(f"  C={row['C']:.3g}: N_opt={row['N_opt']:.3g}  D_opt={row['D_opt']:.3g}  "
+                  f"D/N={row['D_opt'] / row['N_opt']:.3g}  loss={row['loss']:.4f}{where}")
+        _warn_unbracketed(sweep, df, layer, fits[layer], d["swept"], budgets)
+    print(f"wrote {sweep / 'fit.json'}")
+    return 0 if fits else 1
 
-        doc = save_fits(fits, budgets, sweep / "fit.json")
-        for layer, d in doc.items():
-            ci = d["ci"]
-            fmt = lambda k: f"{d[k]:.4g}" + (f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "")  # noqa: E731
-            print(f"{layer}: L = {fmt('E')} + {fmt('A')}/N^{fmt('alpha')} + {fmt('B')}/D^{fmt('beta')}  "
-                  f"({d['n_points']} runs)")
-            for row in d["compute_optimal"]:
-                print(f"  C={row['C']:.3g}: N_opt={row['N_opt']:.3g}  D_opt={row['D_opt']:.3g}  "
-                      f"D/N={row['D_opt'] / row['N_opt']:.1f}  loss={row['loss']:.4f}")
-        print(f"wrote {sweep / 'fit.json'}")
-        return 0 if fits else 1
+
+def _warn_unbracketed(sweep: Path, df, layer: str, fit, swept: dict, budgets) -> None:
+    """A warning (stderr) when the sweep does not bracket the compute-optimal N, with sizes to add."""
+    import re
+
+    from .fit import unbracketed
+    from .plan import load_manifest, suggest_sizes
+
+    bad = unbracketed(fit, swept["N"], swept["C"], budgets)
+    if not bad:
+        return
+    n_lo, n_hi = swept["N"]
+    where = "; ".join(f"C={c:.3g}: N_opt={n:.3g}" for c, n in bad)
+    targets = sorted({t for _, n in bad for t in (n / 2, n, 2 * n)})
+    sizes = ""
+    try:  # WIDTHxDEPTH sizes shaped like the sweep's largest one
+        manifest = load_manifest(sweep)
+        sub = df[df["layer"] == layer].sort_values("n_params")
+        shapes = [re.fullmatch(r"(\d+)x(\d+)", str(s)) for s in sub["size"]]
+        shapes = [m for m in shapes if m]
+        aspect = int(shapes[-1].group(1)) / int(shapes[-1].group(2)) if shapes else 64.0
+        found = suggest_sizes(targets, layer, manifest.get("base_model", "tiny"), manifest.get("vocab_size", 0), aspect)
+        sizes = f": e.g. --sizes {','.join(s for s, _ in found)} (N = {', '.join(f'{n:.2g}' for _, n in found)})"
+    except Exception as exc:  # noqa: BLE001 - the warning stands without the suggestion
+        sizes = f" (no size suggestion: {exc})".splitlines()[0]
+    print(f"warning: {layer}: the sweep does not bracket the compute-optimal model ({where}; swept N "
+          f"{n_lo:.3g}–{n_hi:.3g}): N_opt is an extrapolation of the fit. Add sizes around "
+          f"{', '.join(f'{t:.2g}' for t in targets)} parameters{sizes}", file=sys.stderr)
+
+
+def _plot(args, sweep: Path, df) -> int:
+    """Draws the measured runs and the fits saved in fit.json (never refits)."""
+    from .fit import load_fits
     from .plot import plot_all
 
-    for path in plot_all(df, fits, sweep / "plots", budgets=args.budget if args.budget != [1e18, 1e20, 1e22] else None):
-        print(f"wrote {path}")
+    data = _usable(df, args.include_incomplete)
+    data = data[data["loss"].map(math.isfinite)]
+    if data.empty:
+        raise ValueError("no complete run with a finite loss to plot (`submit` and `collect` first, or --include-incomplete)")
+    path = sweep / "fit.json"
+    fits = {}
+    if path.is_file():
+        fits = load_fits(path)
+        for layer, fit in fits.items():
+            n = int((data["layer"] == layer).sum())
+            if n != fit.n_points:
+                print(f"warning: {layer}: fit.json was fitted to {fit.n_points} runs, {n} are usable now: "
+                      f"re-run `fit` to update it", file=sys.stderr)
+    else:
+        print(f"note: no {path}: plotting the measured runs only (run `fit` to draw the fits)", file=sys.stderr)
+    for out in plot_all(data, fits, sweep / "plots", budgets=args.budget):
+        print(f"wrote {out}")
     return 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from scipy.optimize import minimize
@@ -159,6 +159,20 @@ def fit_chinchilla(N, D, L, *, delta: float = HUBER_DELTA, grid: dict | None = N
     return out
 
 
+def unbracketed(fit: ScalingFit, n_range, c_range, budgets=(), factor: float = 2.0) -> list[tuple[float, float]]:
+    """(C, N_opt) where the sweep does not bracket the compute-optimal model: N_opt(C) lies more than
+    ``factor`` outside the swept N range, for the largest swept compute and for each budget C within
+    ``factor`` of the swept compute range (far beyond it, N_opt outside the range is the point of
+    extrapolating). Such an N_opt is an extrapolation of the fit: sizes near it belong in the sweep."""
+    (n_lo, n_hi), (c_lo, c_hi) = n_range, c_range
+    out = []
+    for C in sorted({float(c_hi), *(float(c) for c in budgets if c_lo / factor <= c <= c_hi * factor)}):
+        n_opt = float(fit.compute_optimal(C)[0])
+        if np.isfinite(n_opt) and not n_lo / factor <= n_opt <= n_hi * factor:
+            out.append((C, n_opt))
+    return out
+
+
 def synthetic_losses(params, N, D, noise: float = 0.0, seed: int = 0) -> np.ndarray:
     """Losses from known (E, A, B, α, β) with multiplicative log-normal noise (for tests)."""
     E, A, B, alpha, beta = params
@@ -166,15 +180,22 @@ def synthetic_losses(params, N, D, noise: float = 0.0, seed: int = 0) -> np.ndar
     return L * np.exp(noise * np.random.default_rng(seed).standard_normal(np.shape(L)))
 
 
-def save_fits(fits: dict, budgets, path) -> dict:
-    """fit.json: per group the parameters, CIs and compute-optimal N, D for each budget."""
+def save_fits(fits: dict, budgets, path, swept: dict | None = None) -> dict:
+    """fit.json: per group the parameters, CIs and compute-optimal N, D for each budget; with ``swept``
+    (group -> {"N": [lo, hi], "C": [lo, hi]}, the measured ranges) also those ranges and, per budget,
+    whether N_opt lies inside the swept N range."""
     doc = {}
     for group, fit in fits.items():
         d = fit.to_dict()
+        rng = (swept or {}).get(group)
+        if rng:
+            d["swept"] = rng
         d["compute_optimal"] = []
         for C in budgets:
             n, dd = fit.compute_optimal(C)
             row = {"C": C, "N_opt": float(n), "D_opt": float(dd), "loss": float(fit.loss(n, dd))}
+            if rng:
+                row["N_opt_in_swept_range"] = bool(rng["N"][0] <= n <= rng["N"][1])
             if f"N_opt@{C:g}" in fit.ci:
                 row["N_opt_ci"], row["D_opt_ci"] = fit.ci[f"N_opt@{C:g}"], fit.ci[f"D_opt@{C:g}"]
             d["compute_optimal"].append(row)
@@ -187,4 +208,5 @@ def save_fits(fits: dict, budgets, path) -> dict:
 def load_fits(path) -> dict:
     with open(path, encoding="utf-8") as f:
         doc = json.load(f)
-    return {g: ScalingFit(**{k: v for k, v in d.items() if k != "compute_optimal"}) for g, d in doc["fits"].items()}
+    names = {f.name for f in fields(ScalingFit)}
+    return {g: ScalingFit(**{k: v for k, v in d.items() if k in names}) for g, d in doc["fits"].items()}

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -81,6 +84,52 @@ def count_params(model) -> tuple[int, int]:
     return total - emb - (head.weight.numel() if untied else 0), total
 
 
+def suggest_sizes(targets, layer: str, base_model: str = "tiny", vocab_size: int = 0,
+                  aspect: float = 64.0) -> list[tuple[str, int]]:
+    """For each target N (non-embedding parameters), the ``WIDTHxDEPTH`` size nearest to it in log N,
+    shaped like the sweep (width / depth within 2× of ``aspect``, ties to the closer shape), and its N;
+    duplicates dropped. N is linear in the depth for a width (two models per width, built on the meta
+    device: no memory, milliseconds each); the chosen size's N is then counted exactly."""
+    import torch
+
+    from models import MemoryLMForCausalLM
+
+    vocab = {"vocab_size": vocab_size} if vocab_size else {}
+
+    def n_of(width: int, depth: int) -> int:
+        with torch.device("meta"):
+            return count_params(MemoryLMForCausalLM(model_config(f"{width}x{depth}", layer, base_model, **vocab)))[0]
+
+    per_width = {}  # width -> (N of one more block, N of the rest)
+
+    def n_est(width: int, depth: int) -> float:
+        if width not in per_width:
+            one, two = n_of(width, 1), n_of(width, 2)
+            per_width[width] = (two - one, 2 * one - two)
+        block, rest = per_width[width]
+        return depth * block + rest
+
+    out: list[tuple[str, int]] = []
+    for target in targets:
+        best, best_score = None, math.inf
+        for width in range(64, 64 * 256 + 1, 64):
+            depths = range(max(1, math.ceil(width / (2 * aspect))), int(2 * width / aspect) + 1)
+            if not depths:
+                continue
+            if n_est(width, depths[0]) > 2 * target:
+                break
+            for depth in depths:
+                n = n_est(width, depth)
+                score = abs(math.log(n / target)) + 0.1 * abs(math.log(width / depth / aspect))
+                if score < best_score:
+                    best, best_score = (width, depth), score
+        if best is not None:
+            found = (f"{best[0]}x{best[1]}", n_of(*best))
+            if found not in out:
+                out.append(found)
+    return out
+
+
 def _parse_tokens(text: str) -> list[int]:
     try:
         return [int(float(t)) for t in text.split(",") if t.strip()]
@@ -93,47 +142,98 @@ def plan(sweep_dir, sizes: list[str], tokens: list[int], layers: list[str], *, d
          warmup_fraction: float = 0.05, schedule: str = "cosine", eval_every: int = 0, save_every: int = 0,
          seed: int = 0, base_model: str = "tiny", vocab_size: int = 0, base_config: str | None = None, extra: dict | None = None,
          overwrite: bool = False) -> dict:
-    """Writes the sweep and returns its manifest (see the module docstring)."""
+    """Writes the sweep and returns its manifest (see the module docstring).
+
+    Everything is checked before anything is written, and the files are written to a temporary folder
+    next to SWEEP that then takes SWEEP's place (or, re-planning with ``overwrite``, is moved into it,
+    keeping the runs' outputs): a refused or failed plan leaves SWEEP as it was. Runs get
+    ``precision: auto`` (bf16 on a GPU, fp32 on CPU: decided where each run runs) unless ``base_config``
+    or ``extra`` say otherwise.
+    """
+    from pretrain.config import ConfigError, TrainConfig, load_config_file
+
     sweep = Path(sweep_dir).absolute()
     if (sweep / "sweep.json").exists() and not overwrite:
         raise PlanError(f"{sweep}/sweep.json exists (pass --overwrite to re-plan; finished runs are kept)")
+    if sweep.exists() and not sweep.is_dir():
+        raise PlanError(f"{sweep} exists and is not a folder")
     if not sizes or not tokens or not layers:
         raise PlanError("need at least one size, one token budget and one memory layer")
-    base = {}
-    if base_config:
-        from pretrain.config import load_config_file
-
-        base = load_config_file(base_config)
+    if min(tokens) < 1:
+        raise PlanError(f"token budgets must be ≥ 1, got {tokens}")
+    try:
+        base = load_config_file(base_config) if base_config else {}
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
     tokens_per_step = seq_len * micro_batch * grad_accum * nproc
+    # ---------------------------------------------------------------- check everything
+    vocab = {"vocab_size": vocab_size} if vocab_size else {}
+    models = {(layer, size): model_config(size, layer, base_model, **vocab) for layer in layers for size in sizes}
     runs = []
-    for layer in layers:
-        for size in sizes:
-            cfg = model_config(size, layer, base_model, **({"vocab_size": vocab_size} if vocab_size else {}))
-            model_dir = sweep / "models" / f"{layer}-{size}"  # one initialisation shared by the budgets
-            n, n_total = write_model(cfg, model_dir, seed)
-            for budget in tokens:
-                steps = max(1, math.ceil(budget / tokens_per_step))
-                name = f"{layer}-{size}-d{budget:.0e}".replace("+", "")
-                run_dir = sweep / "runs" / name
-                run_dir.mkdir(parents=True, exist_ok=True)
-                train = {**base, **(extra or {}),
-                         "model": str(model_dir), "data": data, "out": str(run_dir), "steps": steps,
-                         "seq_len": seq_len, "micro_batch": micro_batch, "grad_accum": grad_accum, "lr": lr,
-                         "schedule": schedule, "warmup": max(1, int(warmup_fraction * steps)), "seed": seed,
-                         "eval_every": eval_every or steps, "save_every": save_every or max(1, steps // 4)}
-                (run_dir / "train_config.json").write_text(json.dumps(train, indent=2) + "\n")
-                runs.append({"name": name, "size": size, "layer": layer, "n_params": n, "n_params_total": n_total,
-                             "tokens_budget": budget, "tokens": steps * tokens_per_step, "steps": steps,
-                             "flops_6nd": 6.0 * n * steps * tokens_per_step,
-                             "dir": str(run_dir), "config": str(run_dir / "train_config.json")})
+    for (layer, size) in models:
+        model_dir = sweep / "models" / f"{layer}-{size}"  # one initialisation shared by the budgets
+        for budget in tokens:
+            steps = max(1, math.ceil(budget / tokens_per_step))
+            name = f"{layer}-{size}-d{budget:.0e}".replace("+", "")
+            run_dir = sweep / "runs" / name
+            train = {"precision": "auto", **base, **(extra or {}),
+                     "model": str(model_dir), "data": data, "out": str(run_dir), "steps": steps,
+                     "seq_len": seq_len, "micro_batch": micro_batch, "grad_accum": grad_accum, "lr": lr,
+                     "schedule": schedule, "warmup": max(1, int(warmup_fraction * steps)), "seed": seed,
+                     "eval_every": eval_every or steps, "save_every": save_every or max(1, steps // 4)}
+            try:
+                TrainConfig(**train).validate()
+            except (ConfigError, TypeError) as exc:
+                raise PlanError(f"run {name}: {exc}") from None
+            runs.append({"name": name, "size": size, "layer": layer, "tokens_budget": budget,
+                         "tokens": steps * tokens_per_step, "steps": steps,
+                         "dir": str(run_dir), "config": str(run_dir / "train_config.json"), "_train": train})
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise PlanError("two runs got the same name: give distinct sizes and token budgets")
-    manifest = {"version": 1, "nproc": nproc, "tokens_per_step": tokens_per_step, "sizes": sizes, "tokens": tokens,
-                "layers": layers, "runs": runs}
-    (sweep / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (sweep / "runs.txt").write_text("".join(n + "\n" for n in names))
+    # ---------------------------------------------------------------- write to a temporary folder
+    sweep.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{sweep.name}.plan-", dir=sweep.parent))
+    try:
+        counts = {key: write_model(cfg, stage / "models" / f"{key[0]}-{key[1]}", seed) for key, cfg in models.items()}
+        for r in runs:
+            n, n_total = counts[(r["layer"], r["size"])]
+            r.update(n_params=n, n_params_total=n_total, flops_6nd=6.0 * n * r["tokens"])
+            (stage / "runs" / r["name"]).mkdir(parents=True)
+            (stage / "runs" / r["name"] / "train_config.json").write_text(json.dumps(r.pop("_train"), indent=2) + "\n")
+        keys = ("name", "size", "layer", "n_params", "n_params_total", "tokens_budget", "tokens", "steps", "flops_6nd",
+                "dir", "config")
+        runs = [{k: r[k] for k in keys} for r in runs]
+        manifest = {"version": 1, "nproc": nproc, "tokens_per_step": tokens_per_step, "sizes": sizes, "tokens": tokens,
+                    "layers": layers, "base_model": base_model, "vocab_size": vocab_size, "runs": runs}
+        (stage / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (stage / "runs.txt").write_text("".join(n + "\n" for n in names))
+        _move_into_place(stage, sweep)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+def _move_into_place(stage: Path, sweep: Path) -> None:
+    """A new SWEEP: one rename. An existing one: every model folder and run config replaced (the runs'
+    outputs stay), runs.txt, and sweep.json last."""
+    try:
+        stage.rename(sweep)  # fails if SWEEP exists and is not empty
+        return
+    except OSError:
+        if not sweep.is_dir():
+            raise
+    for model in sorted((stage / "models").iterdir()):
+        dest = sweep / "models" / model.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest.rename(stage / f"old-{model.name}")
+        model.rename(dest)
+    for run in sorted((stage / "runs").iterdir()):
+        (sweep / "runs" / run.name).mkdir(parents=True, exist_ok=True)
+        os.replace(run / "train_config.json", sweep / "runs" / run.name / "train_config.json")
+    os.replace(stage / "runs.txt", sweep / "runs.txt")
+    os.replace(stage / "sweep.json", sweep / "sweep.json")
 
 
 def load_manifest(sweep_dir) -> dict:

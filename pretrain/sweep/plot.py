@@ -1,16 +1,24 @@
-"""plot: PNG figures of a sweep, one panel per memory-layer type.
+"""plot: PNG figures of a sweep, one panel per memory-layer type; the fits come from fit.json.
 
-    loss_vs_flops.png  final loss against training FLOPs (C = 6 N D) for each model size (points joined
-                       by size), the fitted L(N, C / 6N) of each size (dashed) and the fitted
-                       compute-optimal frontier min_N L(N, C / 6N) (black)
-    isoflop.png        iso-FLOP curves: for a few budgets C, the fitted loss against N along D = C / 6N,
-                       runs within a factor 1.5 of the budget as points, and the optimum N_opt(C) (star)
+    loss_vs_flops.png  the measured runs (final loss against training FLOPs C = 6 N D, one colour per
+                       model size), each size's fitted L(N, C / 6N) and the fitted compute-optimal
+                       frontier min_N L(N, C / 6N) (black)
+    isoflop.png        the measured runs (loss against N, coloured by their C) and, for a few budgets C
+                       in the measured range (or ``--budget``), the fitted loss along D = C / 6N with
+                       its optimum N_opt(C) (star)
+
+A fitted curve is solid where it interpolates (a size's curve over the FLOPs that size was run at; the
+frontier and the iso-FLOP curves over the swept N) and dashed where it extrapolates. The axes frame
+the measured runs: a curve leaving the frame is cut, never the data squashed.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+MARGIN = 1.15  # the loss axis spans the measured losses ×/÷ this
+X_PAD = 3.0  # the FLOPs / N axis spans the measured range ×/÷ this
 
 
 def _plt():
@@ -22,70 +30,104 @@ def _plt():
     return plt
 
 
-def _frontier(fit, C):
-    n, d = fit.compute_optimal(C)
-    return fit.loss(n, d)
+def _split(ax, x, y, inside, color, label=None, **kw):
+    """Plots y(x) solid where ``inside`` and dashed elsewhere (extrapolation)."""
+    y = np.where(np.isfinite(y), y, np.nan)
+    ax.plot(x, np.where(inside, y, np.nan), "-", color=color, label=label, **kw)
+    ax.plot(x, np.where(inside, np.nan, y), "--", color=color, **kw)
 
 
-def plot_loss_vs_flops(df, fits: dict, path) -> Path:
-    plt = _plt()
+def _frame(ax, x, loss):
+    """Axis limits around the measured points only."""
+    x, loss = np.asarray(x, float), np.asarray(loss, float)
+    ax.set_xlim(x.min() / X_PAD, x.max() * X_PAD)
+    ax.set_ylim(loss.min() / MARGIN, loss.max() * MARGIN)
+
+
+def _panels(plt, df):
     groups = sorted(df["layer"].unique())
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, layer in zip(axes[0], groups):
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
+    return fig, list(zip(axes[0], groups))
+
+
+def loss_vs_flops_figure(df, fits: dict):
+    plt = _plt()
+    fig, panels = _panels(plt, df)
+    for ax, layer in panels:
         sub = df[df["layer"] == layer]
+        fit = fits.get(layer)
         cmap = plt.get_cmap("viridis")
         sizes = sorted(sub["size"].unique(), key=lambda s: sub[sub["size"] == s]["n_params"].iloc[0])
-        c_lo, c_hi = sub["flops_6nd"].min() / 3, sub["flops_6nd"].max() * 3
-        grid = np.geomspace(c_lo, c_hi, 200)
-        fit = fits.get(layer)
+        grid = np.geomspace(sub["flops_6nd"].min() / X_PAD, sub["flops_6nd"].max() * X_PAD, 300)
         for k, size in enumerate(sizes):
             s = sub[sub["size"] == size].sort_values("flops_6nd")
             color = cmap(k / max(1, len(sizes) - 1))
             n = s["n_params"].iloc[0]
-            ax.plot(s["flops_6nd"], s["loss"], "o-", color=color, label=f"{size} (N={n / 1e6:.2g}M)")
+            ax.plot(s["flops_6nd"], s["loss"], "o", color=color, ms=6, mec="k", mew=0.5, zorder=3,
+                    label=f"{size} (N={n:.3g})")
             if fit is not None:
-                ax.plot(grid, fit.loss(n, grid / (6 * n)), "--", color=color, alpha=0.7)
+                inside = (grid >= s["flops_6nd"].min()) & (grid <= s["flops_6nd"].max())
+                _split(ax, grid, fit.loss(n, grid / (6 * n)), inside, color, alpha=0.8, lw=1.2)
         if fit is not None:
-            ax.plot(grid, _frontier(fit, grid), "k-", lw=2,
-                    label=f"frontier: E={fit.E:.2f}, α={fit.alpha:.2f}, β={fit.beta:.2f}")
+            n_opt, d_opt = fit.compute_optimal(grid)
+            inside = (n_opt >= sub["n_params"].min()) & (n_opt <= sub["n_params"].max())
+            _split(ax, grid, fit.loss(n_opt, d_opt), inside, "k", lw=2,
+                   label=f"fitted frontier (E={fit.E:.3g}, α={fit.alpha:.2f}, β={fit.beta:.2f})")
+            ax.plot([], [], "k--", lw=1.2, label="dashed: extrapolated")
         ax.set(xscale="log", yscale="log", xlabel="training FLOPs C = 6ND", ylabel="final loss", title=layer)
+        _frame(ax, sub["flops_6nd"], sub["loss"])
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
-def plot_isoflop(df, fits: dict, path, budgets=None, tolerance: float = 1.5) -> Path:
+def isoflop_figure(df, fits: dict, budgets=None):
+    from matplotlib.colors import LogNorm
+
     plt = _plt()
-    groups = sorted(df["layer"].unique())
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-    for ax, layer in zip(axes[0], groups):
+    fig, panels = _panels(plt, df)
+    cmap = plt.get_cmap("plasma")
+    for ax, layer in panels:
         sub = df[df["layer"] == layer]
         fit = fits.get(layer)
-        cs = budgets if budgets is not None else np.geomspace(sub["flops_6nd"].min(), sub["flops_6nd"].max(), 4)
-        n_lo, n_hi = sub["n_params"].min() / 4, sub["n_params"].max() * 4
-        cmap = plt.get_cmap("plasma")
-        for k, C in enumerate(cs):
-            color = cmap(k / max(1, len(cs)))
-            near = sub[(sub["flops_6nd"] > C / tolerance) & (sub["flops_6nd"] < C * tolerance)]
-            ax.plot(near["n_params"], near["loss"], "o", color=color)
-            if fit is not None:
-                n_opt, d_opt = fit.compute_optimal(C)
-                n = np.geomspace(min(n_lo, n_opt / 4), max(n_hi, n_opt * 4), 200)
-                ax.plot(n, fit.loss(n, C / (6 * n)), "-", color=color, label=f"C={C:.2g}")
-                ax.plot([n_opt], [fit.loss(n_opt, d_opt)], "*", color=color, ms=14, mec="k")
-        ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="loss", title=f"{layer}: iso-FLOP")
+        c = sub["flops_6nd"].to_numpy(float)
+        cs = list(budgets) if budgets else list(np.geomspace(c.min(), c.max(), 4))
+        norm = LogNorm(min(c.min(), *cs), max(c.max(), *cs) * 1.0001)
+        points = ax.scatter(sub["n_params"], sub["loss"], c=c, cmap=cmap, norm=norm, s=36, edgecolors="k",
+                            linewidths=0.5, zorder=3, label="measured runs")
+        n_lo, n_hi = sub["n_params"].min(), sub["n_params"].max()
+        n = np.geomspace(n_lo / X_PAD, n_hi * X_PAD, 300)
+        if fit is not None:
+            for C in cs:
+                color = cmap(norm(C))
+                n_opt, d_opt = (float(v) for v in fit.compute_optimal(C))
+                shown = n_lo / X_PAD <= n_opt <= n_hi * X_PAD
+                label = f"C={C:.2g}: " + (f"N_opt={n_opt:.2g}" + ("" if shown else " (off the plot)")
+                                          if np.isfinite(n_opt) else "no finite N_opt")
+                _split(ax, n, fit.loss(n, C / (6 * n)), (n >= n_lo) & (n <= n_hi), color, label=label, lw=1.5)
+                if shown:
+                    ax.plot([n_opt], [fit.loss(n_opt, d_opt)], "*", color=color, ms=14, mec="k", zorder=4)
+            ax.plot([], [], "k--", lw=1.2, label="dashed: extrapolated")
+        fig.colorbar(points, ax=ax, label="run's C = 6ND")
+        ax.set(xscale="log", yscale="log", xlabel="parameters N (non-embedding)", ylabel="final loss",
+               title=f"{layer}: iso-FLOP")
+        _frame(ax, sub["n_params"], sub["loss"])
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def _save(fig, path) -> Path:
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plt().close(fig)
     return Path(path)
 
 
 def plot_all(df, fits: dict, out_dir, budgets=None) -> list[Path]:
+    """Writes OUT_DIR/loss_vs_flops.png and isoflop.png; ``fits``: layer → ScalingFit (may be empty)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [plot_loss_vs_flops(df, fits, out / "loss_vs_flops.png"), plot_isoflop(df, fits, out / "isoflop.png", budgets)]
+    return [_save(loss_vs_flops_figure(df, fits), out / "loss_vs_flops.png"),
+            _save(isoflop_figure(df, fits, budgets), out / "isoflop.png")]

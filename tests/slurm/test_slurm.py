@@ -51,7 +51,8 @@ def _log(tmp, job):
 STEPS = 120
 ARGS = ["--model", "test", "--data", "synthetic", "--steps", str(STEPS), "--seq-len", "32", "--micro-batch", "2",
         "--grad-accum", "1", "--tp", "1", "--cp", "1", "--zero-stage", "1", "--precision", "fp32", "--lr", "1e-3",
-        "--warmup", "5", "--save-every", "50", "--seed", "0", "--eval-every", "60", "--no-tensorboard"]
+        "--schedule", "cosine", "--warmup", "5", "--save-every", "50", "--seed", "0", "--eval-every", "60",
+        "--eval-batches", "4", "--no-activation-checkpointing", "--no-tensorboard"]
 ENV = {"NPROC_PER_NODE": "2", "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable}
 
 
@@ -69,6 +70,7 @@ def plain_run(slurm):
     log = _log(tmp, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert "2 processes, torchrun" in log and "training test" in log, log
+    assert (tmp / "run" / "logs" / f"slurm-memtrain-1b-{job}.out").read_text() == log  # the copy under the run
     losses = _losses(tmp / "run")
     assert sorted(losses) == list(range(1, STEPS + 1)), log
     assert (tmp / "run" / "checkpoints" / "latest").is_file()
@@ -81,6 +83,48 @@ def plain_run(slurm):
 
 def test_pretrain_1b_sh_uninterrupted_run(plain_run):
     assert len(plain_run) == STEPS
+
+
+def _config_lines(log: str) -> list[dict]:
+    return [json.loads(line.split(" ", 1)[1]) for line in log.splitlines() if line.startswith("CONFIG ")]
+
+
+def test_pretrain_1b_sh_gpus_per_node_0_runs_the_1b_yaml_recipe(slurm, tmp_path):
+    """The override for a CPU partition (`sbatch --gpus-per-node=0`, no NPROC_PER_NODE) starts one
+    process per node, which gets configs/runs/1b.yaml (eval included) + DATA + RUN_DIR + later flags;
+    no output file lands in the submit directory (the log is under RUN_DIR/logs)."""
+    from pretrain.config import TrainConfig, load_config_file
+
+    submit_dir = tmp_path / "checkout"
+    submit_dir.mkdir()
+    run = tmp_path / "run"
+    job = slurm.sbatch(["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", str(REPO / "slurm" / "pretrain_1b.sh"),
+                        "--steps", "7"],
+                       env={"DS_ACCELERATOR": "cpu", "PYTHON": sys.executable, "RUN_DIR": str(run), "DATA": "synthetic",
+                            "TRAIN_MODULE": "tests.slurm.print_config"}, cwd=submit_dir)
+    info = slurm.wait(job, timeout=120)
+    log = (run / "logs" / f"slurm-memtrain-1b-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert list(submit_dir.iterdir()) == [], log
+    assert "1 node(s) x 1 = 1 processes" in log, log
+    (got,) = _config_lines(log)
+    assert got["rank"] == 0 and got["world"] == 1
+    recipe = load_config_file(REPO / "configs" / "runs" / "1b.yaml")
+    assert recipe["eval_every"] > 0
+    want = TrainConfig(**{**recipe, "data": "synthetic", "out": str(run), "steps": 7}).to_dict()
+    assert got["config"] == want
+
+
+@pytest.mark.parametrize("nproc", ["0", "two"])
+def test_pretrain_sh_refuses_a_bad_process_count(slurm, tmp_path, nproc):
+    job = slurm.sbatch([str(REPO / "slurm" / "pretrain.sh"), "--steps", "3"],
+                       env={"PYTHON": sys.executable, "RUN_DIR": str(tmp_path / "run"), "NPROC_PER_NODE": nproc,
+                            "TRAIN_MODULE": "tests.slurm.print_config"}, cwd=tmp_path)
+    info = slurm.wait(job, timeout=60)
+    log = (tmp_path / "run" / "logs" / f"slurm-memtrain-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert f"pretrain.sh: error: processes per node from NPROC_PER_NODE: '{nproc}' is not a whole number" in log, log
+    assert not _config_lines(log), log  # nothing was launched
 
 
 def test_pretrain_sh_requeue_resumes_with_the_same_losses(slurm, plain_run, tmp_path):
@@ -132,6 +176,9 @@ def test_tiny_sweep_local_then_slurm_array(slurm, tmp_path, monkeypatch):
     df = pd.read_csv(sweep / "results.csv")
     assert len(df) == 6 and df["complete"].all() and df["final_val_loss"].notna().all(), df.to_string()
     assert df["flops_logged"].gt(0).all()
+    for run in df["name"]:  # planned as precision auto: fp32 on this CPU (bf16 autocast on CPU is slow and inexact)
+        assert json.loads((sweep / "runs" / run / "train_config.json").read_text())["precision"] == "auto"
+        assert json.loads((sweep / "runs" / run / "config.json").read_text())["precision"] == "fp32"
     assert cli.main(["fit", "--sweep", str(sweep), "--bootstrap", "4", "--starts", "8"]) == 0
     assert "ttt_linear" in json.loads((sweep / "fit.json").read_text())["fits"]
     assert cli.main(["plot", "--sweep", str(sweep)]) == 0

@@ -2,6 +2,7 @@
 synthetic metrics (no training); the plots are valid PNGs."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,8 +95,11 @@ def test_plan_collect_fit_plot(tmp_path, capsys):
     sizes = {r["size"]: r["n_params"] for r in manifest["runs"] if r["layer"] == "ttt_linear"}
     assert sizes["64x1"] < sizes["64x2"] < sizes["128x2"] < sizes["192x3"]
 
-    # nothing trained yet: collect shows incomplete runs, fit finds nothing to fit
+    # nothing trained yet: collect shows incomplete runs, fit finds nothing to fit, plot nothing to draw
     assert cli.main(["collect", "--sweep", str(sweep)]) == 0
+    capsys.readouterr()
+    assert cli.main(["plot", "--sweep", str(sweep)]) == 2
+    assert capsys.readouterr().err.startswith("error: no complete run with a finite loss to plot")
     params = (2.0, 40.0, 60.0, 0.4, 0.35)
     _fake_metrics(manifest, params)
     assert cli.main(["collect", "--sweep", str(sweep)]) == 0
@@ -107,9 +111,12 @@ def test_plan_collect_fit_plot(tmp_path, capsys):
     assert np.allclose(df["flops_6nd"], 6 * df["n_params"] * df["tokens"])
 
     capsys.readouterr()
+    assert cli.main(["plot", "--sweep", str(sweep)]) == 0  # no fit.json yet: the runs alone
+    assert "plotting the measured runs only" in capsys.readouterr().err
     assert cli.main(["fit", "--sweep", str(sweep), "--bootstrap", "8", "--starts", "16", "--budget", "1e15"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "ttt_linear: L =" in out and "C=1e+15: N_opt=" in out
+    assert "warning" not in err, err  # the generating law's optimum lies inside the swept sizes
     fits = load_fits(sweep / "fit.json")
     for layer in ("ttt_linear", "attention"):
         # the fit reproduces the generating law over the sweep's range
@@ -136,3 +143,158 @@ def test_plan_rejects_unknown_layer_and_size(tmp_path, capsys):
     assert "not implemented" in capsys.readouterr().err
     assert cli.main(["plan", "--sweep", str(tmp_path / "b"), "--sizes", "100x2", "--tokens", "1e4"]) == 2
     assert "multiple of 64" in capsys.readouterr().err
+
+
+PLAN = ["--sizes", "64x1,64x2", "--tokens", "1e4,3e4", "--seq-len", "64", "--micro-batch", "4"]
+
+
+def test_refused_plan_leaves_nothing_behind(tmp_path, capsys):
+    """A size refused after others were fine (96 is no multiple of 64) writes nothing: no sweep folder,
+    no temporary folder; re-planning an existing sweep with it leaves that sweep as it was."""
+    sweep = tmp_path / "sweep"
+    assert cli.main(["plan", "--sweep", str(sweep), "--sizes", "64x1,64x2,96x2", "--tokens", "1e4"]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN]) == 0
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN, "--lr", "5e-3", "--layers", "ttt_linear,nope", "--overwrite"]) == 2
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
+def test_plan_failing_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
+    from pretrain.sweep import plan as plan_mod
+
+    real, calls = plan_mod.write_model, []
+
+    def flaky(config, folder, seed):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(config, folder, seed)
+
+    monkeypatch.setattr(plan_mod, "write_model", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        plan_mod.plan(tmp_path / "sweep", ["64x1", "64x2"], [10_000], ["ttt_linear"], seq_len=64, micro_batch=4)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_replan_overwrite_keeps_the_runs_outputs(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN]) == 0
+    run = json.loads((sweep / "sweep.json").read_text())["runs"][0]
+    (Path(run["dir"]) / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert cli.main(["plan", "--sweep", str(sweep), *PLAN, "--lr", "5e-3", "--overwrite"]) == 0
+    cfg = json.loads(Path(run["config"]).read_text())
+    assert cfg["lr"] == 5e-3 and cfg["precision"] == "auto"  # decided where the run runs: fp32 on CPU, bf16 on GPU
+    assert (Path(run["dir"]) / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    assert sorted(p.name for p in (sweep / "models").iterdir()) == ["ttt_linear-64x1", "ttt_linear-64x2"]
+
+
+FAR = (2.0, 400.0, 20.0, 0.4, 0.35)  # a law whose compute-optimal N (~3e6) lies far above the swept 5e4–4e5
+
+
+@pytest.fixture(scope="module")
+def far_sweep(tmp_path_factory):
+    """6 runs (3 sizes × 2 budgets) with metrics from FAR, collected and fitted (stdout, stderr kept)."""
+    import contextlib
+    import io
+
+    sweep = tmp_path_factory.mktemp("far") / "sweep"
+    assert cli.main(["plan", "--sweep", str(sweep), "--sizes", "64x1,64x2,128x2", "--tokens", "1e4,3e4",
+                     "--seq-len", "64", "--micro-batch", "4"]) == 0
+    _fake_metrics(json.loads((sweep / "sweep.json").read_text()), FAR, noise=0.0)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli.main(["collect", "--sweep", str(sweep)]) == 0
+        assert cli.main(["fit", "--sweep", str(sweep), "--bootstrap", "0", "--starts", "4", "--budget", "1e11"]) == 0
+    return sweep, out.getvalue(), err.getvalue()
+
+
+def test_fit_prints_d_over_n_and_warns_when_the_optimum_is_outside_the_swept_range(far_sweep):
+    import re
+
+    sweep, out, err = far_sweep
+    doc = json.loads((sweep / "fit.json").read_text())["fits"]["ttt_linear"]
+    (row,) = doc["compute_optimal"]
+    ratio = row["D_opt"] / row["N_opt"]
+    assert 1e-4 < ratio < 1e-2 and f"D/N={ratio:.3g}" in out, out  # was printed as D/N=0.0
+    assert "(N_opt outside the swept N: extrapolated)" in out and row["N_opt_in_swept_range"] is False
+    n_lo, n_hi = doc["swept"]["N"]
+    assert row["N_opt"] > 4 * n_hi
+    assert "warning: ttt_linear: the sweep does not bracket the compute-optimal model" in err, err
+    sizes, ns = re.search(r"--sizes (\S+) \(N = ([^)]+)\)", err).groups()
+    ns = [float(n) for n in ns.split(", ")]
+    assert all(re.fullmatch(r"\d+x\d+", s) for s in sizes.split(",")) and len(ns) == len(sizes.split(","))
+    assert min(ns) < row["N_opt"] < max(ns), err  # the suggested sizes bracket the optimum
+
+
+def _line_data(line):
+    x, y = (np.asarray(v, float) for v in line.get_data())
+    keep = np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def test_plot_draws_the_runs_and_the_saved_fits_framed_on_the_data(far_sweep, monkeypatch, capsys):
+    import pandas as pd
+
+    from pretrain.sweep import fit as fit_mod
+    from pretrain.sweep.plot import isoflop_figure, loss_vs_flops_figure
+
+    sweep, _, _ = far_sweep
+
+    def no_refit(*a, **k):
+        raise AssertionError("plot must read fit.json, not fit again")
+
+    monkeypatch.setattr(fit_mod, "fit_chinchilla", no_refit)
+    assert cli.main(["plot", "--sweep", str(sweep)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    df = pd.read_csv(sweep / "results.csv")
+    fits = load_fits(sweep / "fit.json")
+
+    (ax,) = loss_vs_flops_figure(df, fits).axes
+    (y0, y1), (x0, x1) = ax.get_ylim(), ax.get_xlim()
+    assert y0 < df["loss"].min() and df["loss"].max() < y1 < 1.3 * df["loss"].max()  # the data, not the curves
+    assert x0 < df["flops_6nd"].min() and df["flops_6nd"].max() < x1
+    lines = ax.get_lines()
+    for size, s in df.groupby("size"):  # the measured points
+        assert any(l.get_marker() == "o" and sorted(_line_data(l)[0]) == sorted(s["flops_6nd"]) for l in lines), size
+    solid = [_line_data(l) for l in lines if l.get_linestyle() == "-" and l.get_marker() == "None"]
+    dashed = [_line_data(l) for l in lines if l.get_linestyle() == "--" and len(_line_data(l)[0])]
+    assert solid and dashed
+    assert max(y.max() for _, y in solid + dashed) > y1  # some fitted curve leaves the frame and is cut
+    for size, s in df.groupby("size"):  # each size's solid fit covers exactly its measured FLOPs
+        n = s["n_params"].iloc[0]
+        pred = fits["ttt_linear"].loss(n, s["flops_6nd"] / (6 * n))
+        np.testing.assert_allclose(pred, s["loss"], rtol=1e-3)
+        assert any(len(x) and x.min() >= s["flops_6nd"].min() and x.max() <= s["flops_6nd"].max()
+                   and np.allclose(y, fits["ttt_linear"].loss(n, x / (6 * n))) for x, y in solid), size
+
+    fig = isoflop_figure(df, fits)
+    ax = fig.axes[0]
+    (pts,) = ax.collections  # every measured run, at (N, loss)
+    assert sorted(map(tuple, pts.get_offsets().tolist())) == sorted(zip(df["n_params"], df["loss"]))
+    (y0, y1) = ax.get_ylim()
+    assert y0 < df["loss"].min() and df["loss"].max() < y1 < 1.3 * df["loss"].max()
+    assert any("off the plot" in t.get_text() for t in ax.get_legend().get_texts())  # N_opt ≈ 3e6 is beyond
+
+
+def test_fit_and_plot_of_a_degenerate_law(far_sweep, tmp_path, monkeypatch, capsys):
+    """A law with a negative exponent (as 6 noisy CPU runs can give) has no compute-optimal N: fit says
+    so instead of calling a NaN extrapolated, and plot still draws the runs and the per-size fits."""
+    import shutil
+
+    from pretrain.sweep.fit import ScalingFit
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(far_sweep[0], sweep)
+    degenerate = ScalingFit(E=5.5, A=0.31, B=2.9e-4, alpha=1.64, beta=-0.73, n_points=6)
+    monkeypatch.setattr(cli, "_fits_for", lambda df, args: {"ttt_linear": degenerate})
+    capsys.readouterr()
+    assert cli.main(["fit", "--sweep", str(sweep), "--budget", "1e11"]) == 0
+    out, err = capsys.readouterr()
+    assert "N_opt=nan" in out and "(no compute-optimal N: the fitted law has a non-positive" in out, out
+    assert "warning" not in err, err
+    assert cli.main(["plot", "--sweep", str(sweep)]) == 0
+    assert (sweep / "plots" / "isoflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
