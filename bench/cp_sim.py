@@ -405,9 +405,11 @@ def order_of_trace(trace_events: list[dict]) -> list[str]:
     for e in trace_events:
         if e.get("ph") == "M" or not _ordered(e["name"]):
             continue
-        t = e["ts"] + (e.get("dur", 0.0) if e["name"].startswith("recv") else 0.0)
-        keyed.append((t, e["name"]))
-    return [n for _, n in sorted(keyed)]
+        name = e["name"]
+        t = e["ts"] + (e.get("dur", 0.0) if name.startswith("recv") else 0.0)
+        tie = 0 if name.startswith("recv") else 2 if name.startswith("send") else 1  # equal times: program order
+        keyed.append((round(t, 3), tie, name))  # ns: the rounding of ts + dur must not reorder ties
+    return [n for _, _, n in sorted(keyed)]
 
 
 def _ordered(name: str) -> bool:
