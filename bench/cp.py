@@ -39,7 +39,8 @@ def build(args):
     cfg = preset_config("test", hidden_size=args.hidden, num_attention_heads=args.heads,
                         intermediate_size=int(args.hidden * 8 / 3) // 8 * 8, num_hidden_layers=args.layers,
                         vocab_size=args.vocab, max_position_embeddings=args.seq,
-                        mini_batch_size=args.mini_batch, memory_layer=args.layer, deltanet_chunk_size=64)
+                        mini_batch_size=args.mini_batch, memory_layer=args.layer, deltanet_chunk_size=64,
+                        layer_pattern=getattr(args, "layer_pattern", None))
     torch.manual_seed(0)
     return MemoryLMForCausalLM(cfg)
 
