@@ -152,3 +152,17 @@ def test_schedule_matches_a_traced_8_process_run():
         assert len(real) == 2 * L * (1 + (r > 0) + (r < P - 1))
         sends = [e for e in runs[r] if e["name"].startswith("send state")]
         assert all(e["args"]["bytes"] > 0 and e["args"]["peer"] in (r - 1, r + 1) for e in sends)
+
+
+def test_measure_block_costs_and_state_size():
+    """--calibrate-block: positive per-token costs, and the state is TTT-Linear's fast weights."""
+    import argparse
+
+    from bench.cp_sim import measure_block
+
+    args = argparse.Namespace(hidden=64, heads=4, layers=1, vocab=128, seq=32, mini_batch=8, layer="ttt_linear")
+    c = measure_block(args, 32, repeats=1)
+    d = 64 // 4
+    assert c.state_bytes == 4 * 4 * (d * d + d)  # W1 [H, d, d] + b1 [H, 1, d], float32, one sequence
+    assert min(c.pre_f, c.scan_f, c.scan_b, c.post_f, c.head_f) > 0
+    assert c.a2a_in_bytes == (3 * 64 + 4) * 4 and c.heads == 4
