@@ -686,6 +686,8 @@ def main(argv=None):
     p.add_argument("--node-size", type=int, default=Link.node_size)
     p.add_argument("--compute-scale", type=float, default=1.0,
                    help="divide every compute cost by this (e.g. a GPU's speed-up over the calibrating CPU)")
+    p.add_argument("--scan-scale", type=float, default=1.0,
+                   help="multiply the scan costs by this (a device whose scan is relatively slower: higher f)")
     p.add_argument("--op-overhead", type=float, default=0.0, help="fixed seconds added to every compute op")
     p.add_argument("--table", action="store_true", help="efficiency of every schedule at --seqs × --P")
     p.add_argument("--seqs", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
@@ -728,6 +730,8 @@ def main(argv=None):
         s = args.compute_scale
         c = dataclasses.replace(c, **{k: getattr(c, k) / s for k in
                                       ("pre_f", "pre_b", "scan_f", "scan_b", "post_f", "post_b", "head_f", "head_b")})
+    if args.scan_scale != 1.0:
+        c = dataclasses.replace(c, scan_f=c.scan_f * args.scan_scale, scan_b=c.scan_b * args.scan_scale)
     link = Link(args.latency, args.bandwidth, args.inter_latency, args.inter_bandwidth, args.node_size)
     if args.table:
         rows = table(c, link, args.layers, args.heads, args.seqs, args.P, args.M)
