@@ -608,7 +608,8 @@ def table(c: Costs, link: Link, L: int, heads: int, seqs, Ps, M: int) -> list[di
         for P in Ps:
             row = dict(T=T, P=P)
             row["pass"] = predict(c, Setup(T, L, heads, 1, P, 1, "pass"), link).efficiency
-            row["ulysses"] = predict(c, Setup(T, L, heads, P, 1, 1, "ulysses"), link).efficiency if heads % P == 0 else None
+            row["ulysses"] = (predict(c, Setup(T, L, heads, P, 1, 1, "ulysses"), link).efficiency
+                              if heads % P == 0 else None)
             b = best_2d(c, T, L, heads, P, link)
             row["2d"], row["2d_layout"] = b.efficiency, f"{b.P_h}x{b.P_s}"
             row["interleaved"] = predict(c, Setup(T, L, heads, 1, P, M, "interleaved"), link).efficiency
@@ -735,7 +736,8 @@ def main(argv=None):
     link = Link(args.latency, args.bandwidth, args.inter_latency, args.inter_bandwidth, args.node_size)
     if args.table:
         rows = table(c, link, args.layers, args.heads, args.seqs, args.P, args.M)
-        hdr = f"{'tokens':>8} {'P':>4} {'pass':>6} {'ulysses':>8} {'2d':>6} {'layout':>7} {'interl.':>8} {'2d+int.':>8} {'layout':>7}"
+        hdr = (f"{'tokens':>8} {'P':>4} {'pass':>6} {'ulysses':>8} {'2d':>6} {'layout':>7} {'interl.':>8} "
+               f"{'2d+int.':>8} {'layout':>7}")
         print(f"predicted step efficiency; L={args.layers}, heads={args.heads}, M={args.M} (interleaved); "
               f"scan share f={c.scan_share():.2f}")
         print(hdr)
