@@ -679,7 +679,8 @@ def main(argv=None):
     p.add_argument("--schedule", default="pass", choices=SCHEDULES)
     p.add_argument("--P", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128])
     p.add_argument("--P-h", type=int, default=None, help="2d: heads-group size (default: the best)")
-    p.add_argument("--M", type=int, default=8, help="micro-batches per step (interleaved)")
+    p.add_argument("--M", type=int, default=None,
+                   help="micro-batches per step, run interleaved (default: 8 for interleaved and --table, 1 for 2d)")
     p.add_argument("--latency", type=float, default=Link.latency)
     p.add_argument("--bandwidth", type=float, default=Link.bandwidth)
     p.add_argument("--inter-latency", type=float, default=Link.inter_latency)
@@ -734,7 +735,10 @@ def main(argv=None):
     if args.scan_scale != 1.0:
         c = dataclasses.replace(c, scan_f=c.scan_f * args.scan_scale, scan_b=c.scan_b * args.scan_scale)
     link = Link(args.latency, args.bandwidth, args.inter_latency, args.inter_bandwidth, args.node_size)
+    if args.M is not None and args.M < 1:
+        raise ValueError(f"--M must be at least 1, got {args.M}")
     if args.table:
+        args.M = args.M or 8
         rows = table(c, link, args.layers, args.heads, args.seqs, args.P, args.M)
         hdr = (f"{'tokens':>8} {'P':>4} {'pass':>6} {'ulysses':>8} {'2d':>6} {'layout':>7} {'interl.':>8} "
                f"{'2d+int.':>8} {'layout':>7}")
@@ -753,7 +757,8 @@ def main(argv=None):
         return rows
     preds = []
     for P in args.P:
-        P_h, P_s, M = layout(args.schedule, P, args.heads, args.P_h, args.M)
+        P_h, P_s, M = layout(args.schedule, P, args.heads, args.P_h,
+                             args.M or (8 if args.schedule == "interleaved" else 1))
         s = Setup(args.seq, args.layers, args.heads, P_h, P_s, M, args.schedule, args.op_overhead)
         pr, ev = predict(c, s, link, events=True)
         preds.append(pr)
