@@ -356,7 +356,7 @@ def predict(c: Costs, s: Setup, link: Link, events: bool = False):
     serial = max(e[-1].t1 for e in simulate(programs(c, serial_setup, link), link))
     busy = sum(e.t1 - e.t0 for r in ev for e in r if e.kind == "compute")
     pred = Prediction(s.schedule, s.P, s.P_h, s.P_s, s.M, step, serial, serial / (s.P * step),
-                      1 - busy / (s.P * step), float(s.M if s.schedule == "interleaved" else 1))
+                      1 - busy / (s.P * step), float(s.M))  # M micro-batches in flight
     return (pred, ev) if events else pred
 
 
