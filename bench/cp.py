@@ -3,6 +3,11 @@
     python -m bench.cp [--layers 4] [--seq 8192] [--hidden 128] [--heads 4] [--steps 5] [--json out.json]
     python -m bench.cp --layer gated_deltanet --mode prefix     # the all-gather + prefix-combine scheme
     python -m bench.cp --docs 300-1000     # packed documents: every block takes the block-state pass
+    python -m bench.cp --trace runs/cp_trace   # per-rank Chrome traces + merged trace.json (parallel/trace.py)
+
+``--trace DIR`` (or the environment variable MEMTRAIN_CP_TRACE=DIR) records every timed step of
+the CP=1 and CP=2 runs: DIR/cp{P}_rank{r}.json per rank and DIR/cp{P}.json merged (open in
+chrome://tracing or ui.perfetto.dev). Off by default: nothing is installed then.
 
 A training step is forward + backward of the whole LM (mean cross-entropy) on one sequence of
 ``--seq`` tokens. CP=1 runs the plain single-device model in one process; CP=2 runs
@@ -18,10 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 import torch.nn.functional as F
+
+
+LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "lact"]
 
 
 def build(args):
@@ -30,7 +39,8 @@ def build(args):
     cfg = preset_config("test", hidden_size=args.hidden, num_attention_heads=args.heads,
                         intermediate_size=int(args.hidden * 8 / 3) // 8 * 8, num_hidden_layers=args.layers,
                         vocab_size=args.vocab, max_position_embeddings=args.seq,
-                        mini_batch_size=args.mini_batch, memory_layer=args.layer, deltanet_chunk_size=64)
+                        mini_batch_size=args.mini_batch, memory_layer=args.layer, deltanet_chunk_size=64,
+                        layer_pattern=getattr(args, "layer_pattern", None))
     torch.manual_seed(0)
     return MemoryLMForCausalLM(cfg)
 
@@ -45,8 +55,9 @@ def _steps(step, n):
     return times
 
 
-def worker(args, cp: int):
-    """One rank of the CP=cp run (cp=1: the plain model, no process group needed)."""
+def setup(args, cp: int):
+    """(model, step) of one rank of the CP=cp run (cp=1: the plain model, no process group);
+    with ``args.trace`` a tracer is attached and each step records its forward/backward spans."""
     from parallel import cp_slice, causal_targets, global_mean_loss, init_parallel, parallel_cross_entropy, parallelize
 
     model = build(args).train()
@@ -60,27 +71,68 @@ def worker(args, cp: int):
         lo, hi = map(int, args.docs.split("-"))
         doc = {"doc_ids": packed_doc_ids(1, args.seq, lo, hi)}
     if cp == 1:
-        def step():
-            model.zero_grad(set_to_none=True)
+        def fwd():
             logits = model(ids, **doc, use_cache=False).logits
-            F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100).backward()
-        return _steps(step, args.steps)
+            return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        sync = (lambda: None)
+    else:
+        import torch.distributed as dist
 
-    import torch.distributed as dist
+        dims = init_parallel(tp=1, cp=cp)
+        parallelize(model, dims, cp_mode=args.mode)
+        ids_l, tgt_l = cp_slice(ids, dims), cp_slice(tgt, dims)
+        doc_l = {k: cp_slice(v, dims) for k, v in doc.items()}
 
-    dims = init_parallel(tp=1, cp=cp)
-    parallelize(model, dims, cp_mode=args.mode)
-    ids_l, tgt_l = cp_slice(ids, dims), cp_slice(tgt, dims)
-    doc_l = {k: cp_slice(v, dims) for k, v in doc.items()}
+        def fwd():
+            loss_sum, n = parallel_cross_entropy(model(ids_l, **doc_l).logits, tgt_l, dims)
+            return global_mean_loss(loss_sum, n, dims)
+        sync = dist.barrier  # a step starts together and ends when the slowest rank is done
+    tracer = None
+    if getattr(args, "trace", None):
+        from parallel.trace import attach_tracer
+
+        tracer = attach_tracer(model)
 
     def step():
-        dist.barrier()
+        sync()
         model.zero_grad(set_to_none=True)
-        loss_sum, n = parallel_cross_entropy(model(ids_l, **doc_l).logits, tgt_l, dims)
-        global_mean_loss(loss_sum, n, dims).backward()
-        dist.barrier()  # a step ends when the slowest rank is done
+        t0 = time.perf_counter()
+        loss = fwd()
+        t1 = time.perf_counter()
+        loss.backward()
+        if tracer is not None:
+            tracer.step_span("forward", t0, t1)
+            tracer.step_span("backward", t1, time.perf_counter())
+        sync()
 
-    return _steps(step, args.steps)
+    return model, step
+
+
+def save_trace(model, args, cp: int) -> None:
+    """This rank's trace as DIR/cp{cp}_rank{r}.json (merged by the parent: :func:`merge_run`)."""
+    import os
+
+    if getattr(args, "trace", None):
+        model._tracer.save(os.path.join(args.trace, f"cp{cp}_rank{model._tracer.rank}.json"))
+
+
+def merge_run(args, cp: int) -> str | None:
+    import os
+
+    from parallel.trace import merge_traces
+
+    if not getattr(args, "trace", None):
+        return None
+    return merge_traces([os.path.join(args.trace, f"cp{cp}_rank{r}.json") for r in range(cp)],
+                        os.path.join(args.trace, f"cp{cp}.json"))
+
+
+def worker(args, cp: int):
+    """One rank of the CP=cp run: its step times."""
+    model, step = setup(args, cp)
+    times = _steps(step, args.steps)
+    save_trace(model, args, cp)
+    return times
 
 
 def scan_fraction(args) -> float:
@@ -123,11 +175,13 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--mini-batch", type=int, default=16)
-    p.add_argument("--layer", default="ttt_linear", choices=["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet"])
+    p.add_argument("--layer", default="ttt_linear", choices=LAYERS)
     p.add_argument("--mode", default="pass", choices=["pass", "prefix"], help="CP scheme (prefix: DeltaNet family)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--docs", default="", metavar="MIN-MAX", help="pack documents of MIN–MAX tokens (doc_ids)")
     p.add_argument("--json", default=None)
+    p.add_argument("--trace", default=os.environ.get("MEMTRAIN_CP_TRACE") or None, metavar="DIR",
+                   help="write per-rank Chrome traces of the timed steps to DIR (default: $MEMTRAIN_CP_TRACE)")
     args = p.parse_args(argv)
 
     from parallel.launch import run_distributed
@@ -138,8 +192,13 @@ def main(argv=None):
     print("torch threads: 1 per rank in every CP run (plus CP=1 with 2 threads for reference)")
     # best of --steps (the machine is shared: the minimum is the least disturbed measurement)
     r1 = run_distributed(worker, 1, args=(args, 1), timeout=1200, threads=1)[0]
-    r1_2 = run_distributed(worker, 1, args=(args, 1), timeout=1200, threads=2)[0]
+    r1_2 = run_distributed(worker, 1, args=(argparse.Namespace(**{**vars(args), "trace": None}), 1),
+                           timeout=1200, threads=2)[0]
     r2 = [max(ts) for ts in zip(*run_distributed(worker, 2, args=(args, 2), timeout=1200, threads=1))]
+    for cp in (1, 2):
+        merged = merge_run(args, cp)
+        if merged:
+            print(f"trace: {merged}")
     t1, t1_2, t2 = min(r1), min(r1_2), min(r2)
     print("step times (s): CP=1 " + " ".join(f"{t:.3f}" for t in r1) + " | CP=1 2 threads "
           + " ".join(f"{t:.3f}" for t in r1_2) + " | CP=2 " + " ".join(f"{t:.3f}" for t in r2))

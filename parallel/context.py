@@ -56,6 +56,10 @@ def _pack(tensors, dtype):
     return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _unpack(flat, templates):
     sizes = [torch.Size(s).numel() for s, _ in templates]
     return [p.view(s).to(d).clone() for p, (s, d) in zip(flat.split(sizes), templates)]
@@ -85,10 +89,19 @@ class CPComm:
         self._dummy = {}
         self._callback_queued = False
         self.trace: list | None = None  # set to [] to record (event, layer, kind, time.perf_counter())
+        self.tracer = None  # a parallel.trace.Tracer (attach_tracer): per-rank Chrome-trace timeline
 
-    def record(self, event: str, tag: int) -> None:
+    @property
+    def timing(self) -> bool:
+        return self.tracer is not None
+
+    def record(self, event: str, tag: int, nbytes: int = 0, t0: float | None = None) -> None:
+        """``t0``: when a receive was posted (its wait is [t0, now])."""
         if self.trace is not None:
             self.trace.append((event, tag // 8, (tag // 2) % 4, time.perf_counter()))
+        if self.tracer is not None:
+            peer = self.next if event in ("send", "recv_grad") else self.prev
+            self.tracer.comm(event, tag // 8, (tag // 2) % 4, nbytes, peer, t0)
 
     @staticmethod
     def tag(layer: int, kind: int, backward: bool) -> int:
@@ -139,8 +152,9 @@ class _RecvPrev(torch.autograd.Function):
         wire = _wire_dtype([d for _, d in templates])
         ctx.wire = wire
         buf = torch.empty(sum(torch.Size(s).numel() for s, _ in templates), dtype=wire, device=dummy.device)
+        t0 = time.perf_counter() if comm.timing else None
         dist.recv(buf, src=comm.prev, group=comm.group, tag=tag)
-        comm.record("recv", tag)
+        comm.record("recv", tag, _nbytes(buf), t0)
         return tuple(_unpack(buf, templates))
 
     @staticmethod
@@ -148,7 +162,7 @@ class _RecvPrev(torch.autograd.Function):
         comm = ctx.comm
         buf = _pack(grads, ctx.wire)
         comm.keep(dist.isend(buf, dst=comm.prev, group=comm.group, tag=ctx.tag + 1), buf)
-        comm.record("send_grad", ctx.tag)
+        comm.record("send_grad", ctx.tag, _nbytes(buf))
         comm.queue_flush()
         return None, None, None, None
 
@@ -161,7 +175,7 @@ class _SendNext(torch.autograd.Function):
         ctx.wire = _wire_dtype([t.dtype for t in tensors])
         buf = _pack(tensors, ctx.wire)
         comm.keep(dist.isend(buf, dst=comm.next, group=comm.group, tag=tag), buf)
-        comm.record("send", tag)
+        comm.record("send", tag, _nbytes(buf))
         return anchor.view_as(anchor)
 
     @staticmethod
@@ -169,8 +183,9 @@ class _SendNext(torch.autograd.Function):
         comm = ctx.comm
         n = sum(torch.Size(s).numel() for s, _ in ctx.templates)
         buf = torch.empty(n, dtype=ctx.wire, device=g_anchor.device)
+        t0 = time.perf_counter() if comm.timing else None
         dist.recv(buf, src=comm.next, group=comm.group, tag=ctx.tag + 1)
-        comm.record("recv_grad", ctx.tag)
+        comm.record("recv_grad", ctx.tag, _nbytes(buf), t0)
         comm.queue_flush()
         return (None, None, g_anchor, None, *_unpack(buf, ctx.templates))
 
@@ -322,7 +337,10 @@ def _map(tree, fn):
 def recv_state(comm: CPComm, idx: int, device):
     """A state of any structure from CP rank r−1: its pickled structure, then its tensors."""
     hdr = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+    t0 = time.perf_counter() if comm.timing else None
     dist.recv(hdr, src=comm.prev, group=comm.group, tag=comm.tag(idx, KIND_META, False))
+    if comm.timing:
+        comm.record("recv", comm.tag(idx, KIND_META, False), HEADER_BYTES, t0)
     spec = _decode(hdr)
     specs = []
     _map(spec, lambda s: specs.append(s) or s)
@@ -336,6 +354,8 @@ def send_state(comm: CPComm, idx: int, anchor: torch.Tensor, state) -> torch.Ten
     spec = _map(state, lambda t: tensors.append(t) or _Spec(t))
     hdr = _encode(spec)
     comm.keep(dist.isend(hdr, dst=comm.next, group=comm.group, tag=comm.tag(idx, KIND_META, False)), hdr)
+    if comm.timing:
+        comm.record("send", comm.tag(idx, KIND_META, False), HEADER_BYTES)
     return comm.send_next(anchor, tensors, idx, KIND_STATE)
 
 
