@@ -16,8 +16,9 @@ def _ln_l2_grad(z, t, lnw, lnb, eps, D: tl.constexpr):
     return g, xh, rstd, gh
 
 @triton.jit
-def _ttt_linear_fwd(W0, B0, Q, K, TGT, MIX, SLR, LNW, LNB, OUT, WS, BS_, WN, BN, N, BH, eps,
-                    BLK: tl.constexpr, D: tl.constexpr):
+def _ttt_linear_fwd(W0, B0, Q, K, TGT, MIX, SLR, LNW, LNB, OUT, GS, WS, BS_, WN, BN, N, BH, eps,
+                    BLK: tl.constexpr, D: tl.constexpr, EVERY: tl.constexpr):
+    """Stores G_i of every mini-batch and W̃_i only every EVERY mini-batches (the backward recovers the rest)."""
     bh = tl.program_id(0)
     r = tl.arange(0, BLK)
     c = tl.arange(0, D)
@@ -30,26 +31,31 @@ def _ttt_linear_fwd(W0, B0, Q, K, TGT, MIX, SLR, LNW, LNB, OUT, WS, BS_, WN, BN,
     lnb = tl.load(LNB + bh * D + c).to(tl.float32)
     for i in range(N):
         step = i * BH + bh
-        tl.store(WS + step * D * D + cc, w)
-        tl.store(BS_ + step * D + c, bias)
+        if i % EVERY == 0:
+            anchor = (i // EVERY) * BH + bh
+            tl.store(WS + anchor * D * D + cc, w)
+            tl.store(BS_ + anchor * D + c, bias)
         k = tl.load(K + step * BLK * D + rc).to(tl.float32)
-        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
         t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
-        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
-        slr = tl.load(SLR + step * BLK + r).to(tl.float32)
         z = tl.dot(k, w, input_precision="ieee") + bias[None, :]
         g, xh, rstd, gh = _ln_l2_grad(z, t, lnw, lnb, eps, D)
+        tl.store(GS + step * BLK * D + rc, g)
+        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
+        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
         out = tl.dot(q, w, input_precision="ieee") + bias[None, :] - tl.dot(mix, g, input_precision="ieee")
         tl.store(OUT + step * BLK * D + rc, out.to(OUT.dtype.element_ty))
+        slr = tl.load(SLR + step * BLK + r).to(tl.float32)
         w = w - tl.dot(tl.trans(k * slr[:, None]), g, input_precision="ieee")
         bias = bias - tl.sum(g * slr[:, None], 0)
     tl.store(WN + bh * D * D + cc, w)
     tl.store(BN + bh * D + c, bias)
 
 @triton.jit
-def _ttt_linear_bwd(WS, BS_, Q, K, TGT, MIX, SLR, LNW, LNB, DOUT, DWN, DBN,
+def _ttt_linear_bwd(GS, WS, BS_, WN, BN, Q, K, TGT, MIX, SLR, LNW, LNB, DOUT, DWN, DBN,
                     DW0, DB0, DQ, DK, DTGT, DMIX, DSLR, DLNW, DLNB, N, BH, eps,
-                    BLK: tl.constexpr, D: tl.constexpr):
+                    BLK: tl.constexpr, D: tl.constexpr, EVERY: tl.constexpr):
+    """Walks the mini-batches in reverse from W̃_N: W̃_i = W̃_{i+1} + D_i G_i with the stored G_i, reloaded at
+    the kept W̃_i (every EVERY mini-batches), then Z_i and the LN-L2 parts recomputed from W̃_i."""
     bh = tl.program_id(0)
     r = tl.arange(0, BLK)
     c = tl.arange(0, D)
@@ -62,18 +68,26 @@ def _ttt_linear_bwd(WS, BS_, Q, K, TGT, MIX, SLR, LNW, LNB, DOUT, DWN, DBN,
     lnb = tl.load(LNB + bh * D + c).to(tl.float32)
     d_lnw = tl.zeros([D], dtype=tl.float32)
     d_lnb = tl.zeros([D], dtype=tl.float32)
+    w = tl.load(WN + bh * D * D + cc)
+    bias = tl.load(BN + bh * D + c)
     for j in range(N):
-        step = (N - 1 - j) * BH + bh
-        w = tl.load(WS + step * D * D + cc)
-        bias = tl.load(BS_ + step * D + c)
+        i = N - 1 - j
+        step = i * BH + bh
         k = tl.load(K + step * BLK * D + rc).to(tl.float32)
-        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
-        t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
-        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
         slr = tl.load(SLR + step * BLK + r).to(tl.float32)
-        do = tl.load(DOUT + step * BLK * D + rc).to(tl.float32)
+        if i % EVERY == 0:
+            anchor = (i // EVERY) * BH + bh
+            w = tl.load(WS + anchor * D * D + cc)
+            bias = tl.load(BS_ + anchor * D + c)
+        else:  # undo the update of mini-batch i
+            g_i = tl.load(GS + step * BLK * D + rc)
+            w = w + tl.dot(tl.trans(k * slr[:, None]), g_i, input_precision="ieee")
+            bias = bias + tl.sum(g_i * slr[:, None], 0)
+        t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
         z = tl.dot(k, w, input_precision="ieee") + bias[None, :]
         g, xh, rstd, gh = _ln_l2_grad(z, t, lnw, lnb, eps, D)
+        do = tl.load(DOUT + step * BLK * D + rc).to(tl.float32)
+        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
         tl.store(DMIX + step * BLK * BLK + rr, -tl.dot(do, tl.trans(g), input_precision="ieee"))
         ga = tl.dot(g, tl.trans(aw), input_precision="ieee")
         tl.store(DSLR + step * BLK + r, -tl.sum(k * ga, 1) - tl.sum(g * ab[None, :], 1))
@@ -92,6 +106,7 @@ def _ttt_linear_bwd(WS, BS_, Q, K, TGT, MIX, SLR, LNW, LNB, DOUT, DWN, DBN,
         tl.store(DK + step * BLK * D + rc,
                  tl.dot(dz, tl.trans(w), input_precision="ieee") - slr[:, None] * ga)
         tl.store(DQ + step * BLK * D + rc, tl.dot(do, tl.trans(w), input_precision="ieee"))
+        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
         aw += tl.dot(tl.trans(k), dz, input_precision="ieee") + tl.dot(tl.trans(q), do, input_precision="ieee")
         ab += tl.sum(dz, 0) + tl.sum(do, 0)
     tl.store(DW0 + bh * D * D + cc, aw)
@@ -118,8 +133,10 @@ def _gelu_parts(x):
 
 
 @triton.jit
-def _ttt_mlp_fwd(W10, B10, W20, B20, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, OUT, W1S, B1S, W2S, B2S,
-                 W1N, B1N, W2N, B2N, N, BH, eps, BLK: tl.constexpr, D: tl.constexpr, HD: tl.constexpr):
+def _ttt_mlp_fwd(W10, B10, W20, B20, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, OUT, G1S, G2S, W1S, B1S, W2S, B2S,
+                 W1N, B1N, W2N, B2N, N, BH, eps, BLK: tl.constexpr, D: tl.constexpr, HD: tl.constexpr,
+                 EVERY: tl.constexpr):
+    """Stores G1_i, G2_i of every mini-batch and the weights only every EVERY mini-batches."""
     bh = tl.program_id(0)
     r = tl.arange(0, BLK)
     c = tl.arange(0, D)
@@ -128,6 +145,7 @@ def _ttt_mlp_fwd(W10, B10, W20, B20, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, OUT, W1
     rr = r[:, None] * BLK + r[None, :]
     ce = c[:, None] * HD + e[None, :]  # [D, HD]
     ec = e[:, None] * D + c[None, :]  # [HD, D]
+    re = r[:, None] * HD + e[None, :]  # [BLK, HD]
     w1 = tl.load(W10 + bh * D * HD + ce).to(tl.float32)
     b1 = tl.load(B10 + bh * HD + e).to(tl.float32)
     w2 = tl.load(W20 + bh * HD * D + ec).to(tl.float32)
@@ -136,21 +154,25 @@ def _ttt_mlp_fwd(W10, B10, W20, B20, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, OUT, W1
     lnb = tl.load(LNB + bh * D + c).to(tl.float32)
     for i in range(N):
         step = i * BH + bh
-        tl.store(W1S + step * D * HD + ce, w1)
-        tl.store(B1S + step * HD + e, b1)
-        tl.store(W2S + step * HD * D + ec, w2)
-        tl.store(B2S + step * D + c, b2)
+        if i % EVERY == 0:
+            anchor = (i // EVERY) * BH + bh
+            tl.store(W1S + anchor * D * HD + ce, w1)
+            tl.store(B1S + anchor * HD + e, b1)
+            tl.store(W2S + anchor * HD * D + ec, w2)
+            tl.store(B2S + anchor * D + c, b2)
         k = tl.load(K + step * BLK * D + rc).to(tl.float32)
-        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
         t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
-        eta = tl.load(ETA + step * BLK * BLK + rr).to(tl.float32)
-        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
-        slr = tl.load(SLR + step * BLK + r).to(tl.float32)
         z1 = tl.dot(k, w1, input_precision="ieee") + b1[None, :]
         x2, gp, gpp = _gelu_parts(z1)
         z2 = tl.dot(x2, w2, input_precision="ieee") + b2[None, :]
         g2, xh, rstd, gh = _ln_l2_grad(z2, t, lnw, lnb, eps, D)
         g1 = tl.dot(g2, tl.trans(w2), input_precision="ieee") * gp
+        tl.store(G1S + step * BLK * HD + re, g1)
+        tl.store(G2S + step * BLK * D + rc, g2)
+        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
+        eta = tl.load(ETA + step * BLK * BLK + rr).to(tl.float32)
+        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
+        slr = tl.load(SLR + step * BLK + r).to(tl.float32)
         z1bar = tl.dot(q, w1, input_precision="ieee") + b1[None, :] - tl.dot(mix, g1, input_precision="ieee")
         x2bar, gpb, gppb = _gelu_parts(z1bar)
         s = eta * (tl.dot(x2bar, tl.trans(x2), input_precision="ieee") + 1.0)
@@ -167,9 +189,11 @@ def _ttt_mlp_fwd(W10, B10, W20, B20, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, OUT, W1
 
 
 @triton.jit
-def _ttt_mlp_bwd(W1S, B1S, W2S, B2S, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, DOUT, DW1N, DB1N, DW2N, DB2N,
-                 DW10, DB10, DW20, DB20, DQ, DK, DTGT, DETA, DMIX, DSLR, DLNW, DLNB, N, BH, eps,
-                 BLK: tl.constexpr, D: tl.constexpr, HD: tl.constexpr):
+def _ttt_mlp_bwd(G1S, G2S, W1S, B1S, W2S, B2S, W1N, B1N, W2N, B2N, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, DOUT,
+                 DW1N, DB1N, DW2N, DB2N, DW10, DB10, DW20, DB20, DQ, DK, DTGT, DETA, DMIX, DSLR, DLNW, DLNB, N, BH,
+                 eps, BLK: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, EVERY: tl.constexpr):
+    """Walks back from the final weights as _ttt_linear_bwd: W̃1_i = W̃1_{i+1} + (s_b η ⊙ K̃)ᵀ G1_i, then
+    X2_i from W̃1_i and W̃2_i = W̃2_{i+1} + (s_b η ⊙ X̃2)ᵀ G2_i; the kept weights reloaded every EVERY."""
     bh = tl.program_id(0)
     r = tl.arange(0, BLK)
     c = tl.arange(0, D)
@@ -178,6 +202,7 @@ def _ttt_mlp_bwd(W1S, B1S, W2S, B2S, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, DOUT, D
     rr = r[:, None] * BLK + r[None, :]
     ce = c[:, None] * HD + e[None, :]
     ec = e[:, None] * D + c[None, :]
+    re = r[:, None] * HD + e[None, :]
     a_w1 = tl.load(DW1N + bh * D * HD + ce).to(tl.float32)  # ∂L/∂(weights after the current mini-batch)
     a_b1 = tl.load(DB1N + bh * HD + e).to(tl.float32)
     a_w2 = tl.load(DW2N + bh * HD * D + ec).to(tl.float32)
@@ -186,22 +211,38 @@ def _ttt_mlp_bwd(W1S, B1S, W2S, B2S, Q, K, TGT, ETA, MIX, SLR, LNW, LNB, DOUT, D
     lnb = tl.load(LNB + bh * D + c).to(tl.float32)
     d_lnw = tl.zeros([D], dtype=tl.float32)
     d_lnb = tl.zeros([D], dtype=tl.float32)
+    w1 = tl.load(W1N + bh * D * HD + ce)
+    b1 = tl.load(B1N + bh * HD + e)
+    w2 = tl.load(W2N + bh * HD * D + ec)
+    b2 = tl.load(B2N + bh * D + c)
     for j in range(N):
-        step = (N - 1 - j) * BH + bh
-        w1 = tl.load(W1S + step * D * HD + ce)
-        b1 = tl.load(B1S + step * HD + e)
-        w2 = tl.load(W2S + step * HD * D + ec)
-        b2 = tl.load(B2S + step * D + c)
+        i = N - 1 - j
+        step = i * BH + bh
         k = tl.load(K + step * BLK * D + rc).to(tl.float32)
-        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
-        t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
-        eta = tl.load(ETA + step * BLK * BLK + rr).to(tl.float32)
-        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
         slr = tl.load(SLR + step * BLK + r).to(tl.float32)
-        do = tl.load(DOUT + step * BLK * D + rc).to(tl.float32)
+        anchor = (i // EVERY) * BH + bh
+        if i % EVERY == 0:
+            w1 = tl.load(W1S + anchor * D * HD + ce)
+            b1 = tl.load(B1S + anchor * HD + e)
+        else:  # undo the update of mini-batch i (layer 1)
+            g1_i = tl.load(G1S + step * BLK * HD + re)
+            w1 = w1 + tl.dot(tl.trans(k * slr[:, None]), g1_i, input_precision="ieee")
+            b1 = b1 + tl.sum(g1_i * slr[:, None], 0)
         # recompute the forward of this mini-batch
         z1 = tl.dot(k, w1, input_precision="ieee") + b1[None, :]
         x2, gp, gpp = _gelu_parts(z1)
+        if i % EVERY == 0:
+            w2 = tl.load(W2S + anchor * HD * D + ec)
+            b2 = tl.load(B2S + anchor * D + c)
+        else:  # layer 2, with X2 of the recovered W̃1_i
+            g2_i = tl.load(G2S + step * BLK * D + rc)
+            w2 = w2 + tl.dot(tl.trans(x2 * slr[:, None]), g2_i, input_precision="ieee")
+            b2 = b2 + tl.sum(g2_i * slr[:, None], 0)
+        t = tl.load(TGT + step * BLK * D + rc).to(tl.float32)
+        q = tl.load(Q + step * BLK * D + rc).to(tl.float32)
+        eta = tl.load(ETA + step * BLK * BLK + rr).to(tl.float32)
+        mix = tl.load(MIX + step * BLK * BLK + rr).to(tl.float32)
+        do = tl.load(DOUT + step * BLK * D + rc).to(tl.float32)
         z2 = tl.dot(x2, w2, input_precision="ieee") + b2[None, :]
         g2, xh, rstd, gh = _ln_l2_grad(z2, t, lnw, lnb, eps, D)
         m_ = tl.dot(g2, tl.trans(w2), input_precision="ieee")
