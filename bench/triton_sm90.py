@@ -23,7 +23,7 @@ import time
 INTS = {"N", "BH", "n", "dk", "dh", "dv", "d"}
 
 
-def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, **options) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -32,8 +32,8 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int) -> dict:
            for a in fn.arg_names}
     t = time.time()
     k = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
-    row = {"kernel": fn.__name__, **constexprs, "num_warps": num_warps, "num_stages": num_stages,
+                       options={"num_warps": num_warps, "num_stages": num_stages, **options})
+    row = {"kernel": fn.__name__, **constexprs, "num_warps": num_warps, "num_stages": num_stages, **options,
            "shared_bytes": k.metadata.shared, "compile_s": round(time.time() - t, 1)}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -74,8 +74,8 @@ def ttt_rows(inner, b, d):
     rows = []
     for fn in (K._ttt_linear_fwd, K._ttt_linear_bwd) if inner == "linear" else (K._ttt_mlp_fwd, K._ttt_mlp_bwd):
         meta = triton_ttt.ttt_meta(inner, b, d, h, backward=fn.__name__.endswith("bwd"))
-        nw, ns = meta.pop("num_warps"), meta.pop("num_stages")
-        rows.append(compile_sm90(fn, meta, nw, ns))
+        nw, ns, nreg = meta.pop("num_warps"), meta.pop("num_stages"), meta.pop("maxnreg")
+        rows.append(compile_sm90(fn, meta, nw, ns, maxnreg=nreg))
     return rows
 
 

@@ -50,9 +50,11 @@ def _kept(N: int) -> int:
 
 
 def ttt_meta(inner: str, b: int, d: int, h: int, backward: bool) -> dict:
-    """Tile sizes and launch options of one TTT kernel (also read by bench/triton_sm90.py)."""
+    """Tile sizes and launch options of one TTT kernel (also read by bench/triton_sm90.py). 8 warps with
+    ``maxnreg=255`` (256 threads × 255 registers fit the register file): left to itself ptxas gave these
+    kernels 32 registers and 4–7 KB of spills per thread at head dim 64 (sm_90 compile, docs/benchmarks.md)."""
     meta = dict(BLK=b, D=d, EVERY=KEEP_EVERY) if inner == "linear" else dict(BLK=b, D=d, HD=h, EVERY=KEEP_EVERY)
-    return dict(meta, num_warps=4, num_stages=3)
+    return dict(meta, num_warps=8, num_stages=1, maxnreg=255)
 
 
 def use_triton(x: torch.Tensor, mini_batch: int, head_dim: int, hidden: int | None = None) -> bool:
@@ -120,6 +122,14 @@ def triton_linear_scan(W, q, k, tgt, mix, slr, ln_w, ln_b, eps: float = 1e-6):
     return TritonLinearScan.apply(W, q, k, tgt, mix, slr, ln_w, ln_b, eps)
 
 
+def _fp32_copies(W1, d, W2, h):
+    """Fresh contiguous fp32 [B·H, d, h], [B·H, h], [B·H, h, d], [B·H, d] from W̃1 = [W1; b1], W̃2 = [W2; b2]
+    (the kernels update them in place, so never views of the caller's tensors)."""
+    B, H = W1.shape[:2]
+    return [t.to(torch.float32, copy=True).contiguous().view(B * H, *t.shape[2:])
+            for t in (W1[..., :d, :], W1[..., d, :], W2[..., :h, :], W2[..., h, :])]
+
+
 class TritonMLPScan(torch.autograd.Function):
     """N full mini-batches of TTT-MLP (as ``ttt_fused.MLPScan``): W̃1 = [W1; b1]: [B,H,d+1,h],
     W̃2 = [W2; b2]: [B,H,h+1,d] (fp32); q, k, tgt: [N,B,H,b,d]; eta = tril(s ηᵀ), mix1: [N,B,H,b,b];
@@ -129,8 +139,8 @@ class TritonMLPScan(torch.autograd.Function):
     def forward(ctx, W1, W2, q, k, tgt, eta, mix, slr, ln_w, ln_b, eps=1e-6):
         N, B, H, b, d = q.shape
         BH, h = B * H, W1.shape[-1]
-        w10, b10 = W1[..., :d, :].float().contiguous(), W1[..., d, :].float().contiguous()
-        w20, b20 = W2[..., :h, :].float().contiguous(), W2[..., h, :].float().contiguous()
+        # the kernel updates these in place: they end as the final weights
+        w1n, b1n, w2n, b2n = _fp32_copies(W1, d, W2, h)
         q, k, tgt, eta, mix, slr = (t.contiguous() for t in (q, k, tgt, eta, mix, slr))
         lnw = ln_w.float().expand(B, H, 1, d).contiguous()
         lnb = ln_b.float().expand(B, H, 1, d).contiguous()
@@ -139,9 +149,8 @@ class TritonMLPScan(torch.autograd.Function):
         g1s, g2s = torch.empty(N, BH, b, h, **f32), torch.empty(N, BH, b, d, **f32)
         w1s, b1s = torch.empty(_kept(N), BH, d, h, **f32), torch.empty(_kept(N), BH, h, **f32)
         w2s, b2s = torch.empty(_kept(N), BH, h, d, **f32), torch.empty(_kept(N), BH, d, **f32)
-        w1n, b1n, w2n, b2n = (torch.empty_like(t[0]) for t in (w1s, b1s, w2s, b2s))
-        _kernels()._ttt_mlp_fwd[(BH,)](w10, b10, w20, b20, q, k, tgt, eta, mix, slr, lnw, lnb, out, g1s, g2s, w1s,
-                                       b1s, w2s, b2s, w1n, b1n, w2n, b2n, N, BH, eps, **ttt_meta("mlp", b, d, h, False))
+        _kernels()._ttt_mlp_fwd[(BH,)](q, k, tgt, eta, mix, slr, lnw, lnb, out, g1s, g2s, w1s, b1s, w2s, b2s,
+                                       w1n, b1n, w2n, b2n, N, BH, eps, **ttt_meta("mlp", b, d, h, False))
         ctx.save_for_backward(g1s, g2s, w1s, b1s, w2s, b2s, w1n, b1n, w2n, b2n, q, k, tgt, eta, mix, slr, lnw, lnb)
         ctx.eps, ctx.dtypes = eps, (W1.dtype, q.dtype, eta.dtype, mix.dtype, slr.dtype, ln_w.dtype)
         W1n = torch.cat([w1n, b1n[:, None]], dim=1).view(B, H, d + 1, h).to(W1.dtype)
@@ -157,16 +166,15 @@ class TritonMLPScan(torch.autograd.Function):
         d_out = torch.zeros(N, B, H, b, d, **f32) if d_out is None else d_out.float().contiguous()
         d_W1 = torch.zeros(B, H, d + 1, h, **f32) if d_W1 is None else d_W1.float()
         d_W2 = torch.zeros(B, H, h + 1, d, **f32) if d_W2 is None else d_W2.float()
-        dw1n, db1n = d_W1[..., :d, :].contiguous(), d_W1[..., d, :].contiguous()
-        dw2n, db2n = d_W2[..., :h, :].contiguous(), d_W2[..., h, :].contiguous()
-        dw10, db10 = torch.empty(BH, d, h, **f32), torch.empty(BH, h, **f32)
-        dw20, db20 = torch.empty(BH, h, d, **f32), torch.empty(BH, d, **f32)
+        # updated in place by the kernel: ∂L/∂(final weights) → ∂L/∂(initial weights); final → initial weights
+        dw10, db10, dw20, db20 = _fp32_copies(d_W1, d, d_W2, h)
+        w1r, b1r, w2r, b2r = (t.clone() for t in (w1n, b1n, w2n, b2n))
         dq, dk, dtgt = (torch.empty(N, B, H, b, d, **f32) for _ in range(3))
         deta, dmix = torch.empty(N, B, H, b, b, **f32), torch.empty(N, B, H, b, b, **f32)
         dslr = torch.empty(N, B, H, b, **f32)
         dlnw, dlnb = torch.empty(BH, d, **f32), torch.empty(BH, d, **f32)
-        _kernels()._ttt_mlp_bwd[(BH,)](g1s, g2s, w1s, b1s, w2s, b2s, w1n, b1n, w2n, b2n, q, k, tgt, eta, mix, slr, lnw, lnb, d_out, dw1n, db1n,
-                                       dw2n, db2n, dw10, db10, dw20, db20, dq, dk, dtgt, deta, dmix, dslr, dlnw,
+        _kernels()._ttt_mlp_bwd[(BH,)](g1s, g2s, w1s, b1s, w2s, b2s, w1r, b1r, w2r, b2r, q, k, tgt, eta, mix, slr, lnw,
+                                       lnb, d_out, dw10, db10, dw20, db20, dq, dk, dtgt, deta, dmix, dslr, dlnw,
                                        dlnb, N, BH, ctx.eps, **ttt_meta("mlp", b, d, h, True))
         w_dt, x_dt, eta_dt, mix_dt, slr_dt, ln_dt = ctx.dtypes
         dW1 = torch.cat([dw10, db10[:, None]], dim=1).view(B, H, d + 1, h).to(w_dt)
