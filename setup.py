@@ -23,8 +23,12 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]", "causal-conv1d>=1.2", "torchao>=0.8", "triton"],
     "sweep": ["scipy", "matplotlib", "pandas"],
     "eval": ["matplotlib"],  # python -m pretrain.evaluate's plots
+    # benchmark-only: bench.layer --impls fla (flash-linear-attention's kernels side by side; pure Python)
+    "bench": ["flash-linear-attention>=0.6"],
     # triton: its CPU interpreter runs the Triton kernels' tests (tests/models/test_triton_ttt.py)
-    "test": ["pytest>=8", "pytest-timeout", "scipy", "matplotlib", "pandas", "triton>=3.0"],
+    # flash-linear-attention: tests/models/test_fla_bench.py checks bench.layer's fla wiring on CPU
+    "test": ["pytest>=8", "pytest-timeout", "scipy", "matplotlib", "pandas", "triton>=3.0",
+             "flash-linear-attention>=0.6"],
 }
 
 setup(

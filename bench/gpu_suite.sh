@@ -1,42 +1,90 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 11 as one prepared run, for a lent CUDA machine (about 6-9 minutes on
-# one H200; each step has its own time limit, and a failing step does not stop the others):
+# Issue 21's GPU measurements as one prepared run for a lent CUDA machine that has torch, triton and numpy
+# and no network (about 8 minutes on one H200; a 540 s budget caps the whole run, each step has its own
+# limit within it, and a failing step does not stop the others):
 #
-#   bash bench/gpu_suite.sh [OUT_DIR]        # OUT_DIR: default $OUT, else ./gpu_out
+#   bash bench/gpu_wheels.sh                 # here, with the network: the wheels it lacks into .whl/
+#   bash bench/gpu_suite.sh [OUT_DIR]        # there, .whl/ carried along; OUT_DIR: default $OUT, else ./gpu_out
 #
-# 1. the machine;  2. Triton kernels against the PyTorch path inside each layer (bench.kernels:
-# differences of outputs and gradients, fwd+bwd step times), fp32 and bf16, bench size and 8K tokens;
-# 3. every mixer's fwd+bwd tokens/s (bench.layer, the kernels selected as in training);
-# 4. end-to-end training tokens/s and MFU at 125m, bf16 (bench.train), and FP8 through torchao
-# where importable. Needs only torch and triton there (and transformers/safetensors for step 4);
-# wheels missing on the machine can be installed first with PYTHONPATH pointing at them.
-# Everything goes to OUT_DIR/gpu_suite.log, JSON rows to OUT_DIR/*.jsonl.
+# 0. the wheels of .whl/requirements.txt (DeepSpeed built with DS_BUILD_OPS=0, Megatron-Core, torchao,
+#    flash-linear-attention, transformers, ...) installed with pip --no-index --no-deps --target
+#    OUT_DIR/site and put first on PYTHONPATH (nothing outside OUT_DIR is written; SITE=DIR uses an installed
+#    one instead); 1. the machine and the versions imported; 2. Triton kernels against the PyTorch path
+#    inside each layer (bench.kernels: output and gradient differences, fwd+bwd times), bf16 and fp32 at
+#    2K tokens, bf16 at 8K; 3. 125m training tokens/s and MFU in bf16 through pretrain.train itself
+#    (DeepSpeed ZeRO 1, bench.train); 4. DeltaNet, Gated DeltaNet, TTT-Linear and Titans beside
+#    flash-linear-attention (bench.layer --impls chunked fla), then every mixer's fwd+bwd tokens/s in bf16;
+#    5. FP8 through torchao (bench.train --precision fp8).
+# Everything goes to OUT_DIR/gpu_suite.log, JSON rows to OUT_DIR/*.jsonl. GPU_SUITE_TOY=1 runs every step
+# at toy size on CPU (Triton under its interpreter; no FP8; limits ×5), which `bash bench/gpu_wheels.sh --check` does.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_out}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 log="$out/gpu_suite.log"
+toy=${GPU_SUITE_TOY:-0}
+slow=$([ "$toy" = 1 ] && echo 5 || echo 1)  # the toy run's step limits ×5: a shared CPU, Triton interpreted
+deadline=$((SECONDS + ${GPU_SUITE_BUDGET_S:-$((540 * slow))}))
 
-step() {  # step SECONDS JSONL_NAME COMMAND...: runs it, appends its output to the log, JSON lines to JSONL_NAME
-  local limit=$1 name=$2
+step() {  # step SECONDS JSONL_NAME COMMAND...: runs it within the budget, appends its output to the log, JSON lines to JSONL_NAME
+  local limit=$(($1 * slow)) name=$2 left=$((deadline - SECONDS))
   shift 2
-  echo "### $(date -u +%H:%M:%S) $*" | tee -a "$log"
+  if [ "$left" -lt 15 ]; then
+    echo "### skipped (budget spent): $*" | tee -a "$log"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "### $(date -u +%H:%M:%S) (limit ${limit}s) $*" | tee -a "$log"
   PYTHONUNBUFFERED=1 timeout "$limit" "$@" 2>&1 | tee -a "$log" | { grep '^{' || true; } >> "$out/$name.jsonl"
   echo "### exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 
-step 30 env nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-step 60 env $py -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-for dtype in float32 bfloat16; do
-  step 240 kernels $py -m bench.kernels --dtype "$dtype" --iters 10 --json
-done
-step 240 kernels $py -m bench.kernels --layers ttt_linear ttt_mlp titans --dtype bfloat16 --seq-len 8192 --iters 5 --json
-step 300 layers $py -m bench.layer --dtype bfloat16 --iters 10 --json
-step 300 train $py -m bench.train --model 125m --seq-len 2048 --micro-batch 8 --precision bf16 --steps 12
-if $py -c "import torchao" 2>/dev/null; then
-  step 300 train $py -m bench.train --model 125m --seq-len 2048 --micro-batch 8 --precision fp8 --fp8-backend torchao --steps 12
-else
-  echo "### torchao not importable: FP8 step skipped" | tee -a "$log"
+if [ -z "${SITE:-}" ] && [ -f .whl/requirements.txt ]; then
+  SITE="$out/site"
+  if $py -m pip --version > /dev/null 2>&1; then
+    step 120 install $py -m pip install --no-index --no-deps --disable-pip-version-check --find-links .whl \
+      --target "$SITE" -r .whl/requirements.txt
+  else  # no pip there: a wheel unpacked is its package installed
+    step 120 install $py -c "import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob('.whl/*.whl')]" "$SITE"
+  fi
 fi
+export PYTHONPATH="${SITE:+$SITE:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$toy" = 1 ]; then  # CPU, toy sizes: the same commands, small
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+  interp=(env TRITON_INTERPRET=1)  # the Triton kernels on CPU
+  kern=(--hidden 32 --heads 2 --chunk 16 --window 16 --seq-len 48 --iters 1)
+  kern8k=(--hidden 32 --heads 2 --chunk 16 --window 16 --seq-len 64 --iters 1)
+  lay=(--hidden 32 --heads 2 --seq-len 64 --iters 1 --chunk 16 --window 16 --segment 16)
+  all_layers=(--layers ttt_linear ttt_mlp titans lact swa)
+  train=(--model tiny --seq-len 32 --micro-batch 2 --steps 3 --precision fp32)
+else
+  export DS_ACCELERATOR=cuda  # bench.train would otherwise default DeepSpeed to its CPU accelerator
+  interp=(env)
+  kern=(--iters 10)
+  kern8k=(--seq-len 8192 --iters 5)
+  lay=(--iters 10)
+  all_layers=()
+  train=(--model 125m --seq-len 2048 --micro-batch 8 --steps 12 --precision bf16)
+fi
+
+[ "$toy" = 1 ] || step 30 env nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+step 120 env $py -c "
+import torch, triton, deepspeed, megatron.core, transformers, fla, importlib.metadata as md
+from torchao.float8 import convert_to_float8_training
+print(torch.__version__, triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
+print({p: md.version(p) for p in ('deepspeed', 'megatron-core', 'torchao', 'flash-linear-attention', 'transformers')})"
+step 150 kernels "${interp[@]}" $py -m bench.kernels --dtype bfloat16 "${kern[@]}" --json
+step 240 train $py -m bench.train "${train[@]}"
+step 120 layers $py -m bench.layer --layers deltanet gated_deltanet ttt_linear titans --impls chunked fla \
+  --dtype bfloat16 "${lay[@]}" --json
+step 180 layers $py -m bench.layer "${all_layers[@]}" --dtype bfloat16 "${lay[@]}" --json
+if [ "$toy" = 1 ]; then
+  echo "### toy run: FP8 step skipped (needs FP8 tensor cores)" | tee -a "$log"
+else
+  step 180 train $py -m bench.train "${train[@]/bf16/fp8}" --fp8-backend torchao
+fi
+step 120 kernels "${interp[@]}" $py -m bench.kernels --dtype float32 "${kern[@]}" --json
+step 120 kernels "${interp[@]}" $py -m bench.kernels --layers ttt_linear ttt_mlp titans --dtype bfloat16 "${kern8k[@]}" --json
 echo "### done: $out" | tee -a "$log"

@@ -4,6 +4,7 @@
     python -m bench.layer --layers gated_deltanet titans lact swa --seq-len 4096
     python -m bench.layer --layers ttt_linear --seq-len 4096 --reference
     python -m bench.layer --official /path/to/ttt-lm-pytorch/ttt.py   # side by side with the official code
+    python -m bench.layer --layers deltanet gated_deltanet ttt_linear titans --impls chunked fla --dtype bfloat16
 
 Each measurement runs in a fresh subprocess so that peak memory is its own: on CPU the peak
 resident-set growth over the inputs (ru_maxrss − RSS before the first step), on CUDA
@@ -29,6 +30,7 @@ ALL_LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "
 ALL_LAYERS += ["tnt", "hope"]  # family II (config defaults: TNT global chunk 2048 / local 64, Hope chunk 16)
 ALL_LAYERS += ["vit3"]  # ViT³ (non-causal, vision): seq-len tokens on the most square h×w grid
 ALL_LAYERS += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras (chunk 16), ATLAS (chunk 16, window 8, Muon)
+FLA_LAYERS = ("deltanet", "gated_deltanet", "ttt_linear", "titans")  # bench/fla_ops.LAYERS (fla imported lazily)
 
 
 def _rss_mb() -> float:
@@ -58,6 +60,10 @@ def build(impl: str, layer: str, args):
         return Official()
     if impl == "titans_pytorch":
         return _titans_pytorch(layer, args)
+    if impl == "fla":  # flash-linear-attention's op (bench/fla_ops.py; benchmark-only install)
+        from bench import fla_ops
+
+        return fla_ops.build(layer, args.hidden, args.heads, torch.device(args.device))
     if layer not in LAYERS:
         return _generic(impl, layer, args)
     from models.ttt import TTTLayer
@@ -220,9 +226,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.layer", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", nargs="+", default=ALL_LAYERS, choices=ALL_LAYERS)
     p.add_argument("--impls", nargs="+", default=["chunked"],
-                   choices=["chunked", "compiled", "reference", "titans_pytorch"],
+                   choices=["chunked", "compiled", "reference", "titans_pytorch", "fla"],
                    help="implementations to time (reference = token-by-token; titans_pytorch = lucidrains' "
-                        "NeuralMemory for --layers titans, when titans-pytorch is importable)")
+                        "NeuralMemory for --layers titans, when titans-pytorch is importable; fla = "
+                        "flash-linear-attention's op for deltanet, gated_deltanet, ttt_linear, titans "
+                        "(bench/fla_ops.py), when fla is importable)")
     p.add_argument("--reference", action="store_true", help="also time the token-by-token reference")
     p.add_argument("--official", metavar="TTT_PY", help="path to the official ttt-lm-pytorch ttt.py to time side by side")
     p.add_argument("--hidden", type=int, default=768)
@@ -264,7 +272,8 @@ def main(argv=None):
     rows = []
     for layer in args.layers:
         layer_impls = [i for i in impls if not (i == "official" and layer not in LAYERS)
-                       and not (i == "titans_pytorch" and layer != "titans")]
+                       and not (i == "titans_pytorch" and layer != "titans")
+                       and not (i == "fla" and layer not in FLA_LAYERS)]
         if args.interleave:
             layer_impls = [i for i in layer_impls if i != "reference"]  # other sequence length
             jobs = [["--_inter", layer, *layer_impls]] + ([["--_one", "reference", layer]] if "reference" in impls else [])
@@ -282,12 +291,13 @@ def main(argv=None):
                       f"{layer:<14} {r['impl']:<10} {r['seq_len']:>6} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.0f} "
                       f"{r['peak_mem_mb']:>9.0f}" + (f"   load {r['load_avg_1m']}" if "load_avg_1m" in r else ""),
                       flush=True)
-    for layer in ["titans"] if "titans_pytorch" in impls else []:
-        theirs = [r for r in rows if r["layer"] == layer and r["impl"] == "titans_pytorch"]
-        for r in rows:
-            if theirs and r["layer"] == layer and r["impl"] in ("chunked", "compiled"):
-                print(f"# {layer}: {r['impl']} is {r['tokens_per_s'] / theirs[0]['tokens_per_s']:.2f}x titans-pytorch's "
-                      f"tokens/s", flush=True)
+    for other, name in (("titans_pytorch", "titans-pytorch"), ("fla", "fla")):
+        for layer in args.layers if other in impls else []:
+            theirs = [r for r in rows if r["layer"] == layer and r["impl"] == other]
+            for r in rows:
+                if theirs and r["layer"] == layer and r["impl"] in ("chunked", "compiled"):
+                    print(f"# {layer}: {r['impl']} is {r['tokens_per_s'] / theirs[0]['tokens_per_s']:.2f}x {name}'s "
+                          f"tokens/s", flush=True)
     if args.official:
         for layer in args.layers:
             off = [r for r in rows if r["layer"] == layer and r["impl"] == "official"]

@@ -8,9 +8,10 @@ mini-batches of a call; per mini-batch i (b tokens, inputs in fp32 or bf16, math
     W ← W − (s_b η ⊙ K)ᵀ G,   b ← b − Σ_r s_b η_r G_r
 
 TTT-MLP applies the same to both layers (``ttt_fused.MLPScan``'s equations, biases kept apart).
-The forward stores the weights once per mini-batch (N·d², not T·d²); the backward walks the mini-batches
-in reverse, recomputes Z and G from the stored weights and carries ∂L/∂W, ∂L/∂b (the same
-recursion as ``ttt_fused.LinearScan``). ``mix`` and s_b η come from PyTorch (autograd takes their
+The forward stores G_i of every mini-batch (T·d, as the inputs) and the weights only every
+KEEP_EVERY = 16 mini-batches; the backward walks the mini-batches in reverse from the final weights,
+recovers W̃_i = W̃_{i+1} + D_i G_i (the update undone, as ``ttt_fused._Anchors``; reloaded where kept),
+recomputes Z_i from it and carries ∂L/∂W, ∂L/∂b (the recursion of ``ttt_fused.LinearScan``). ``mix`` and s_b η come from PyTorch (autograd takes their
 gradients on). Selected by :func:`use_triton` on CUDA tensors; everywhere else the chunked scan
 runs ``ttt_fused.LinearScan`` / ``MLPScan``. The kernels run on CPU under ``TRITON_INTERPRET=1`` (the tests).
 Importable without triton (``AVAILABLE`` is then False); the kernels live in triton_ttt_kernels.py,
@@ -45,6 +46,23 @@ def _kernels():
 AUTO_MAX_TILE = 64 * 64
 
 
+# The forward keeps the fast weights every KEEP_EVERY mini-batches (as ttt_fused._Anchors) and G_i of every
+# one; the backward recovers W̃_i = W̃_{i+1} + D_i G_i in between.
+KEEP_EVERY = 16
+
+
+def _kept(N: int) -> int:
+    return (N + KEEP_EVERY - 1) // KEEP_EVERY
+
+
+def ttt_meta(inner: str, b: int, d: int, h: int, backward: bool) -> dict:
+    """Tile sizes and launch options of one TTT kernel (also read by bench/triton_sm90.py). 8 warps with
+    ``maxnreg=255`` (256 threads × 255 registers fit the register file): left to itself ptxas gave these
+    kernels 32 registers and 4–7 KB of spills per thread at head dim 64 (sm_90 compile, docs/benchmarks.md)."""
+    meta = dict(BLK=b, D=d, EVERY=KEEP_EVERY) if inner == "linear" else dict(BLK=b, D=d, HD=h, EVERY=KEEP_EVERY)
+    return dict(meta, num_warps=8, num_stages=1, maxnreg=255)
+
+
 def use_triton(x: torch.Tensor, mini_batch: int, head_dim: int, hidden: int | None = None) -> bool:
     """The Triton path: on CUDA when triton is installed and each weight matrix has ≤ AUTO_MAX_TILE
     elements, or anywhere with MEMTRAIN_TRITON=1 (e.g. the interpreter); never with MEMTRAIN_TRITON=0.
@@ -73,18 +91,18 @@ class TritonLinearScan(torch.autograd.Function):
         lnw = ln_w.float().expand(B, H, 1, d).contiguous()
         lnb = ln_b.float().expand(B, H, 1, d).contiguous()
         f32 = dict(device=q.device, dtype=torch.float32)
-        out = torch.empty(N, B, H, b, d, **f32)
-        ws, bs = torch.empty(N, BH, d, d, **f32), torch.empty(N, BH, d, **f32)
+        out, gs = torch.empty(N, B, H, b, d, **f32), torch.empty(N, BH, b, d, **f32)
+        ws, bs = torch.empty(_kept(N), BH, d, d, **f32), torch.empty(_kept(N), BH, d, **f32)
         wn, bn = torch.empty(BH, d, d, **f32), torch.empty(BH, d, **f32)
-        _kernels()._ttt_linear_fwd[(BH,)](w0, b0, q, k, tgt, mix, slr, lnw, lnb, out, ws, bs, wn, bn, N, BH, eps,
-                                          BLK=b, D=d)
-        ctx.save_for_backward(ws, bs, q, k, tgt, mix, slr, lnw, lnb)
+        _kernels()._ttt_linear_fwd[(BH,)](w0, b0, q, k, tgt, mix, slr, lnw, lnb, out, gs, ws, bs, wn, bn, N, BH, eps,
+                                          **ttt_meta("linear", b, d, d, False))
+        ctx.save_for_backward(gs, ws, bs, wn, bn, q, k, tgt, mix, slr, lnw, lnb)
         ctx.eps, ctx.dtypes = eps, (W.dtype, q.dtype, mix.dtype, slr.dtype, ln_w.dtype)
         return out, torch.cat([wn, bn[:, None]], dim=1).view(B, H, d + 1, d).to(W.dtype)
 
     @staticmethod
     def backward(ctx, d_out, d_W):
-        ws, bs, q, k, tgt, mix, slr, lnw, lnb = ctx.saved_tensors
+        gs, ws, bs, wn, bn, q, k, tgt, mix, slr, lnw, lnb = ctx.saved_tensors
         N, B, H, b, d = q.shape
         BH = B * H
         f32 = dict(device=q.device, dtype=torch.float32)
@@ -95,8 +113,9 @@ class TritonLinearScan(torch.autograd.Function):
         dq, dk, dtgt = (torch.empty(N, B, H, b, d, **f32) for _ in range(3))
         dmix, dslr = torch.empty(N, B, H, b, b, **f32), torch.empty(N, B, H, b, **f32)
         dlnw, dlnb = torch.empty(BH, d, **f32), torch.empty(BH, d, **f32)
-        _kernels()._ttt_linear_bwd[(BH,)](ws, bs, q, k, tgt, mix, slr, lnw, lnb, d_out, dwn, dbn,
-                               dw0, db0, dq, dk, dtgt, dmix, dslr, dlnw, dlnb, N, BH, ctx.eps, BLK=b, D=d)
+        _kernels()._ttt_linear_bwd[(BH,)](gs, ws, bs, wn, bn, q, k, tgt, mix, slr, lnw, lnb, d_out, dwn, dbn,
+                               dw0, db0, dq, dk, dtgt, dmix, dslr, dlnw, dlnb, N, BH, ctx.eps,
+                                          **ttt_meta("linear", b, d, d, True))
         w_dt, x_dt, mix_dt, slr_dt, ln_dt = ctx.dtypes
         dW = torch.cat([dw0, db0[:, None]], dim=1).view(B, H, d + 1, d).to(w_dt)
         d_ln = [t.view(B, H, 1, d).sum(0).to(ln_dt) for t in (dlnw, dlnb)]
@@ -109,6 +128,14 @@ def triton_linear_scan(W, q, k, tgt, mix, slr, ln_w, ln_b, eps: float = 1e-6):
     return TritonLinearScan.apply(W, q, k, tgt, mix, slr, ln_w, ln_b, eps)
 
 
+def _fp32_copies(W1, d, W2, h):
+    """Fresh contiguous fp32 [B·H, d, h], [B·H, h], [B·H, h, d], [B·H, d] from W̃1 = [W1; b1], W̃2 = [W2; b2]
+    (the kernels update them in place, so never views of the caller's tensors)."""
+    B, H = W1.shape[:2]
+    return [t.to(torch.float32, copy=True).contiguous().view(B * H, *t.shape[2:])
+            for t in (W1[..., :d, :], W1[..., d, :], W2[..., :h, :], W2[..., h, :])]
+
+
 class TritonMLPScan(torch.autograd.Function):
     """N full mini-batches of TTT-MLP (as ``ttt_fused.MLPScan``): W̃1 = [W1; b1]: [B,H,d+1,h],
     W̃2 = [W2; b2]: [B,H,h+1,d] (fp32); q, k, tgt: [N,B,H,b,d]; eta = tril(s ηᵀ), mix1: [N,B,H,b,b];
@@ -118,19 +145,19 @@ class TritonMLPScan(torch.autograd.Function):
     def forward(ctx, W1, W2, q, k, tgt, eta, mix, slr, ln_w, ln_b, eps=1e-6):
         N, B, H, b, d = q.shape
         BH, h = B * H, W1.shape[-1]
-        w10, b10 = W1[..., :d, :].float().contiguous(), W1[..., d, :].float().contiguous()
-        w20, b20 = W2[..., :h, :].float().contiguous(), W2[..., h, :].float().contiguous()
+        # the kernel updates these in place: they end as the final weights
+        w1n, b1n, w2n, b2n = _fp32_copies(W1, d, W2, h)
         q, k, tgt, eta, mix, slr = (t.contiguous() for t in (q, k, tgt, eta, mix, slr))
         lnw = ln_w.float().expand(B, H, 1, d).contiguous()
         lnb = ln_b.float().expand(B, H, 1, d).contiguous()
         f32 = dict(device=q.device, dtype=torch.float32)
         out = torch.empty(N, B, H, b, d, **f32)
-        w1s, b1s = torch.empty(N, BH, d, h, **f32), torch.empty(N, BH, h, **f32)
-        w2s, b2s = torch.empty(N, BH, h, d, **f32), torch.empty(N, BH, d, **f32)
-        w1n, b1n, w2n, b2n = (torch.empty_like(t[0]) for t in (w1s, b1s, w2s, b2s))
-        _kernels()._ttt_mlp_fwd[(BH,)](w10, b10, w20, b20, q, k, tgt, eta, mix, slr, lnw, lnb, out, w1s, b1s, w2s,
-                                       b2s, w1n, b1n, w2n, b2n, N, BH, eps, BLK=b, D=d, HD=h)
-        ctx.save_for_backward(w1s, b1s, w2s, b2s, q, k, tgt, eta, mix, slr, lnw, lnb)
+        g1s, g2s = torch.empty(N, BH, b, h, **f32), torch.empty(N, BH, b, d, **f32)
+        w1s, b1s = torch.empty(_kept(N), BH, d, h, **f32), torch.empty(_kept(N), BH, h, **f32)
+        w2s, b2s = torch.empty(_kept(N), BH, h, d, **f32), torch.empty(_kept(N), BH, d, **f32)
+        _kernels()._ttt_mlp_fwd[(BH,)](q, k, tgt, eta, mix, slr, lnw, lnb, out, g1s, g2s, w1s, b1s, w2s, b2s,
+                                       w1n, b1n, w2n, b2n, N, BH, eps, **ttt_meta("mlp", b, d, h, False))
+        ctx.save_for_backward(g1s, g2s, w1s, b1s, w2s, b2s, w1n, b1n, w2n, b2n, q, k, tgt, eta, mix, slr, lnw, lnb)
         ctx.eps, ctx.dtypes = eps, (W1.dtype, q.dtype, eta.dtype, mix.dtype, slr.dtype, ln_w.dtype)
         W1n = torch.cat([w1n, b1n[:, None]], dim=1).view(B, H, d + 1, h).to(W1.dtype)
         W2n = torch.cat([w2n, b2n[:, None]], dim=1).view(B, H, h + 1, d).to(W2.dtype)
@@ -138,24 +165,23 @@ class TritonMLPScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_W1, d_W2):
-        w1s, b1s, w2s, b2s, q, k, tgt, eta, mix, slr, lnw, lnb = ctx.saved_tensors
+        g1s, g2s, w1s, b1s, w2s, b2s, w1n, b1n, w2n, b2n, q, k, tgt, eta, mix, slr, lnw, lnb = ctx.saved_tensors
         N, B, H, b, d = q.shape
         BH, h = B * H, w1s.shape[-1]
         f32 = dict(device=q.device, dtype=torch.float32)
         d_out = torch.zeros(N, B, H, b, d, **f32) if d_out is None else d_out.float().contiguous()
         d_W1 = torch.zeros(B, H, d + 1, h, **f32) if d_W1 is None else d_W1.float()
         d_W2 = torch.zeros(B, H, h + 1, d, **f32) if d_W2 is None else d_W2.float()
-        dw1n, db1n = d_W1[..., :d, :].contiguous(), d_W1[..., d, :].contiguous()
-        dw2n, db2n = d_W2[..., :h, :].contiguous(), d_W2[..., h, :].contiguous()
-        dw10, db10 = torch.empty(BH, d, h, **f32), torch.empty(BH, h, **f32)
-        dw20, db20 = torch.empty(BH, h, d, **f32), torch.empty(BH, d, **f32)
+        # updated in place by the kernel: ∂L/∂(final weights) → ∂L/∂(initial weights); final → initial weights
+        dw10, db10, dw20, db20 = _fp32_copies(d_W1, d, d_W2, h)
+        w1r, b1r, w2r, b2r = (t.clone() for t in (w1n, b1n, w2n, b2n))
         dq, dk, dtgt = (torch.empty(N, B, H, b, d, **f32) for _ in range(3))
         deta, dmix = torch.empty(N, B, H, b, b, **f32), torch.empty(N, B, H, b, b, **f32)
         dslr = torch.empty(N, B, H, b, **f32)
         dlnw, dlnb = torch.empty(BH, d, **f32), torch.empty(BH, d, **f32)
-        _kernels()._ttt_mlp_bwd[(BH,)](w1s, b1s, w2s, b2s, q, k, tgt, eta, mix, slr, lnw, lnb, d_out, dw1n, db1n,
-                                       dw2n, db2n, dw10, db10, dw20, db20, dq, dk, dtgt, deta, dmix, dslr, dlnw,
-                                       dlnb, N, BH, ctx.eps, BLK=b, D=d, HD=h)
+        _kernels()._ttt_mlp_bwd[(BH,)](g1s, g2s, w1s, b1s, w2s, b2s, w1r, b1r, w2r, b2r, q, k, tgt, eta, mix, slr, lnw,
+                                       lnb, d_out, dw10, db10, dw20, db20, dq, dk, dtgt, deta, dmix, dslr, dlnw,
+                                       dlnb, N, BH, ctx.eps, **ttt_meta("mlp", b, d, h, True))
         w_dt, x_dt, eta_dt, mix_dt, slr_dt, ln_dt = ctx.dtypes
         dW1 = torch.cat([dw10, db10[:, None]], dim=1).view(B, H, d + 1, h).to(w_dt)
         dW2 = torch.cat([dw20, db20[:, None]], dim=1).view(B, H, h + 1, d).to(w_dt)

@@ -1,5 +1,6 @@
 """bench.layer --interleave, bench.memory and bench.kernels at toy sizes: they run, and report every row asked
-for; bench/gpu_suite.sh parses."""
+for; bench/gpu_suite.sh and bench/gpu_wheels.sh parse (``bash bench/gpu_wheels.sh --check`` runs the suite at toy
+size in an environment of the torch stack and the carried wheels only: minutes, so not a test)."""
 import json
 import os
 import subprocess
@@ -50,6 +51,7 @@ def test_kernels_rows_under_the_interpreter():
     assert all(r["max_grad_rel_err"] < (1e-2 if r["layer"] == "lact" else 1e-4) for r in rows)
 
 
-def test_gpu_suite_script_parses():
-    res = subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
+@pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_wheels.sh"])
+def test_gpu_scripts_parse(script):
+    res = subprocess.run(["bash", "-n", str(REPO / "bench" / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -70,9 +70,10 @@ def _err(a, b):
     return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
 
 
-def _kernel_errors(dtype):
-    """bf16 q, k, v − k: both paths read the same rounded values and compute in fp32."""
-    inputs = _inputs(dtype)
+def _kernel_errors(dtype, N=3):
+    """bf16 q, k, v − k: both paths read the same rounded values and compute in fp32. N = 37 crosses the
+    weights kept every 16 mini-batches (the backward recovers the others)."""
+    inputs = _inputs(dtype, N=N)
     res = {}
     for fused in (False, True):
         z, w = _run(fused, *inputs)
@@ -86,8 +87,8 @@ def _kernel_errors(dtype):
     return errs
 
 
-def _mlp_kernel_errors():
-    inputs = _mlp_inputs()
+def _mlp_kernel_errors(N=3):
+    inputs = _mlp_inputs(N=N)
     res = {}
     for fused in (False, True):
         outs = _run_mlp(fused, *inputs)
@@ -127,7 +128,8 @@ def interpreted():
     return run_interpreted("tests.models.test_triton_ttt")
 
 
-@pytest.mark.parametrize("case", ["kernel_float32", "kernel_bfloat16", "layer", "mlp_kernel", "mlp_layer"])
+@pytest.mark.parametrize("case", ["kernel_float32", "kernel_bfloat16", "kernel_long", "layer", "mlp_kernel",
+                                  "mlp_kernel_long", "mlp_layer"])
 def test_triton_matches_pytorch(interpreted, case):
     errs = interpreted[case]
     flags = {n: v for n, v in errs.items() if n in ("out_fp32", "grad_dtypes_match")}
@@ -157,5 +159,7 @@ def test_selection(monkeypatch):
 if __name__ == "__main__":  # the child process of the `interpreted` fixture
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     out = {"kernel_float32": _kernel_errors(torch.float32), "kernel_bfloat16": _kernel_errors(torch.bfloat16),
-           "layer": _layer_errors(), "mlp_kernel": _mlp_kernel_errors(), "mlp_layer": _layer_errors("mlp")}
+           "kernel_long": _kernel_errors(torch.float32, N=37), "layer": _layer_errors(),
+           "mlp_kernel": _mlp_kernel_errors(), "mlp_kernel_long": _mlp_kernel_errors(N=37),
+           "mlp_layer": _layer_errors("mlp")}
     print(json.dumps(out))
