@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # `deepspeed pretrain/train.py`: import the packa
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, fp8
+from pretrain import checkpoint, fp8, guard
 from pretrain.config import CONFIG_DIR, ConfigError, TrainConfig, parse_config, reset_policy
 from pretrain.distributed import DeepSpeedMPU, ensure_env
 from pretrain.metrics import MetricsLogger, flops_per_token, info, memory_stats, peak_flops
@@ -298,21 +298,29 @@ def train(cfg: TrainConfig) -> int:
              f"{tokens_per_step:,} tokens/step | steps {start_step + 1}..{cfg.steps}")
 
     def save(step):
-        trainer_state = {"step": step, "tokens": tokens_seen, "data": loader.state_dict(), "config": cfg.to_dict()}
+        if not guard.weights_finite(engine):  # skipped steps never update them; a finite step still might
+            raise guard.TrainingDiverged(f"the weights are non-finite after step {step}: not saved, the last "
+                                         "checkpoint is the last good one (lower --lr)")
+        trainer_state = {"step": step, "tokens": tokens_seen, "data": loader.state_dict(), "config": cfg.to_dict(),
+                         "spike_losses": spikes.state_dict()}
         folder = checkpoint.save(engine, cfg.out, step, trainer_state, cfg.keep_checkpoints, local_rank,
                                  memory_state=carried.state if carried is not None else None)
         if rank == 0:
             info(f"saved {folder}")
 
+    divergence = guard.DivergenceGuard(cfg.max_bad_steps)
+    spikes = guard.SpikeDetector(cfg.spike_k, cfg.spike_window)
+    if resume is not None:
+        spikes.load_state_dict(state.get("spike_losses", []))
     carried = CarriedState(loader.sampler.batches_per_epoch, start_step * cfg.grad_accum,
                            None if memory_state is None else memory_state.map(lambda t: t.to(engine.device))) \
         if reset_policy(cfg.reset)[0] == "never" else None
     step = start_step
     while step < cfg.steps:
         t0 = time.perf_counter()
-        loss_total = 0.0
+        loss_total, local_bad, spike, poisoned = 0.0, False, False, False
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(loader).items()}
             kwargs = reset_inputs(cfg, batch, dims.cp_rank)
             if carried is not None:
@@ -323,6 +331,7 @@ def train(cfg: TrainConfig) -> int:
                 carried.update(out)
             logits = out.logits
             loss_sum, count = local_loss(logits, batch["labels"], dims)
+            local_bad |= not bool(torch.isfinite(loss_sum.detach()))
             global_count = count.detach().float().clone()
             dist.all_reduce(global_count, group=dims.dp_cp_group)
             # DeepSpeed averages over its data-parallel group (DP × CP): undo it, so gradients are
@@ -331,25 +340,51 @@ def train(cfg: TrainConfig) -> int:
             reported = loss.detach().clone()
             dist.all_reduce(reported, group=dims.dp_cp_group)
             loss_total += reported.item() / cfg.grad_accum
+            if micro == cfg.grad_accum - 1:  # the step's loss is known (the same on every rank): a spike?
+                spike = spikes.is_spike(loss_total)
+                poisoned = spike and cfg.skip_spikes
+                if poisoned:  # non-finite gradients: DeepSpeed skips the update as that of any bad step
+                    loss = loss * math.nan
             engine.backward(touch_all_parameters(loss * dims.dp * dims.cp, engine.module))
-            if engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0:
-                grad_norm = gradient_norm(engine.module, dims)  # DeepSpeed has reduced the gradients here
-            engine.step()
+            if engine.is_gradient_accumulation_boundary():
+                if cfg.zero_stage == 0:
+                    grad_norm = gradient_norm(engine.module, dims)  # DeepSpeed has reduced the gradients here
+                code = (guard.LOSS if local_bad else 0) | \
+                    (guard.GRAD if cfg.zero_stage == 0 and not poisoned and not math.isfinite(grad_norm) else 0)
+                flags = guard.agree_on_flags(code, engine.device)  # every rank takes the same decision
+                with guard.skip_optimizer_step(engine, any(flags) or poisoned):
+                    engine.step()
+            else:
+                engine.step()
         step += 1
         tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
         if cfg.zero_stage > 0:
             grad_norm = engine.get_global_grad_norm()
-        record = {"step": step, "loss": loss_total, "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        skipped = not engine.was_step_applied()
+        bad = any(flags) or (skipped and not poisoned) or not math.isfinite(loss_total)
+        if spike:
+            print(f"warning: loss spike at step {step}: {loss_total:.4f} is over mean + {cfg.spike_k:g}·std of the "
+                  f"last {cfg.spike_window} steps" + (" (update skipped)" if cfg.skip_spikes else ""), flush=True)
+        record = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
                   "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                   "mfu": flops * tokens_per_step / dt / (peak * world) if peak else math.nan,
                   "step_time_s": dt, "flops_per_token": flops, **memory_stats()}
+        if skipped:
+            record["skipped"] = "non-finite" if bad else "spike"
         logger.log(record)
+        divergence.update(step, bad, loss_total, grad_norm, guard.describe(flags))  # raises after max_bad_steps
+        if bad:
+            if carried is not None:
+                carried.state = None  # a non-finite memory state is not carried on
+        else:
+            spikes.add(loss_total)
         if val_loader is not None and step % cfg.eval_every == 0:
             logger.log({"step": step, **evaluate(engine, val_loader, dims, cfg)})
         stopping = stop.agreed(engine.device)
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+        # no periodic save inside a run of skipped steps (its weights are those of the last good step)
+        if (step % cfg.save_every == 0 and not divergence.consecutive) or step == cfg.steps or stopping:
             save(step)
         if stopping:
             info(f"{stop.signal or 'a stop signal on another rank'}: saved step {step}, exiting")
@@ -387,6 +422,9 @@ def main(argv=None) -> int:
     except (ConfigError, checkpoint.CheckpointError, DataError, fp8.FP8Unavailable) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except guard.TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
