@@ -174,6 +174,17 @@ def find_resume(run_dir: str | Path) -> tuple[Path, dict] | None:
     return folder, _manifest(folder)
 
 
+def read_trainer_state(folder: Path) -> dict:
+    """A checkpoint's ``trainer_state.json`` (step, tokens, data position, the settings it was trained with)."""
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        if not isinstance(state.get("config"), dict):
+            raise ValueError("no 'config'")
+        return state
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {TRAINER_STATE} is unreadable ({exc})") from None
+
+
 def verify_crcs(folder: Path, manifest: dict) -> None:
     """Every file's CRC32 against the manifest (collective: the ranks share the work)."""
     names = sorted(manifest["files"])

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint, fp8, guard
-from pretrain.config import CONFIG_DIR, ConfigError, TrainConfig, parse_config, reset_policy
+from pretrain.config import (CONFIG_DIR, ConfigError, TrainConfig, check_resume_settings, parse_config,
+                            read_deepspeed_json, reset_policy)
 from pretrain.distributed import DeepSpeedMPU, ensure_env
 from pretrain.metrics import MetricsLogger, flops_per_token, info, memory_stats, peak_flops
 from pretrain.optim import LRSchedule, build_optimizer, build_scheduler, set_schedule
@@ -101,10 +102,24 @@ def build_model(cfg: TrainConfig, mcfg):
     return model.float().train()
 
 
+def record_settings(cfg: TrainConfig, step: int, changes: dict | None) -> None:
+    """``config.json``: the settings the run trains with now; ``config_history.jsonl``: one line when
+    the run starts and one for each resume that changed a setting (old → new, from which step)."""
+    checkpoint.write_text_atomic(cfg.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    if changes is None:
+        entry = {"step": step, "event": "start", "config": cfg.to_dict()}
+    elif changes:
+        entry = {"step": step, "event": "resume", "changes": {k: [old, new] for k, (old, new) in changes.items()}}
+    else:
+        return
+    with open(cfg.run_dir / "config_history.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else \
         CONFIG_DIR / "deepspeed" / f"zero{cfg.zero_stage}{'_offload' if cfg.offload and cfg.zero_stage else ''}.json"
-    ds = json.loads(path.read_text())
+    ds = read_deepspeed_json(path)
     ds.pop("_comment", None)
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
               gradient_clipping=cfg.grad_clip)
@@ -243,7 +258,10 @@ def train(cfg: TrainConfig) -> int:
     if cfg.precision == "fp8":
         fp8.check_available(cfg.fp8_backend, cfg.tp)
     check_data(cfg)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out} is a file, not a run directory")
     resume = checkpoint.find_resume(cfg.out)
+    changes = check_resume_settings(checkpoint.read_trainer_state(resume[0])["config"], cfg) if resume else None
 
     import deepspeed
 
@@ -279,7 +297,7 @@ def train(cfg: TrainConfig) -> int:
         memory_state = checkpoint.load_memory_state(*resume)
         start_step, tokens_seen = state["step"], state["tokens"]
         loader.load_state_dict(state["data"])
-        set_schedule(scheduler, schedule)
+        set_schedule(scheduler, schedule, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
         info(f"resumed from {resume[0]} at step {start_step}")
 
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * dims.dp * cfg.seq_len
@@ -288,7 +306,7 @@ def train(cfg: TrainConfig) -> int:
     logger = MetricsLogger(cfg.run_dir, rank == 0, cfg.tensorboard, start_step, cfg.steps, cfg.log_every)
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        record_settings(cfg, start_step, changes)
         mcfg.to_json_file(cfg.run_dir / "model_config.json")  # what an exporter rebuilds the model from
         if loader.tokenizer_path is not None:
             shutil.copyfile(loader.tokenizer_path, cfg.run_dir / "tokenizer.model")

@@ -106,10 +106,32 @@ def test_resumed_scheduler_follows_the_new_total():
     opt2 = torch.optim.AdamW([p], lr=1.0)
     sched2 = build_scheduler(opt2, LRSchedule("cosine", 200, 0))
     sched2.load_state_dict(state)  # brings the old schedule (total=100) back ...
-    set_schedule(sched2, LRSchedule("cosine", 200, 0))  # ... which the trainer replaces
+    set_schedule(sched2, LRSchedule("cosine", 200, 0), 1.0, (0.9, 0.999), 1e-8, 0.0)  # ... which the trainer replaces
     opt2.step()
     sched2.step()
     assert sched2.get_last_lr()[0] == pytest.approx(LRSchedule("cosine", 200, 0)(51))
+
+
+def test_resume_applies_the_settings_learning_rate_bitwise():
+    """set_schedule recomputes the current rate as LambdaLR does: bitwise the same with the old
+    settings, and a new peak rate (--allow-change lr) takes effect from the next step."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "weight_decay": 0.1, "name": "decay"}], lr=3e-3)
+    schedule = LRSchedule("cosine", 100, 10)
+    sched = build_scheduler(opt, schedule)
+    for _ in range(37):
+        opt.step()
+        sched.step()
+    before = sched.get_last_lr()[0]
+    set_schedule(sched, schedule, 3e-3, (0.9, 0.999), 1e-8, 0.1)
+    assert sched.get_last_lr()[0] == before == opt.param_groups[0]["lr"]
+    set_schedule(sched, schedule, 6e-3, (0.8, 0.99), 1e-6, 0.01)
+    assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0] == 6e-3 * schedule(37)
+    assert (opt.param_groups[0]["betas"], opt.param_groups[0]["eps"], opt.param_groups[0]["weight_decay"]) == \
+        ((0.8, 0.99), 1e-6, 0.01)
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr()[0] == 6e-3 * schedule(38)
 
 
 # --------------------------------------------------------------------------------- checkpoints
