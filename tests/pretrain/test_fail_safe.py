@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,78 @@ def test_malformed_deepspeed_config(trainer, tmp_path, text):
     ds.write_text(text)
     code, _, stderr = trainer(tmp_path / "run", "--steps", 1, "--deepspeed-config", ds)
     assert code == 2 and "--deepspeed-config" in error_line(stderr)
+
+
+# ------------------------------------------------------------------------------ 4. no pickle code
+class Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(folder: Path, name: str, marker: Path, remove: str | None = None) -> None:
+    """Replaces ``name`` in a checkpoint by a pickle payload and fixes the manifest, as an attacker would."""
+    from pretrain import checkpoint
+
+    torch.save({"module": Payload(marker), "t": torch.zeros(1)}, folder / name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if remove:
+        (folder / remove).unlink()
+        del manifest["files"][remove]
+    manifest["files"][name] = {"size": (folder / name).stat().st_size, "crc32": checkpoint.crc32_file(folder / name)}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_torch_load_refuses_a_payload(tmp_path):
+    from pretrain.safe_files import UnsafeFileError, torch_load
+
+    marker = tmp_path / "ran"
+    torch.save(Payload(marker), tmp_path / "x.pt")
+    with pytest.raises(UnsafeFileError, match="posix.system|os.system|not among the types allowed"):
+        torch_load(tmp_path / "x.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name,remove", [("mp_rank_00_model_states.pt", None),
+                                         ("rng_rank00000.pt", "rng_rank00000.safetensors")], ids=["deepspeed", "rng"])
+def test_planted_payload_does_not_run_on_resume_or_export(trainer, tmp_path, name, remove):
+    from pretrain.export import main as export
+
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    assert trainer(out, "--steps", 1, "--zero-stage", 0)[0] == 0
+    plant(latest(out), name, marker, remove)
+    code, _, stderr = trainer(out, "--steps", 2, "--zero-stage", 0)
+    assert code == 2 and "not among the types allowed" in error_line(stderr)
+    if name.startswith("mp_rank"):
+        assert export([str(out), str(tmp_path / "hf")]) == 2
+    assert not marker.exists()
+
+
+def test_memory_state_round_trips_through_safetensors(tmp_path):
+    from models import MemoryLMForCausalLM, preset_config
+    from pretrain.safe_files import load_tree, save_tree
+
+    torch.manual_seed(0)
+    model = MemoryLMForCausalLM(preset_config("test")).eval()
+    with torch.no_grad():
+        state = model(torch.randint(0, 100, (2, 16)), use_cache=True).memory_state
+    save_tree(state, tmp_path / "m.safetensors")
+    back = load_tree(tmp_path / "m.safetensors")
+    assert type(back) is type(state) and back.position == state.position
+    flat = []
+    state.map(lambda t: flat.append(t) or t)
+    again = []
+    back.map(lambda t: again.append(t) or t)
+    assert len(flat) == len(again) > 0 and all(torch.equal(a, b) for a, b in zip(flat, again))
+
+
+def test_export_max_shard_size_is_checked(tmp_path, capsys):
+    from pretrain.export import main as export
+
+    assert export([str(tmp_path), str(tmp_path / "hf"), "--max-shard-size", "banana"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-shard-size must be a size like 5GB" in err and "Traceback" not in err

@@ -159,7 +159,7 @@ def test_save_publishes_atomically_and_prunes(tmp_path):
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000010", "step_00000015"]
     folder, manifest = checkpoint.find_resume(tmp_path)
     assert folder.name == "step_00000015" and manifest["step"] == 15
-    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "trainer_state.json", "rng_rank00000.pt"}
+    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "trainer_state.json", "rng_rank00000.safetensors"}
     checkpoint.verify_crcs(folder, manifest)
 
 
@@ -214,13 +214,17 @@ def test_damaged_checkpoints_are_refused(tmp_path, damage, message):
         checkpoint.verify_crcs(folder, manifest)
 
 
-def test_rng_state_round_trip():
+def test_rng_state_round_trip(tmp_path):
+    """Through a safetensors file, as a checkpoint stores it (normal and Gaussian-cached states)."""
     import random
 
     import numpy as np
 
-    state = checkpoint.rng_state()
-    a = (random.random(), np.random.rand(), torch.rand(1).item())
-    checkpoint.set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    from pretrain.safe_files import load_tree, rng_tree, save_tree, set_rng_tree
+
+    random.gauss(0, 1), np.random.randn()  # both keep a cached Gaussian in their state
+    save_tree(rng_tree(), tmp_path / "rng.safetensors")
+    a = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(1).item())
+    set_rng_tree(load_tree(tmp_path / "rng.safetensors"))
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(1).item()) == a
     assert math.isfinite(a[0]) and json.dumps({"ok": True})
