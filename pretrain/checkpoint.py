@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from pretrain.safe_files import UnsafeFileError, guard_deepspeed_loads, load_tree, rng_tree, save_tree, set_rng_tree, torch_load
 
@@ -183,11 +184,25 @@ def verify_crcs(folder: Path, manifest: dict) -> None:
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int = 0, local_rank: int = 0,
          before_publish=None, memory_state=None) -> Path:
     """Collective: every rank calls it. Returns the published folder. ``memory_state``: this rank's
-    carried memory state (any picklable object of tensors), saved beside its RNG state."""
+    carried memory state (tensors in containers and the model's state dataclasses), saved beside its RNG state;
+    a full disk or another write error is a CheckpointError, leaving no temporary folder behind."""
     rank, world = _world()
     ckdir = checkpoints_dir(run_dir)
+    tmp_root = ckdir / f".tmp-{tag_for(step)}"
+    try:
+        return _save(engine, ckdir, tmp_root, step, trainer_state, keep, local_rank, before_publish, memory_state,
+                     rank, world)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, I/O error (torch wraps them)
+        if isinstance(exc, RuntimeError) and "writ" not in str(exc).lower():
+            raise
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise CheckpointError(f"cannot save the checkpoint of step {step} in {ckdir}: {reason}; the previous "
+                              "checkpoint is kept (free space and re-run to resume from it)") from None
+
+
+def _save(engine, ckdir, tmp_root, step, trainer_state, keep, local_rank, before_publish, memory_state, rank, world):
     tag = tag_for(step)
-    tmp_root = ckdir / f".tmp-{tag}"
     if rank == 0:
         shutil.rmtree(tmp_root, ignore_errors=True)
         tmp_root.mkdir(parents=True)
@@ -231,7 +246,7 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int 
 
 
 def _prune(ckdir: Path, keep: int, current: str) -> None:
-    for stale in ckdir.glob(".tmp-step_*"):
+    for stale in [*ckdir.glob(".tmp-step_*"), *ckdir.glob(".old-step_*")]:  # left by a crash or a full disk
         shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return

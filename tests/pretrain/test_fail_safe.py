@@ -254,3 +254,29 @@ def test_export_max_shard_size_is_checked(tmp_path, capsys):
     assert export([str(tmp_path), str(tmp_path / "hf"), "--max-shard-size", "banana"]) == 2
     err = capsys.readouterr().err
     assert "--max-shard-size must be a size like 5GB" in err and "Traceback" not in err
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(trainer, tmp_path, monkeypatch):
+    """ENOSPC while the second checkpoint is written: exit 2 with one error line, no .tmp-step_* folder
+    left, 'latest' still names the first checkpoint, and the run resumes from it once there is space."""
+    import errno
+
+    from pretrain import checkpoint
+
+    out = tmp_path / "run"
+    real = checkpoint.save_tree
+
+    def full_disk(tree, path):
+        if "step_00000002" in str(path):
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(tree, path)
+    monkeypatch.setattr(checkpoint, "save_tree", full_disk)
+    code, _, stderr = trainer(out, "--steps", 3, "--save-every", 1, "--zero-stage", 0)
+    assert code == 2
+    err = error_line(stderr)
+    assert "cannot save the checkpoint of step 2" in err and "No space left on device" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    monkeypatch.setattr(checkpoint, "save_tree", real)
+    code, text, _ = trainer(out, "--steps", 3, "--save-every", 1, "--zero-stage", 0)
+    assert code == 0 and "resumed from" in text and latest(out).name == "step_00000003"
