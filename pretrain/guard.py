@@ -66,8 +66,8 @@ def skip_optimizer_step(engine, skip: bool):
 class DivergenceGuard:
     """Counts consecutive bad (skipped) steps; raises :class:`TrainingDiverged` at ``max_bad``."""
 
-    def __init__(self, max_bad: int):
-        self.max_bad, self.consecutive, self.total = max_bad, 0, 0
+    def __init__(self, max_bad: int, announce: bool = True):
+        self.max_bad, self.announce, self.consecutive, self.total = max_bad, announce, 0, 0
 
     def update(self, step: int, bad: bool, loss: float, grad_norm: float, why: str) -> None:
         if not bad:
@@ -75,8 +75,9 @@ class DivergenceGuard:
             return
         self.consecutive += 1
         self.total += 1
-        print(f"warning: step {step} skipped ({why}; loss {loss}, grad norm {grad_norm}); "
-              f"{self.consecutive}/{self.max_bad} in a row", flush=True)
+        if self.announce:
+            print(f"warning: step {step} skipped ({why}; loss {loss}, grad norm {grad_norm}); "
+                  f"{self.consecutive}/{self.max_bad} in a row", flush=True)
         if self.consecutive >= self.max_bad:
             raise TrainingDiverged(
                 f"training diverged: {self.consecutive} consecutive non-finite steps, the last at step {step} "

@@ -326,7 +326,7 @@ def train(cfg: TrainConfig) -> int:
         if rank == 0:
             info(f"saved {folder}")
 
-    divergence = guard.DivergenceGuard(cfg.max_bad_steps)
+    divergence = guard.DivergenceGuard(cfg.max_bad_steps, announce=rank == 0)
     spikes = guard.SpikeDetector(cfg.spike_k, cfg.spike_window)
     if resume is not None:
         spikes.load_state_dict(state.get("spike_losses", []))
@@ -382,7 +382,7 @@ def train(cfg: TrainConfig) -> int:
         grad_norm = float(grad_norm) if grad_norm is not None else math.nan
         skipped = not engine.was_step_applied()
         bad = any(flags) or (skipped and not poisoned) or not math.isfinite(loss_total)
-        if spike:
+        if spike and rank == 0:
             print(f"warning: loss spike at step {step}: {loss_total:.4f} is over mean + {cfg.spike_k:g}·std of the "
                   f"last {cfg.spike_window} steps" + (" (update skipped)" if cfg.skip_spikes else ""), flush=True)
         record = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,

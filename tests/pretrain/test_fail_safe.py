@@ -280,3 +280,35 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(train
     monkeypatch.setattr(checkpoint, "save_tree", real)
     code, text, _ = trainer(out, "--steps", 3, "--save-every", 1, "--zero-stage", 0)
     assert code == 0 and "resumed from" in text and latest(out).name == "step_00000003"
+
+
+def _nan_from_step_2_on_rank_1(out, zero):
+    """Run by every rank of run_distributed: rank 1's loss is NaN from its second step on."""
+    import torch.distributed as dist
+
+    import pretrain.train as train
+
+    real, calls = train.local_loss, []
+
+    def local_loss(logits, labels, dims):
+        total, count = real(logits, labels, dims)
+        calls.append(1)
+        return (total * math.nan if dist.get_rank() == 1 and len(calls) > 1 else total), count
+    train.local_loss = local_loss
+    return train.main([*TRAIN, "--out", str(out), "--steps", 6, "--save-every", 1, "--max-bad-steps", 2,
+                       "--zero-stage", str(zero)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, zero):
+    """DP=2: only rank 1 sees NaN; both ranks skip steps 2 and 3 and exit 3 together (no hang), and
+    the last checkpoint is step 1's."""
+    from parallel.launch import run_distributed
+
+    out = tmp_path / "run"
+    assert run_distributed(_nan_from_step_2_on_rank_1, world_size=2, args=(str(out), zero), timeout=600) == [3, 3]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r.get("skipped") for r in rows] == [None, "non-finite", "non-finite"]
+    assert latest(out).name == "step_00000001"
