@@ -28,7 +28,8 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors import SafetensorError
 
-from pretrain.safe_files import UnsafeFileError, guard_deepspeed_loads, load_tree, rng_tree, save_tree, set_rng_tree, torch_load
+from pretrain.safe_files import (UnsafeFileError, guard_deepspeed_loads, load_tree, rng_tree, save_tree, set_rng_tree,
+                                 torch_load)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
