@@ -295,7 +295,7 @@ def _nan_from_step_2_on_rank_1(out, zero):
         calls.append(1)
         return (total * math.nan if dist.get_rank() == 1 and len(calls) > 1 else total), count
     train.local_loss = local_loss
-    return train.main([*TRAIN, "--out", str(out), "--steps", 6, "--save-every", 1, "--max-bad-steps", 2,
+    return train.main([*TRAIN, "--out", str(out), "--steps", "6", "--save-every", "1", "--max-bad-steps", "2",
                        "--zero-stage", str(zero)])
 
 
