@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         return 2
     t = statistics.median(r["step_time_s"] for r in rows)
     tps = statistics.median(r["tokens_per_s"] for r in rows)
-    mfu = statistics.median(r["mfu"] for r in rows)
+    mfu = statistics.median(math.nan if r["mfu"] is None else r["mfu"] for r in rows)  # null: unknown peak
     print(f"config: {' '.join(rest) or '(defaults)'} | processes {args.nproc}")
     print(f"median over {len(rows)} steps: step {t:.3f} s | {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% "
           f"| {rows[-1]['flops_per_token'] / 1e6:.1f} MFLOP/token | peak mem {rows[-1]['mem_gib']:.2f} GiB")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -166,6 +168,23 @@ def _log(cfg: PrepareConfig, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+_OWNER = ".owner.json"  # host and pid of the prepare that writes a temporary folder
+
+
+def _remove_stale_workdirs(out: Path) -> None:
+    """Temporary folders of ``out`` left by an interrupted prepare on this host (its process is gone)."""
+    for workdir in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            owner = json.loads((workdir / _OWNER).read_text(encoding="utf-8"))
+            if owner["host"] != socket.gethostname():
+                continue
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(workdir, ignore_errors=True)
+        except (OSError, ValueError, KeyError, TypeError):  # no owner file, another user's process, …: keep it
+            continue
+
+
 def prepare(cfg: PrepareConfig) -> Path:
     """Run the whole preparation and return the finished folder (see the module docstring)."""
     cfg.validate()
@@ -174,8 +193,10 @@ def prepare(cfg: PrepareConfig) -> Path:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")
     sources = discover(cfg.inputs, cfg.name_root)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_workdirs(out)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # unique, even across hosts
     os.chmod(workdir, 0o755)
+    write_json(workdir / _OWNER, {"host": socket.gethostname(), "pid": os.getpid()})
     start = time.perf_counter()
     try:
         reader = DocumentReader(sources, text_field=cfg.text_field, txt_unit=cfg.txt_unit, strict=cfg.strict)
@@ -195,6 +216,7 @@ def prepare(cfg: PrepareConfig) -> Path:
                         "empty_files": stats.empty_files},
         }
         write_json(workdir / META_FILENAME, meta)
+        (workdir / _OWNER).unlink()
         _publish(workdir, out, cfg.overwrite)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)

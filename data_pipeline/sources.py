@@ -24,6 +24,7 @@ PARQUET_SUFFIXES = {".parquet"}
 COMPRESSION_SUFFIXES = {".gz", ".zst", ".bz2", ".xz"}
 TXT_UNITS = ("file", "paragraph", "line")
 _BATCH = 256
+MAX_BAD_FRACTION = 0.5  # of a file's bytes in undecodable lines: above it the file is refused, not skimmed
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class DocumentReader:
         self.text_field = text_field
         self.txt_unit = txt_unit
         self.strict = strict
+        self._bytes = self._bad_bytes = 0  # of the file being read: all, and those in undecodable lines
         self.stats = ReadStats()
         self._streams = self._open_streams()
 
@@ -149,6 +151,7 @@ class DocumentReader:
     def _decode(self, raw: str, where: str) -> str:
         """Undo the latin-1 reading: strict UTF-8, dropping (and counting) undecodable lines."""
         data = raw.encode("latin-1")
+        self._bytes += len(data)
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
@@ -158,6 +161,7 @@ class DocumentReader:
             try:
                 kept.append(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
+                self._bad_bytes += len(line)
                 self._problem(f"{where} (line {i + 1} of the document)", f"invalid UTF-8 ({exc.reason})")
         return "\n".join(kept)
 
@@ -195,9 +199,11 @@ class DocumentReader:
     def _json_text(self, raw: str, where: str) -> str:
         if not raw.strip():
             return ""
+        self._bytes += len(raw)
         try:
             record = json.loads(raw.encode("latin-1").decode("utf-8"))
         except UnicodeDecodeError as exc:
+            self._bad_bytes += len(raw)
             self._problem(where, f"invalid UTF-8 ({exc.reason})")
             return ""
         except json.JSONDecodeError as exc:
@@ -211,17 +217,28 @@ class DocumentReader:
             return ""
         if not isinstance(text, str):
             raise InputError(f"{where}: field {self.text_field!r} holds {type(text).__name__}, not text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a JSON escape such as "\ud800": a lone surrogate is no character
+            self._bad_bytes += len(raw)
+            self._problem(where, f"field {self.text_field!r} holds a lone surrogate "
+                                 f"({text[exc.start:exc.end].encode('unicode_escape').decode()}), not valid Unicode")
+            return ""
         return text
 
     def documents(self, source: SourceFile) -> Iterator[str]:
-        """The non-empty documents of one file, in order."""
-        count = 0
+        """The non-empty documents of one file, in order. A text/JSON file that is mostly not valid
+        UTF-8 (more than ``MAX_BAD_FRACTION`` of its bytes, e.g. a binary file) is an InputError."""
+        count, self._bytes, self._bad_bytes = 0, 0, 0
         for text in self._texts(source):
             if not text:
                 self.stats.empty_documents += 1
                 continue
             count += 1
             yield text
+        if self._bytes and self._bad_bytes > MAX_BAD_FRACTION * self._bytes:
+            raise InputError(f"{source.name}: {self._bad_bytes / self._bytes:.0%} of its bytes are in lines that are "
+                             "not valid UTF-8 text (a binary file?); remove it from --input")
         if count == 0:
             self.stats.empty_files.append(source.name)
 

@@ -68,7 +68,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300,
             for r in range(world_size):
                 path = os.path.join(outdir, f"{r}.pt")
                 if os.path.exists(path):
-                    res = torch.load(path, weights_only=False)
+                    res = torch.load(path, weights_only=False)  # see below
                     if not res["ok"]:
                         errors.append(f"rank {r}:\n{res['error']}")
             if errors:
@@ -76,6 +76,8 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300,
             raise
         results = []
         for r in range(world_size):
+            # any picklable result, written by this call's own children into its private (0700) temporary
+            # folder: inter-process results, not a checkpoint or any file a user hands in
             res = torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)
             if not res["ok"]:
                 raise RuntimeError(f"rank {r}:\n{res['error']}")

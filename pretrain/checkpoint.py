@@ -2,8 +2,9 @@
 
 A checkpoint holds DeepSpeed's own files (module, ZeRO-partitioned optimizer, LR scheduler),
 ``trainer_state.json`` (step, tokens seen, data-loader position, the configuration), one
-``rng_rankNNNNN.pt`` per process (python, numpy, torch CPU and CUDA generators) and, when the
-trainer carries the memory state across steps (``--reset never``), one ``memory_rankNNNNN.pt``.
+``rng_rankNNNNN.safetensors`` per process (python, numpy, torch CPU and CUDA generators) and, when
+the trainer carries the memory state across steps (``--reset never``), one ``memory_rankNNNNN.safetensors``.
+Nothing is unpickled on load beyond tensors and DeepSpeed's few checkpoint types (``safe_files``).
 
 How a save stays atomic (a crash at any moment never leaves a checkpoint that looks complete):
 1. every rank writes into ``checkpoints/.tmp-step_X/step_X/`` (a name that is never loaded);
@@ -19,15 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import zlib
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+
+from pretrain.safe_files import (UnsafeFileError, guard_deepspeed_loads, load_tree, rng_tree, save_tree, set_rng_tree,
+                                 torch_load)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -111,22 +113,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-# ------------------------------------------------------------------------------------ RNG state
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 # ------------------------------------------------------------------------------------- finding
 def _manifest(folder: Path) -> dict:
     path = folder / MANIFEST
@@ -174,6 +160,17 @@ def find_resume(run_dir: str | Path) -> tuple[Path, dict] | None:
     return folder, _manifest(folder)
 
 
+def read_trainer_state(folder: Path) -> dict:
+    """A checkpoint's ``trainer_state.json`` (step, tokens, data position, the settings it was trained with)."""
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        if not isinstance(state.get("config"), dict):
+            raise ValueError("no 'config'")
+        return state
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {folder} is corrupt: {TRAINER_STATE} is unreadable ({exc})") from None
+
+
 def verify_crcs(folder: Path, manifest: dict) -> None:
     """Every file's CRC32 against the manifest (collective: the ranks share the work)."""
     names = sorted(manifest["files"])
@@ -188,11 +185,25 @@ def verify_crcs(folder: Path, manifest: dict) -> None:
 def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int = 0, local_rank: int = 0,
          before_publish=None, memory_state=None) -> Path:
     """Collective: every rank calls it. Returns the published folder. ``memory_state``: this rank's
-    carried memory state (any picklable object of tensors), saved beside its RNG state."""
+    carried memory state (tensors in containers and the model's state dataclasses), saved beside its RNG state;
+    a full disk or another write error is a CheckpointError, leaving no temporary folder behind."""
     rank, world = _world()
     ckdir = checkpoints_dir(run_dir)
+    tmp_root = ckdir / f".tmp-{tag_for(step)}"
+    try:
+        return _save(engine, ckdir, tmp_root, step, trainer_state, keep, local_rank, before_publish, memory_state,
+                     rank, world)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, I/O error (torch wraps them)
+        if isinstance(exc, RuntimeError) and "writ" not in str(exc).lower():
+            raise
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise CheckpointError(f"cannot save the checkpoint of step {step} in {ckdir}: {reason}; the previous "
+                              "checkpoint is kept (free space and re-run to resume from it)") from None
+
+
+def _save(engine, ckdir, tmp_root, step, trainer_state, keep, local_rank, before_publish, memory_state, rank, world):
     tag = tag_for(step)
-    tmp_root = ckdir / f".tmp-{tag}"
     if rank == 0:
         shutil.rmtree(tmp_root, ignore_errors=True)
         tmp_root.mkdir(parents=True)
@@ -200,9 +211,9 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int 
     engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"step": step}, save_latest=False)
     folder = tmp_root / tag
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), folder / f"rng_rank{rank:05d}.pt")
+    save_tree(rng_tree(), folder / f"rng_rank{rank:05d}.safetensors")
     if memory_state is not None:
-        torch.save(memory_state, folder / f"memory_rank{rank:05d}.pt")
+        save_tree(memory_state, folder / f"memory_rank{rank:05d}.safetensors")
     if rank == 0:
         (folder / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, default=int), encoding="utf-8")
     _barrier()
@@ -236,7 +247,7 @@ def save(engine, run_dir: str | Path, step: int, trainer_state: dict, keep: int 
 
 
 def _prune(ckdir: Path, keep: int, current: str) -> None:
-    for stale in ckdir.glob(".tmp-step_*"):
+    for stale in [*ckdir.glob(".tmp-step_*"), *ckdir.glob(".old-step_*")]:  # left by a crash or a full disk
         shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return
@@ -250,22 +261,33 @@ def load_memory_state(folder: Path, manifest: dict):
     """This rank's carried memory state from a checkpoint, or None if it has none or was saved by
     another number of processes (rows then belong to other ranks: the memory restarts)."""
     rank, world = _world()
-    path = folder / f"memory_rank{rank:05d}.pt"
-    if manifest.get("world_size") != world or not path.is_file():
+    path = _own_file(folder, f"memory_rank{rank:05d}")
+    if manifest.get("world_size") != world or path is None:
         return None
     try:
-        return torch.load(path, weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"cannot load checkpoint {folder}: {path.name}: {exc}") from None
+        return load_tree(path) if path.suffix == ".safetensors" else torch_load(path)
+    except UnsafeFileError as exc:
+        raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from None
+
+
+def _own_file(folder: Path, stem: str) -> Path | None:
+    """``stem.safetensors``, or ``stem.pt`` as written by older versions (loaded without pickle's code)."""
+    for suffix in (".safetensors", ".pt"):
+        if (folder / (stem + suffix)).is_file():
+            return folder / (stem + suffix)
+    return None
 
 
 def load(engine, folder: Path, manifest: dict) -> dict:
     """Restores engine (module, optimizer, scheduler) and this rank's RNG; returns trainer_state."""
     verify_crcs(folder, manifest)
     rank, _ = _world()
+    guard_deepspeed_loads(engine)
     try:
         path, _client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
+    except UnsafeFileError as exc:
+        raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
         raise CheckpointError(f"cannot load checkpoint {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if path is None:
@@ -273,10 +295,13 @@ def load(engine, folder: Path, manifest: dict) -> dict:
                               "parallel layout (was it saved with different --tp/--zero-stage?)")
     try:
         state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-        rng_file = folder / f"rng_rank{rank:05d}.pt"
-        if not rng_file.is_file():  # resumed with more processes than saved it: start from rank 0's
-            rng_file = folder / "rng_rank00000.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        # resumed with more processes than saved it: start from rank 0's
+        rng_file = _own_file(folder, f"rng_rank{rank:05d}") or _own_file(folder, "rng_rank00000")
+        if rng_file is None:
+            raise CheckpointError(f"checkpoint {folder} is partial: it has no RNG state")
+        set_rng_tree(load_tree(rng_file) if rng_file.suffix == ".safetensors" else torch_load(rng_file))
+    except UnsafeFileError as exc:
+        raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from None
     return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -17,6 +18,15 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 class ConfigError(ValueError):
     """A setting (or a combination of settings) that cannot work; printed as one ``error:`` line."""
+
+
+# Settings a resumed run may change freely (nothing the run has done depends on them). Every other
+# setting changes the trajectory: a re-run into the same RUN_DIR that changes one is refused unless
+# ``--allow-change`` names it. The one list of both kinds (extend it here, nowhere else).
+HARMLESS_KEYS = frozenset({
+    "out", "steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "tensorboard",
+    "peak_tflops", "max_bad_steps", "spike_k", "spike_window", "skip_spikes", "allow_change",
+})
 
 
 def _f(default, help: str, choices=None):
@@ -74,6 +84,15 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep (0 = all)")
     tensorboard: bool = _f(True, "write tensorboard events to RUN_DIR/tensorboard")
     peak_tflops: float = _f(0.0, "peak FLOP/s per device for MFU, in TFLOP/s (0 = GPU table or measured CPU GEMM)")
+    # ------------------------------------------------------------------ divergence guard and resume
+    max_bad_steps: int = _f(5, "consecutive non-finite steps (loss or gradient norm; each one is skipped) after which "
+                            "the run stops with an error, saving nothing")
+    spike_k: float = _f(6.0, "a loss above the running mean of the last --spike-window losses by this many standard "
+                        "deviations is a loss spike (a warning; see --skip-spikes)")
+    spike_window: int = _f(50, "losses in the running mean and standard deviation of the spike detector")
+    skip_spikes: bool = _f(False, "skip the optimizer update of a loss-spike step (as of a non-finite one)")
+    allow_change: str = _f("", "resuming: settings that may differ from those the run was started with, "
+                           "comma-separated (e.g. lr,seq_len); recorded in RUN_DIR/config_history.jsonl")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -87,15 +106,29 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "keep_checkpoints"):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        for name in ("max_bad_steps", "spike_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "keep_checkpoints", "weight_decay", "grad_clip", "peak_tflops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        for name in ("lr", "eps", "spike_k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        unknown = [k for k in self.allowed_changes() if k not in {f.name for f in fields(self)}]
+        if unknown:
+            raise ConfigError(f"--allow-change names unknown settings: {', '.join(unknown)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
@@ -109,11 +142,35 @@ class TrainConfig:
         if kind == "every" and every > self.seq_len:
             raise ConfigError(f"--reset every:{every} is longer than --seq-len {self.seq_len}: use 'boundary' or a "
                               "shorter period")
-        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
-            raise ConfigError(f"--deepspeed-config {self.deepspeed_config} does not exist")
+        if self.deepspeed_config:
+            deepspeed_settings(self.deepspeed_config, self.to_dict())  # readable, and agrees with the flags
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def allowed_changes(self) -> list[str]:
+        return [k.strip().replace("-", "_") for k in self.allow_change.split(",") if k.strip()]
+
+
+def settings_changes(started: dict, cfg: TrainConfig) -> dict:
+    """{key: (old, new)} of every setting ``cfg`` changes relative to ``started`` (a saved ``to_dict``;
+    keys it lacks, from an older version, count as their defaults)."""
+    now = cfg.to_dict()
+    defaults = TrainConfig().to_dict()
+    return {k: (started.get(k, defaults[k]), v) for k, v in now.items() if started.get(k, defaults[k]) != v}
+
+
+def check_resume_settings(started: dict, cfg: TrainConfig) -> dict:
+    """The changes a resume makes; a ConfigError listing those that alter the trajectory and that
+    ``--allow-change`` does not name."""
+    changes = settings_changes(started, cfg)
+    allowed = set(cfg.allowed_changes()) | HARMLESS_KEYS
+    refused = {k: v for k, v in changes.items() if k not in allowed}
+    if refused:
+        listed = "; ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"{cfg.out} was trained with other settings ({listed}): re-run with the run's settings, "
+                          f"or pass --allow-change {','.join(refused)} to change them from here on")
+    return changes
 
 
 def reset_policy(value: str) -> tuple[str, int | None]:
@@ -208,6 +265,57 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
+    if values.get("deepspeed_config"):
+        values.update(deepspeed_settings(values["deepspeed_config"], values))
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+# the flags a DeepSpeed JSON may also set: flag name → (JSON path, JSON value → flag value)
+_DS_KEYS = {
+    "zero_stage": (("zero_optimization", "stage"), int),
+    "offload": (("zero_optimization", "offload_optimizer", "device"), lambda d: d in ("cpu", "nvme")),
+    "micro_batch": (("train_micro_batch_size_per_gpu",), int),
+    "grad_accum": (("gradient_accumulation_steps",), int),
+    "grad_clip": (("gradient_clipping",), float),
+}
+
+
+def read_deepspeed_json(path: str | Path) -> dict:
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed-config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"--deepspeed-config {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed-config {path} must hold a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def deepspeed_settings(path: str | Path, given: dict) -> dict:
+    """The flags a DeepSpeed JSON sets (ZeRO stage, offload, micro-batch, accumulation, clipping), so the
+    run, its banner, config.json and trainer_state.json all tell the same; a flag given with another
+    value than the JSON's, or a JSON enabling fp16/bf16 (precision is --precision), is a ConfigError."""
+    ds = read_deepspeed_json(path)
+    out = {}
+    for flag, (keys, convert) in _DS_KEYS.items():
+        node = ds
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is None or node == "auto":
+            continue
+        try:
+            value = convert(node)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--deepspeed-config {path}: {'.'.join(keys)} = {node!r} is not valid") from None
+        if flag in given and given[flag] != value:
+            raise ConfigError(f"--deepspeed-config {path} sets {'.'.join(keys)} = {node!r} but "
+                              f"--{flag.replace('_', '-')} is {given[flag]!r}: give one of them, or the same value")
+        out[flag] = value
+    for key in ("fp16", "bf16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") not in (False, "auto", None):
+            raise ConfigError(f"--deepspeed-config {path} enables {key}: the precision is set by --precision "
+                              "(parameters stay float32, bf16/fp8 are autocast)")
+    return out

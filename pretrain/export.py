@@ -34,6 +34,7 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.checkpoint import CheckpointError
+from pretrain.safe_files import UnsafeFileError, torch_load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # one module-states file per TP rank: mp_rank_XX_… (ZeRO-0/1/2) or zero_pp_rank_0_mp_rank_XX_… (ZeRO-3)
@@ -77,10 +78,11 @@ def locate(path: str | Path, step: int | None = None) -> tuple[Path, Path, dict]
 
 # --------------------------------------------------------------------------------- consolidating
 def _load(path: Path) -> dict:
+    """A DeepSpeed file, unpickling nothing beyond tensors and DeepSpeed's checkpoint types."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear error
-        raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return torch_load(path)
+    except UnsafeFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _module_states(folder: Path) -> list[dict]:
@@ -138,8 +140,15 @@ def export(src: str | Path, out_dir: str | Path, step: int | None = None, dtype:
     from models import MemoryLMConfig, MemoryLMForCausalLM
     from models.hf_folder import atomic_output_dir, save_model_folder
 
+    from transformers.utils.hub import convert_file_size_to_int
+
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        if convert_file_size_to_int(max_shard_size) <= 0:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ExportError(f"--max-shard-size must be a size like 5GB or 500MB, got {max_shard_size!r}") from None
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")

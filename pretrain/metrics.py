@@ -222,7 +222,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self.file.flush()
         step = record["step"]
         if self.tb is not None:
@@ -248,6 +248,11 @@ class MetricsLogger:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def json_safe(record: dict) -> dict:
+    """NaN and ±inf → null: metrics.jsonl stays valid JSON (Python's json would write bare NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _hms(seconds: float) -> str:

@@ -109,6 +109,19 @@ def build_scheduler(optimizer, schedule: LRSchedule):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def set_schedule(scheduler, schedule: LRSchedule) -> None:
-    """Puts the current configuration's schedule back after a checkpoint restored an old one."""
-    scheduler.lr_lambdas = [schedule] * len(scheduler.optimizer.param_groups)
+def set_schedule(scheduler, schedule: LRSchedule, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> None:
+    """After a checkpoint restored the optimizer and scheduler: this configuration's schedule, peak
+    rate and AdamW hyperparameters (so ``--steps`` can be extended and ``--allow-change lr`` takes
+    effect), the current rate recomputed as LambdaLR computes it (bitwise the same when nothing changed)."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [schedule] * len(groups)
+    scheduler.base_lrs = [lr] * len(groups)
+    for g in groups:
+        g.update(initial_lr=lr, betas=betas, eps=eps)
+        if g.get("name") == "decay":
+            g["weight_decay"] = weight_decay
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for g, rate in zip(groups, rates):
+        g["lr"] = rate
+    scheduler._last_lr = rates

@@ -27,8 +27,9 @@ if __package__ in (None, ""):  # `deepspeed pretrain/train.py`: import the packa
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, fp8
-from pretrain.config import CONFIG_DIR, ConfigError, TrainConfig, parse_config, reset_policy
+from pretrain import checkpoint, fp8, guard
+from pretrain.config import (CONFIG_DIR, ConfigError, TrainConfig, check_resume_settings, parse_config,
+                            read_deepspeed_json, reset_policy)
 from pretrain.distributed import DeepSpeedMPU, ensure_env
 from pretrain.metrics import MetricsLogger, flops_per_token, info, memory_stats, peak_flops
 from pretrain.optim import LRSchedule, build_optimizer, build_scheduler, set_schedule
@@ -101,10 +102,24 @@ def build_model(cfg: TrainConfig, mcfg):
     return model.float().train()
 
 
+def record_settings(cfg: TrainConfig, step: int, changes: dict | None) -> None:
+    """``config.json``: the settings the run trains with now; ``config_history.jsonl``: one line when
+    the run starts and one for each resume that changed a setting (old → new, from which step)."""
+    checkpoint.write_text_atomic(cfg.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    if changes is None:
+        entry = {"step": step, "event": "start", "config": cfg.to_dict()}
+    elif changes:
+        entry = {"step": step, "event": "resume", "changes": {k: [old, new] for k, (old, new) in changes.items()}}
+    else:
+        return
+    with open(cfg.run_dir / "config_history.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict:
     path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else \
         CONFIG_DIR / "deepspeed" / f"zero{cfg.zero_stage}{'_offload' if cfg.offload and cfg.zero_stage else ''}.json"
-    ds = json.loads(path.read_text())
+    ds = read_deepspeed_json(path)
     ds.pop("_comment", None)
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
               gradient_clipping=cfg.grad_clip)
@@ -233,7 +248,10 @@ def train(cfg: TrainConfig) -> int:
     if cfg.precision == "fp8":
         fp8.check_available(cfg.fp8_backend, cfg.tp)
     check_data(cfg)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out} is a file, not a run directory")
     resume = checkpoint.find_resume(cfg.out)
+    changes = check_resume_settings(checkpoint.read_trainer_state(resume[0])["config"], cfg) if resume else None
 
     import deepspeed
 
@@ -269,7 +287,7 @@ def train(cfg: TrainConfig) -> int:
         memory_state = checkpoint.load_memory_state(*resume)
         start_step, tokens_seen = state["step"], state["tokens"]
         loader.load_state_dict(state["data"])
-        set_schedule(scheduler, schedule)
+        set_schedule(scheduler, schedule, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
         info(f"resumed from {resume[0]} at step {start_step}")
 
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * dims.dp * cfg.seq_len
@@ -278,7 +296,7 @@ def train(cfg: TrainConfig) -> int:
     logger = MetricsLogger(cfg.run_dir, rank == 0, cfg.tensorboard, start_step, cfg.steps, cfg.log_every)
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        record_settings(cfg, start_step, changes)
         mcfg.to_json_file(cfg.run_dir / "model_config.json")  # what an exporter rebuilds the model from
         if loader.tokenizer_path is not None:
             shutil.copyfile(loader.tokenizer_path, cfg.run_dir / "tokenizer.model")
@@ -288,21 +306,29 @@ def train(cfg: TrainConfig) -> int:
              f"{tokens_per_step:,} tokens/step | steps {start_step + 1}..{cfg.steps}")
 
     def save(step):
-        trainer_state = {"step": step, "tokens": tokens_seen, "data": loader.state_dict(), "config": cfg.to_dict()}
+        if not guard.weights_finite(engine):  # skipped steps never update them; a finite step still might
+            raise guard.TrainingDiverged(f"the weights are non-finite after step {step}: not saved, the last "
+                                         "checkpoint is the last good one (lower --lr)")
+        trainer_state = {"step": step, "tokens": tokens_seen, "data": loader.state_dict(), "config": cfg.to_dict(),
+                         "spike_losses": spikes.state_dict()}
         folder = checkpoint.save(engine, cfg.out, step, trainer_state, cfg.keep_checkpoints, local_rank,
                                  memory_state=carried.state if carried is not None else None)
         if rank == 0:
             info(f"saved {folder}")
 
+    divergence = guard.DivergenceGuard(cfg.max_bad_steps, announce=rank == 0)
+    spikes = guard.SpikeDetector(cfg.spike_k, cfg.spike_window)
+    if resume is not None:
+        spikes.load_state_dict(state.get("spike_losses", []))
     carried = CarriedState(loader.sampler.batches_per_epoch, start_step * cfg.grad_accum,
                            None if memory_state is None else memory_state.map(lambda t: t.to(engine.device))) \
         if reset_policy(cfg.reset)[0] == "never" else None
     step = start_step
     while step < cfg.steps:
         t0 = time.perf_counter()
-        loss_total = 0.0
+        loss_total, local_bad, spike, poisoned = 0.0, False, False, False
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(loader).items()}
             kwargs = reset_inputs(cfg, batch, dims.cp_rank)
             if carried is not None:
@@ -313,6 +339,7 @@ def train(cfg: TrainConfig) -> int:
                 carried.update(out)
             logits = out.logits
             loss_sum, count = parallel_cross_entropy(logits, batch["labels"], dims)
+            local_bad |= not bool(torch.isfinite(loss_sum.detach()))
             global_count = count.detach().float().clone()
             dist.all_reduce(global_count, group=dims.dp_cp_group)
             # DeepSpeed averages over its data-parallel group (DP × CP): undo it, so gradients are
@@ -321,25 +348,51 @@ def train(cfg: TrainConfig) -> int:
             reported = loss.detach().clone()
             dist.all_reduce(reported, group=dims.dp_cp_group)
             loss_total += reported.item() / cfg.grad_accum
+            if micro == cfg.grad_accum - 1:  # the step's loss is known (the same on every rank): a spike?
+                spike = spikes.is_spike(loss_total)
+                poisoned = spike and cfg.skip_spikes
+                if poisoned:  # non-finite gradients: DeepSpeed skips the update as that of any bad step
+                    loss = loss * math.nan
             engine.backward(touch_all_parameters(loss * dims.dp * dims.cp, engine.module))
-            if engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0:
-                grad_norm = gradient_norm(engine.module, dims)  # DeepSpeed has reduced the gradients here
-            engine.step()
+            if engine.is_gradient_accumulation_boundary():
+                if cfg.zero_stage == 0:
+                    grad_norm = gradient_norm(engine.module, dims)  # DeepSpeed has reduced the gradients here
+                code = (guard.LOSS if local_bad else 0) | \
+                    (guard.GRAD if cfg.zero_stage == 0 and not poisoned and not math.isfinite(grad_norm) else 0)
+                flags = guard.agree_on_flags(code, engine.device)  # every rank takes the same decision
+                with guard.skip_optimizer_step(engine, any(flags) or poisoned):
+                    engine.step()
+            else:
+                engine.step()
         step += 1
         tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
         if cfg.zero_stage > 0:
             grad_norm = engine.get_global_grad_norm()
-        record = {"step": step, "loss": loss_total, "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+        skipped = not engine.was_step_applied()
+        bad = any(flags) or (skipped and not poisoned) or not math.isfinite(loss_total)
+        if spike and rank == 0:
+            print(f"warning: loss spike at step {step}: {loss_total:.4f} is over mean + {cfg.spike_k:g}·std of the "
+                  f"last {cfg.spike_window} steps" + (" (update skipped)" if cfg.skip_spikes else ""), flush=True)
+        record = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
                   "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                   "mfu": flops * tokens_per_step / dt / (peak * world) if peak else math.nan,
                   "step_time_s": dt, "flops_per_token": flops, **memory_stats()}
+        if skipped:
+            record["skipped"] = "non-finite" if bad else "spike"
         logger.log(record)
+        divergence.update(step, bad, loss_total, grad_norm, guard.describe(flags))  # raises after max_bad_steps
+        if bad:
+            if carried is not None:
+                carried.state = None  # a non-finite memory state is not carried on
+        else:
+            spikes.add(loss_total)
         if val_loader is not None and step % cfg.eval_every == 0:
             logger.log({"step": step, **evaluate(engine, val_loader, dims, cfg)})
         stopping = stop.agreed(engine.device)
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+        # no periodic save inside a run of skipped steps (its weights are those of the last good step)
+        if (step % cfg.save_every == 0 and not divergence.consecutive) or step == cfg.steps or stopping:
             save(step)
         if stopping:
             info(f"{stop.signal or 'a stop signal on another rank'}: saved step {step}, exiting")
@@ -377,6 +430,9 @@ def main(argv=None) -> int:
     except (ConfigError, checkpoint.CheckpointError, DataError, fp8.FP8Unavailable) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except guard.TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -118,6 +118,10 @@ BAD_INPUTS = {
     "invalid_json_strict": (lambda d: write(d / "bad.jsonl", b'{"text": "ok"}\n{"text": \n'), ["--strict"],
                             "invalid JSON"),
     "missing_json_field": (lambda d: write(d / "x.jsonl", b'{"body": "hello"}\n'), [], "no field 'text'"),
+    "lone_surrogate_strict": (lambda d: write(d / "s.jsonl", b'{"text": "ok"}\n{"text": "a\\ud800b"}\n'), ["--strict"],
+                              "s.jsonl:2: field 'text' holds a lone surrogate (\\ud800)"),
+    "random_bytes": (lambda d: write(d / "noise.txt", np.random.default_rng(0).bytes(200_000)), [],
+                     "noise.txt: 9"),  # "9x% of its bytes are in lines that are not valid UTF-8"
     "missing_parquet_column": (lambda d: _parquet(d / "x.parquet", {"body": ["hello"]}), [], "no column 'text'"),
     "corrupt_zst": (lambda d: write(d / "x.jsonl.zst", bytes(range(256)) * 4), [], "x.jsonl.zst: cannot read"),
     "bad_tokenizer": (lambda d: write(d / "ok.txt", b"hello"), ["--tokenizer", "/nonexistent/tok.model"],
@@ -148,6 +152,29 @@ def test_bad_input_clear_error_and_existing_dir_untouched(case, prepared, tmp_pa
     assert len(err.strip().splitlines()) == 1, err  # one clear line, no wrapped traceback
     assert tree_digest(existing) == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("tokenizer", ["train", "existing"])
+def test_lone_surrogate_is_a_counted_invalid_line(corpus, prepared, tmp_path, capsys, tokenizer):
+    """A JSON "\\ud800" escape (no character, cannot be encoded): skipped and counted with its file and
+    line, with a trained or an existing tokenizer (before: an abort naming nothing, or a traceback)."""
+    write(tmp_path / "in" / "s.jsonl", b'{"text": "one"}\n{"text": "a\\ud800b"}\n{"text": "three"}\n')
+    extra = dict(train_tokenizer=False, tokenizer=str(prepared / "tokenizer.model")) if tokenizer == "existing" else {}
+    out = prepare(tiny_config([corpus[0], tmp_path / "in"], tmp_path / "out", **extra))
+    assert json.loads((out / "meta.json").read_text())["skipped"]["invalid_lines"] == 1
+    assert "s.jsonl:2: field 'text' holds a lone surrogate (\\ud800)" in capsys.readouterr().err
+
+
+def test_stale_temporary_folder_of_an_interrupted_prepare_is_removed(corpus, tmp_path):
+    """A prepare killed on this host leaves .OUT.tmp-*; the next prepare of OUT removes it (not one of a live process)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / ".out.tmp-dead", tmp_path / ".out.tmp-live"
+    for folder, pid in ((stale, int(dead.stdout)), (live, os.getpid())):
+        folder.mkdir()
+        (folder / ".owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": pid}))
+    prepare(tiny_config([corpus[0]], tmp_path / "out"))
+    assert not stale.exists() and live.exists()
+    assert not (tmp_path / "out" / ".owner.json").exists()
 
 
 def test_invalid_lines_skipped_and_counted_without_strict(tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_folder_contents(exported, small_run):
 
     folder = small_run / "checkpoints" / (small_run / "checkpoints" / "latest").read_text().strip()
     model = MemoryLMForCausalLM(MemoryLMConfig.from_json_file(small_run / "model_config.json"))
-    model.load_state_dict(torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"])
+    model.load_state_dict(torch.load(folder / "mp_rank_00_model_states.pt", weights_only=True)["module"])
     with torch.no_grad():
         want = model.eval()(fixed_inputs(model.config.vocab_size)).logits
     assert torch.equal(_logits(fp32), want)

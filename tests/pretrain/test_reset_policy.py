@@ -81,5 +81,5 @@ def test_never_resumes_exactly_with_the_carried_state(tmp_path):
     for out, steps in ((whole, 4), (part, 2), (part, 4)):
         res = run(out, "--steps", steps, *args)
         assert res.returncode == 0, res.stderr[-3000:]
-    assert (part / "checkpoints" / "step_00000002" / "memory_rank00000.pt").is_file()
+    assert (part / "checkpoints" / "step_00000002" / "memory_rank00000.safetensors").is_file()
     assert losses(part) == losses(whole)

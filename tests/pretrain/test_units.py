@@ -128,10 +128,32 @@ def test_resumed_scheduler_follows_the_new_total():
     opt2 = torch.optim.AdamW([p], lr=1.0)
     sched2 = build_scheduler(opt2, LRSchedule("cosine", 200, 0))
     sched2.load_state_dict(state)  # brings the old schedule (total=100) back ...
-    set_schedule(sched2, LRSchedule("cosine", 200, 0))  # ... which the trainer replaces
+    set_schedule(sched2, LRSchedule("cosine", 200, 0), 1.0, (0.9, 0.999), 1e-8, 0.0)  # ... which the trainer replaces
     opt2.step()
     sched2.step()
     assert sched2.get_last_lr()[0] == pytest.approx(LRSchedule("cosine", 200, 0)(51))
+
+
+def test_resume_applies_the_settings_learning_rate_bitwise():
+    """set_schedule recomputes the current rate as LambdaLR does: bitwise the same with the old
+    settings, and a new peak rate (--allow-change lr) takes effect from the next step."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "weight_decay": 0.1, "name": "decay"}], lr=3e-3)
+    schedule = LRSchedule("cosine", 100, 10)
+    sched = build_scheduler(opt, schedule)
+    for _ in range(37):
+        opt.step()
+        sched.step()
+    before = sched.get_last_lr()[0]
+    set_schedule(sched, schedule, 3e-3, (0.9, 0.999), 1e-8, 0.1)
+    assert sched.get_last_lr()[0] == before == opt.param_groups[0]["lr"]
+    set_schedule(sched, schedule, 6e-3, (0.8, 0.99), 1e-6, 0.01)
+    assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0] == 6e-3 * schedule(37)
+    assert (opt.param_groups[0]["betas"], opt.param_groups[0]["eps"], opt.param_groups[0]["weight_decay"]) == \
+        ((0.8, 0.99), 1e-6, 0.01)
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr()[0] == 6e-3 * schedule(38)
 
 
 # --------------------------------------------------------------------------------- checkpoints
@@ -159,7 +181,7 @@ def test_save_publishes_atomically_and_prunes(tmp_path):
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000010", "step_00000015"]
     folder, manifest = checkpoint.find_resume(tmp_path)
     assert folder.name == "step_00000015" and manifest["step"] == 15
-    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "trainer_state.json", "rng_rank00000.pt"}
+    assert set(manifest["files"]) == {"mp_rank_00_model_states.pt", "trainer_state.json", "rng_rank00000.safetensors"}
     checkpoint.verify_crcs(folder, manifest)
 
 
@@ -214,13 +236,17 @@ def test_damaged_checkpoints_are_refused(tmp_path, damage, message):
         checkpoint.verify_crcs(folder, manifest)
 
 
-def test_rng_state_round_trip():
+def test_rng_state_round_trip(tmp_path):
+    """Through a safetensors file, as a checkpoint stores it (normal and Gaussian-cached states)."""
     import random
 
     import numpy as np
 
-    state = checkpoint.rng_state()
-    a = (random.random(), np.random.rand(), torch.rand(1).item())
-    checkpoint.set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    from pretrain.safe_files import load_tree, rng_tree, save_tree, set_rng_tree
+
+    random.gauss(0, 1), np.random.randn()  # both keep a cached Gaussian in their state
+    save_tree(rng_tree(), tmp_path / "rng.safetensors")
+    a = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(1).item())
+    set_rng_tree(load_tree(tmp_path / "rng.safetensors"))
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(1).item()) == a
     assert math.isfinite(a[0]) and json.dumps({"ok": True})
