@@ -178,7 +178,7 @@ def _memora_segment(cur, anc, q, k, v, g, ln_w, ln_b):
         L = P[..., None, None] * cur[n][:, :, None] + coefficient_outer(C, xs[i], ds[i])  # [B, H, n, d_in, d_out]
         W = math.sqrt(L.shape[-2]) * torch.softmax(L, dim=-2)
         z = (h[..., None, :] @ W)[..., 0, :]
-        new[n] = L[:, :, -1]
+        new[n] = L[:, :, -1].clone()  # a copy: a view would keep every token's L alive past the checkpoint
         h = gelu_tanh(z) if i == 0 else z
     return q + head_layer_norm(h, ln_w, ln_b, LN_EPS), new
 
