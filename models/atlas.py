@@ -119,11 +119,11 @@ def _segment(cur, anc, mom, window, q, k, v, g, c: int, optimizer: str):
         S = coefficient_outer(K, xs[i], ds[i])  # [B, H, n, d_in, d_out]
         if P_mom is not None:
             S = S + P_mom[..., None, None] * mom[name][:, :, None]
-            new_m[name] = S[:, :, -1]
+            new_m[name] = S[:, :, -1].clone()  # a copy: a view would keep every token's S alive past the checkpoint
         N = newton_schulz(S) if optimizer == "muon" else S
         M = P[..., None, None] * cur[name][:, :, None] + torch.einsum("bhtj,bhjio->bhtio", C, N)  # M_t per token
         z = (h[..., None, :] @ M)[..., 0, :]
-        new_w[name] = M[:, :, -1]
+        new_w[name] = M[:, :, -1].clone()
         h = gelu_tanh(z) if i == 0 else z
     if window is not None:
         keep = c - 1

@@ -15,6 +15,10 @@ and each variant trains it online on a different attentional bias ℓ and retent
     Memora  ℓ = ½‖e‖²,  W = c·softmax(L) over each column's inputs (W ≥ 0, columns sum to c = √d_in)
             L_t = α_t L_{t−1} − η_t ∇_W ℓ    i.e.  W_t = c·softmax(α_t log W_{t−1} − η_t ∇ℓ)   (KL retention)
 
+Every ℓ is averaged over the d features (ℓ/d, as titans-pytorch's mean-squared error): summed, the
+per-token gradient grows with the head width and a 64-wide head's first chunk already moved the
+memory several times its own norm.
+
 Chunk rule (frozen gradients, as Titans): for token t of a chunk of b tokens starting at t', every
 ∇ℓ is taken at the chunk's first weights W_{t'}. Inside a chunk the accumulators (W for Yaad, A
 for Moneta, the logits L for Memora) then follow a linear recurrence in the per-token gradients
@@ -104,7 +108,7 @@ def _backprop_at(w: dict, k, v, ln_w, ln_b, dloss):
     rstd = torch.rsqrt(zc.pow(2).mean(-1, keepdim=True) + LN_EPS)  # (native_layer_norm's rstd has no gradient)
     x_hat = zc * rstd
     pred = k + ln_w * x_hat + ln_b
-    g_hat = ln_w * dloss(pred - v)
+    g_hat = ln_w * dloss(pred - v) / v.shape[-1]  # ℓ is averaged over the features
     d2 = (g_hat - g_hat.mean(-1, keepdim=True) - x_hat * (g_hat * x_hat).mean(-1, keepdim=True)) * rstd
     d1 = (d2 @ w["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)
     return [k, h1], [d1, d2]
@@ -174,7 +178,7 @@ def _memora_segment(cur, anc, q, k, v, g, ln_w, ln_b):
         L = P[..., None, None] * cur[n][:, :, None] + coefficient_outer(C, xs[i], ds[i])  # [B, H, n, d_in, d_out]
         W = math.sqrt(L.shape[-2]) * torch.softmax(L, dim=-2)
         z = (h[..., None, :] @ W)[..., 0, :]
-        new[n] = L[:, :, -1]
+        new[n] = L[:, :, -1].clone()  # a copy: a view would keep every token's L alive past the checkpoint
         h = gelu_tanh(z) if i == 0 else z
     return q + head_layer_norm(h, ln_w, ln_b, LN_EPS), new
 
@@ -213,12 +217,12 @@ def miras_scan_chunked(variant: str, weights: dict, anchor: dict | None, opt: di
 def miras_recipe(variant: str, chunk_size: int, p: float = 3.0, qn: float = 4.0) -> Recipe:
     """A Miras variant in the generic frame. Yaad's δ_t travels as the last channel of v."""
 
-    def inner_loss(theta, k_t, v_t, extra):
+    def inner_loss(theta, k_t, v_t, extra):  # averaged over the features
         if variant == "yaad":
             e = miras_memory(theta, k_t, extra["ln_w"], extra["ln_b"]) - v_t[..., :-1]
-            return huber_loss(e, v_t[..., -1:])
+            return huber_loss(e, v_t[..., -1:]) / e.shape[-1]
         e = miras_memory(theta, k_t, extra["ln_w"], extra["ln_b"]) - v_t
-        return lp_loss(e, p) if variant == "moneta" else 0.5 * e.pow(2).sum()
+        return (lp_loss(e, p) if variant == "moneta" else 0.5 * e.pow(2).sum()) / e.shape[-1]
 
     def read(theta, q_t, extra):
         w = softmax_memory(theta) if variant == "memora" else theta
@@ -305,8 +309,10 @@ class MirasLayer(nn.Module):
 
     def reset_memory_parameters(self, init=None) -> None:
         """Memory ~ N(0, 1/d_in) (Memora: logits ~ N(0, 1)); LN γ = 1, β = 0; gate biases: η ≈ base_lr/2,
-        retention ≈ 0.98, δ ≈ √d (the typical ‖M(k) − v‖ at init: the LN output has unit RMS, so
-        both branches of the Huber bias occur)."""
+        retention ≈ 0.999, δ ≈ √d (the typical ‖M(k) − v‖ at init: the LN output has unit RMS, so
+        both branches of the Huber bias occur). The memory's output goes through a LayerNorm, so its
+        step relative to ‖W‖ grows as 1/‖W‖²: a retention of 0.98 per token shrank W ~10⁴× over 512
+        tokens and the steps exploded (step-1 gradient norm 10⁶ for Yaad at hidden 256)."""
         init = init or nn.init
         for n in NAMES:
             p = getattr(self, n)
@@ -314,7 +320,7 @@ class MirasLayer(nn.Module):
         init.ones_(self.ln_weight)
         init.zeros_(self.ln_bias)
         H = self.num_heads
-        parts = [torch.zeros(H), torch.full((H,), -4.0 if self.variant == "yaad" else 4.0)]
+        parts = [torch.zeros(H), torch.full((H,), -7.0 if self.variant == "yaad" else 7.0)]
         if self.variant == "yaad":
             parts.append(torch.full((H,), _inv_softplus(self.head_dim ** 0.5)))
         copy_param(self.gates.bias, torch.cat(parts), init)

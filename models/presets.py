@@ -2,7 +2,8 @@
 same 125M/350M/760M/1.3B shapes the DeltaNet, Titans and LaCT papers compare at).
 
 ``preset_config(size, memory_layer=...)`` also applies that family's per-size defaults
-(``FAMILY_DEFAULTS``) at the paper sizes; explicit overrides always win.
+(``FAMILY_DEFAULTS``) at the paper sizes and ``SMALL_FAMILY_DEFAULTS`` at ``tiny`` (sized for its
+512-token training sequences); explicit overrides always win.
 """
 from __future__ import annotations
 
@@ -65,12 +66,25 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 }
 
 
+# at ``tiny`` (trained on 512-token sequences, docs/benchmarks.md "Training quality"): every part of
+# each layer must update inside a sequence, so the paper sizes' 2048-token chunks are scaled down;
+# ATLAS keeps 32-wide heads (64-wide ones make its degree-2 features 2,145 wide: > 20 GB at this size)
+SMALL_FAMILY_DEFAULTS: dict[str, dict] = {
+    "lact": dict(lact_chunk_size=128, attention_window=128),
+    "tnt": dict(tnt_global_chunk_size=128, tnt_local_chunk_sizes=[16, 32], tnt_reset_period=None),
+    "hope": dict(hope_cms_chunk_sizes=[32, 128, 256]),
+    "atlas": dict(num_attention_heads=_heads_of(32)),
+}
+SMALL_SIZES = ("tiny",)
+
+
 def preset_config(name: str, **overrides) -> MemoryLMConfig:
     """MemoryLMConfig of a preset, e.g. ``preset_config("125m", memory_layer="ttt_mlp")`` or
     ``preset_config("760m", memory_layer="lact")`` (LaCT's per-size defaults applied)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
     base = dict(PRESETS[name])
-    family = FAMILY_DEFAULTS.get(overrides.get("memory_layer"), {}) if name in PAPER_SIZES else {}
+    table = FAMILY_DEFAULTS if name in PAPER_SIZES else SMALL_FAMILY_DEFAULTS if name in SMALL_SIZES else {}
+    family = table.get(overrides.get("memory_layer"), {})
     base.update({k: (v(base) if callable(v) else v) for k, v in family.items()})
     return MemoryLMConfig(**{**base, **overrides})

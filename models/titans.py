@@ -312,7 +312,7 @@ class TitansMemory(nn.Module):
     """The neural long-term memory as a sequence mixer (``titans``, the paper's LMM)."""
 
     def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 64, depth: int = 2, expansion: int = 2,
-                 base_lr: float = 0.1, optimizer: str = "momentum", conv_kernel: int = 4, norm_eps: float = 1e-6,
+                 base_lr: float = 0.01, optimizer: str = "momentum", conv_kernel: int = 4, norm_eps: float = 1e-6,
                  scan_impl: str = "chunk", max_grad_norm: float | None = 1.0, knobs: InnerKnobs | None = None):
         super().__init__()
         if hidden_size % num_heads:

@@ -274,7 +274,7 @@ class TNTLayer(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, global_chunk_size: int = 2048,
                  local_chunk_sizes=(64,), reset_period: int | None = None, depth: int = 2, expansion: int = 2,
-                 base_lr: float = 0.1, optimizer: str = "momentum", conv_kernel: int = 4, norm_eps: float = 1e-6,
+                 base_lr: float = 0.01, optimizer: str = "momentum", conv_kernel: int = 4, norm_eps: float = 1e-6,
                  scan_impl: str = "chunk", max_grad_norm: float | None = 1.0):
         super().__init__()
         local_chunk_sizes = [int(c) for c in local_chunk_sizes]

@@ -55,3 +55,27 @@ def test_kernels_rows_under_the_interpreter():
 def test_gpu_scripts_parse(script):
     res = subprocess.run(["bash", "-n", str(REPO / "bench" / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow  # a training subprocess (DeepSpeed), an export and an evaluation: ~1.5 min on 2 cores
+def test_bench_quality_toy(tmp_path, capsys):
+    """bench.quality end to end at a toy size: trains, validates, exports, scores recall, writes the table
+    and the plot; a bad layer name is one error line and exit status 2 before anything trains."""
+    cmd = [sys.executable, "-m", "bench.quality", "--layers", "gated_deltanet", "--model", "test", "--seq-len", "32",
+           "--micro-batch", "2", "--steps", "2", "--eval-every", "1", "--data", "synthetic", "--vocab-size", "256",
+           "--recall-lengths", "32", "--recall-samples", "2", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import csv
+
+    (row,) = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert row["layer"] == "gated_deltanet" and row["steps_done"] == "2" and not row["error"]
+    assert float(row["val_loss"]) > 0 and float(row["tokens_per_s"]) > 0 and float(row["grad_norm_step1"]) > 0
+    assert 0 <= float(row["mqar@32"]) <= 1 and 0 <= float(row["passkey@32"]) <= 1
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    from bench import quality
+
+    assert quality.main(["--layers", "attention,nope", *cmd[5:-1], str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "nope" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()  # nothing written, nothing trained

@@ -119,3 +119,16 @@ def test_family_presets_at_paper_sizes(layer):
     assert (lact.num_attention_heads, lact.lact_num_heads, lact.lact_chunk_size, lact.attention_window) == (24, 4, 2048, 2048)
     assert preset_config("760m", memory_layer="lact", lact_chunk_size=512).lact_chunk_size == 512  # overrides win
     assert preset_config("125m").num_attention_heads == 12  # TTT presets unchanged
+
+
+def test_tiny_family_defaults_update_every_part_in_512_tokens():
+    """At ``tiny`` (512-token training sequences) every chunk of each layer ends inside the sequence at
+    least twice, so every memory updates in training; ATLAS keeps 32-wide heads (issue 22)."""
+    seq = 512
+    assert 2 * preset_config("tiny", memory_layer="lact").lact_chunk_size <= seq
+    tnt = preset_config("tiny", memory_layer="tnt")
+    assert 2 * max(tnt.tnt_global_chunk_size, *tnt.tnt_local_chunk_sizes) <= seq
+    assert 2 * max(preset_config("tiny", memory_layer="hope").hope_cms_chunk_sizes) <= seq
+    assert preset_config("tiny", memory_layer="atlas").head_dim == 32
+    assert preset_config("tiny", memory_layer="lact", lact_chunk_size=512).lact_chunk_size == 512  # overrides win
+    assert preset_config("test", memory_layer="lact").lact_chunk_size == 2048  # other sizes unchanged
