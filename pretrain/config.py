@@ -34,12 +34,16 @@ class TrainConfig:
     seq_len: int = _f(512, "tokens per sequence")
     micro_batch: int = _f(8, "sequences per micro-batch per data-parallel rank")
     grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = micro_batch × grad_accum × DP)")
+    global_batch_size: int = _f(0, "sequences per optimizer step over all DP ranks (Megatron's); grad_accum is derived "
+                                "as global / (micro_batch × DP) and the value stays fixed when a resume changes the "
+                                "number of ranks (0 = micro_batch × grad_accum × DP, recorded at the first start)")
     # ------------------------------------------------------------------ parallelism
     tp: int = _f(1, "tensor-parallel size (must divide the number of heads)")
     cp: int = _f(1, "context-parallel size (must divide seq_len); DP = world / (TP × CP)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0 = replicated optimizer, DDP-equivalent)", [0, 1, 2, 3])
     offload: bool = _f(False, "offload optimizer states (and ZeRO-3 parameters) to CPU memory")
-    deepspeed_config: str = _f("", "DeepSpeed JSON to use instead of configs/deepspeed/zero<stage>[_offload].json")
+    deepspeed_config: str = _f("", "DeepSpeed JSON to use instead of configs/deepspeed/zero<stage>[_offload].json "
+                               "(also --deepspeed_config; its zero_optimization.stage sets --zero-stage)")
     # ------------------------------------------------------------------ numerics
     precision: str = _f("bf16", "fp32; bf16 autocast; or fp8 (Transformer Engine / torchao) for dense projections",
                         ["fp32", "bf16", "fp8"])
@@ -86,13 +90,19 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "keep_checkpoints"):
+        for name in ("warmup", "eval_every", "keep_checkpoints", "global_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}")
+        if self.global_batch_size and self.grad_accum != 1:
+            raise ConfigError("give --global-batch-size or --grad-accum, not both (the accumulation is derived from "
+                              "the global batch)")
+        if self.global_batch_size and self.global_batch_size % self.micro_batch:
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is not a multiple of --micro-batch "
+                              f"{self.micro_batch}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -181,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pretrain.train",
         description="Pretrain a memory-layer language model (DeepSpeed ZeRO, TP × CP × DP, bf16/fp8). "
         "Re-running the same command resumes from RUN_DIR/checkpoints/latest.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (see configs/runs/); flags override it")
     for f in fields(TrainConfig):
@@ -194,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
             choices = f.metadata.get("choices")
             metavar = None if choices else f.name.upper()
             parser.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
+    # the DeepSpeed launcher's idiom: `--deepspeed --deepspeed_config ds.json`
+    parser.add_argument("--deepspeed_config", dest="deepspeed_config", metavar="DEEPSPEED_CONFIG", default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launcher idiom "
+                        "(`--deepspeed --deepspeed_config ds.json`); DeepSpeed is always used")
     # the deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -207,6 +221,28 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
+    if values.get("deepspeed_config"):
+        stage = deepspeed_json_stage(values["deepspeed_config"])
+        if "zero_stage" in values and values["zero_stage"] != stage:
+            raise ConfigError(f"--zero-stage {values['zero_stage']} contradicts --deepspeed-config "
+                              f"{values['deepspeed_config']}, whose zero_optimization.stage is {stage}")
+        values["zero_stage"] = stage
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+def deepspeed_json_stage(path: str) -> int:
+    """The ZeRO stage a DeepSpeed JSON asks for (0 when it has no ``zero_optimization``): the one
+    source of truth when ``--deepspeed-config`` is given."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--deepspeed-config {path} does not exist")
+    try:
+        ds = json.loads(p.read_text(encoding="utf-8"))
+        stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds, dict) else None
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise ConfigError(f"--deepspeed-config {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--deepspeed-config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return int(stage)
