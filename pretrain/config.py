@@ -222,27 +222,38 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if v is not None:
             values[f.name] = v
     if values.get("deepspeed_config"):
-        stage = deepspeed_json_stage(values["deepspeed_config"])
-        if "zero_stage" in values and values["zero_stage"] != stage:
-            raise ConfigError(f"--zero-stage {values['zero_stage']} contradicts --deepspeed-config "
-                              f"{values['deepspeed_config']}, whose zero_optimization.stage is {stage}")
-        values["zero_stage"] = stage
+        for name, value in deepspeed_json_settings(values["deepspeed_config"]).items():
+            if name in values and values[name] != value:
+                raise ConfigError(f"--{name.replace('_', '-')} {values[name]} contradicts --deepspeed-config "
+                                  f"{values['deepspeed_config']}, which gives {value}")
+            values[name] = value
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
 
 
-def deepspeed_json_stage(path: str) -> int:
-    """The ZeRO stage a DeepSpeed JSON asks for (0 when it has no ``zero_optimization``): the one
-    source of truth when ``--deepspeed-config`` is given."""
+def deepspeed_json_settings(path: str) -> dict:
+    """What a DeepSpeed JSON decides, as TrainConfig fields — the one source of truth when
+    ``--deepspeed-config`` is given: the ZeRO stage (0 without ``zero_optimization``, as in
+    DeepSpeed) and the batch sizes it names (``train_batch_size`` is the global batch; the
+    accumulation is then derived)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--deepspeed-config {path} does not exist")
     try:
         ds = json.loads(p.read_text(encoding="utf-8"))
-        stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds, dict) else None
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
     except (ValueError, UnicodeDecodeError, AttributeError) as exc:
         raise ConfigError(f"--deepspeed-config {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"--deepspeed-config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    return int(stage)
+    out = {"zero_stage": int(stage)}
+    keys = {"train_batch_size": "global_batch_size", "train_micro_batch_size_per_gpu": "micro_batch"}
+    if "train_batch_size" not in ds:
+        keys["gradient_accumulation_steps"] = "grad_accum"
+    for key, name in keys.items():
+        if key in ds:
+            if not isinstance(ds[key], int) or isinstance(ds[key], bool) or ds[key] < 1:
+                raise ConfigError(f"--deepspeed-config {path}: {key} must be a positive integer, got {ds[key]!r}")
+            out[name] = ds[key]
+    return out

@@ -107,6 +107,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         CONFIG_DIR / "deepspeed" / f"zero{cfg.zero_stage}{'_offload' if cfg.offload and cfg.zero_stage else ''}.json"
     ds = json.loads(path.read_text())
     ds.pop("_comment", None)
+    ds.pop("train_batch_size", None)  # = micro × accumulation × DP (config.py read it as --global-batch-size)
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
               gradient_clipping=cfg.grad_clip)
     # parameters and optimizer stay float32; bf16/fp8 are autocast around the forward pass

@@ -13,15 +13,21 @@ def test_deepspeed_launcher_idiom_reads_the_stage_from_the_json(tmp_path):
     cfg = parse_config(["--deepspeed", "--deepspeed_config", str(ds)])
     assert (cfg.deepspeed_config, cfg.zero_stage) == (str(ds), 3)
     assert parse_config(["--deepspeed-config", str(ds), "--zero-stage", "3"]).zero_stage == 3
-    ds.write_text(json.dumps({"train_batch_size": 8}))  # no zero_optimization: DeepSpeed's default, stage 0
-    assert parse_config(["--deepspeed_config", str(ds)]).zero_stage == 0
+    ds.write_text(json.dumps({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4,
+                              "gradient_accumulation_steps": 2}))  # no zero_optimization: stage 0, as in DeepSpeed
+    cfg = parse_config(["--deepspeed_config", str(ds)])
+    assert (cfg.zero_stage, cfg.global_batch_size, cfg.micro_batch, cfg.grad_accum) == (0, 32, 4, 1)  # accum derived
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}))
+    cfg = parse_config(["--deepspeed_config", str(ds)])
+    assert (cfg.global_batch_size, cfg.micro_batch, cfg.grad_accum) == (0, 4, 2)
 
 
 @pytest.mark.parametrize("content,flags,message", [
     ({"zero_optimization": {"stage": 3}}, ["--zero-stage", "1"], "--zero-stage 1 contradicts"),
+    ({"train_batch_size": 32}, ["--global-batch-size", "16"], "--global-batch-size 16 contradicts"),
     ({"zero_optimization": {"stage": 7}}, [], "stage must be 0, 1, 2 or 3"),
     ("{not json", [], "is not valid JSON"),
-], ids=["contradiction", "bad-stage", "malformed"])
+], ids=["contradiction", "batch-contradiction", "bad-stage", "malformed"])
 def test_deepspeed_config_errors(tmp_path, content, flags, message):
     ds = tmp_path / "ds.json"
     ds.write_text(content if isinstance(content, str) else json.dumps(content))
