@@ -188,20 +188,26 @@ def full_state(folder: Path, layout: Layout, mcfg) -> tuple[dict, float, dict]:
 
     with torch.device("meta"):
         ref = MemoryLMForCausalLM(mcfg)
-    names_of = {id(p): n for n, p in ref.named_parameters()}
+    names_of = {id(p): n for n, p in ref.named_parameters()}  # a tied weight under its first name
     order = [names_of[id(p)] for g in param_groups(ref, 0.1) for p in g["params"]]
-    per_rank = []
-    for t in range(layout.tp):
-        per_rank.append(_zero0_full(folder, t, order) if layout.zero_stage == 0 else
-                        _zero_full(folder, t, layout.zero_stage))
+    every = {n: names_of[id(p)] for n, p in ref.named_parameters(remove_duplicate=False)}  # name → first name
+    per_rank = [_zero0_full(folder, t, order) if layout.zero_stage == 0 else _zero_full(folder, t, layout.zero_stage)
+                for t in range(layout.tp)]
     step = per_rank[0][1]
-    if layout.tp == 1:
-        full = per_rank[0][0]
-    else:
+    shards = {}
+    if layout.tp > 1:
         with torch.device("meta"):
             shards = tp_layout(MemoryLMForCausalLM(mcfg), layout.tp)
-        full = {key: {n: (unshard([r[0][key][n] for r in per_rank], *shards[n]) if n in shards else t)
-                      for n, t in per_rank[0][0][key].items()} for key in STATES}
+
+    def merged(key: str, name: str) -> torch.Tensor:
+        parts = [states[key].get(name, states[key].get(every[name])) for states, _ in per_rank]
+        if any(t is None for t in parts):
+            from pretrain.checkpoint import CheckpointError
+
+            raise CheckpointError(f"cannot load checkpoint {folder}: it has no {key} of {name}")
+        return unshard(parts, *shards[name]) if name in shards else parts[0]
+
+    full = {key: {name: merged(key, name) for name in every} for key in STATES}
     first = sorted(folder.glob("*mp_rank_00_model_states.pt"), key=_natural)[0]
     return full, step, _load(first)
 
@@ -234,38 +240,39 @@ def load_engine(engine, folder: Path, saved: Layout, dims, zero_stage: int, mcfg
     if dims.tp > 1:
         with torch.device("meta"):
             shards = tp_layout(MemoryLMForCausalLM(mcfg), dims.tp)
+    opt = engine.optimizer
+    if hasattr(opt, "checkpoint_event_prologue"):  # ZeRO-3: every parameter back to its partition
+        opt.checkpoint_event_prologue()
     _init_adam_state(engine, step)
-    base = engine.optimizer if zero_stage == 0 else None
-    if base is not None and not isinstance(base, torch.optim.Optimizer):
-        base = getattr(base, "optimizer", base)
+    adam = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", opt)  # ZeRO-0
     for name, p in engine.module.named_parameters():
         if name not in full["fp32"]:
             raise CheckpointError(f"cannot load checkpoint {folder}: it has no parameter {name}")
         values = {}
         for key in STATES:
-            t = full[key].get(name, torch.zeros_like(full["fp32"][name]))
+            t = full[key][name]
             if name in shards:
                 t = shard_of(t, dims.tp, dims.tp_rank, *shards[name])
             values[key] = t.to(p.device, torch.float32).contiguous()
         if zero_stage == 0:
             p.data.copy_(values["fp32"].view_as(p))
-            base.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
+            adam.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
                              "exp_avg": values["exp_avg"].view_as(p).clone(),
                              "exp_avg_sq": values["exp_avg_sq"].view_as(p).clone()}
             continue
         safe_set_full_fp32_param(p, values["fp32"])
         safe_set_full_optimizer_state(p, values["exp_avg"], "exp_avg")
         safe_set_full_optimizer_state(p, values["exp_avg_sq"], "exp_avg_sq")
-    opt = engine.optimizer
     if hasattr(opt, "update_lp_params"):  # ZeRO-1/2: the module's weights from the fp32 partitions
         opt.update_lp_params()
-    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+    elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: the same, then re-gather the persistent ones
         for i in range(len(opt.fp32_partitioned_groups_flat)):
             opt._reassign_or_swap_out_partitioned_parameters(i)
+        opt.checkpoint_event_epilogue()
     sched = engine.lr_scheduler
     if sched is not None and first.get("lr_scheduler") is not None:
         sched.load_state_dict(first["lr_scheduler"])
-        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        lrs = [peak * f(sched.last_epoch) for peak, f in zip(sched.base_lrs, sched.lr_lambdas)]
         for group, lr in zip(sched.optimizer.param_groups, lrs):  # what DeepSpeed's optimizer state would restore
             group["lr"] = lr
         sched._last_lr = lrs

@@ -24,7 +24,8 @@ STEPS = ("--steps", 6, "--save-every", 3, "--keep-checkpoints", 0)
 LAYOUTS = {  # id: (processes, flags) before → after
     "zero1-dp2-to-dp1": ((2, "--zero-stage", 1, "--micro-batch", 2), (1, "--zero-stage", 1, "--micro-batch", 2)),
     "zero3-dp2-to-dp1": ((2, "--zero-stage", 3, "--micro-batch", 2), (1, "--zero-stage", 3, "--micro-batch", 2)),
-    "tp2-to-dp2": ((2, "--tp", 2, "--micro-batch", 4), (2, "--zero-stage", 2, "--micro-batch", 1)),
+    "tp2-to-dp2-zero2": ((2, "--tp", 2, "--micro-batch", 4), (2, "--zero-stage", 2, "--micro-batch", 1)),
+    "zero0-dp1-to-tp2": ((1, "--zero-stage", 0, "--micro-batch", 4), (2, "--zero-stage", 0, "--tp", 2, "--micro-batch", 4)),
 }
 
 
