@@ -64,6 +64,7 @@ class DataLoaderConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     pin_memory: bool = False           # page-lock batches (only when CUDA is available)
     layout: str = "shuffled"           # "streaming": row b of each batch continues row b of the last (sampler.py)
+    step_size: int | None = None       # samples per optimizer step (global_batch_size × accumulation; sampler.py)
 
 
 def parse_data_spec(spec: str) -> list[tuple[str, float]]:
@@ -255,7 +256,7 @@ def build_train_loader(cfg: DataLoaderConfig, dp_rank: int = 0, dp_size: int = 1
         raise DataConfigError(f"seq_len {cfg.seq_len} is not divisible by the context-parallel size {cp_size}")
     dataset = resolve_dataset(cfg, "train")
     sampler = ResumableSampler(len(dataset), cfg.global_batch_size, dp_rank, dp_size, cfg.seed, cfg.shuffle,
-                               cfg.layout)
+                               cfg.layout, cfg.step_size)
     return TrainLoader(dataset, sampler, cp_rank, cp_size, cfg.prefetch, cfg.pin_memory)
 
 

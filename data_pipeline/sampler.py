@@ -20,6 +20,11 @@ class ResumableSampler:
     independent of how the batch is divided: a run resumed with another ``dp_size`` (or even
     another ``global_batch_size``) continues at exactly the next global sample.
 
+    ``step_size`` (a multiple of ``global_batch_size``; default: equal to it) is the number of
+    samples of one optimizer step, i.e. ``global_batch_size × gradient accumulation``: an epoch
+    ends after its last whole step, so the samples of each step do not depend on how a fixed
+    global batch is split into DP ranks × accumulation (elastic resume).
+
     ``layout="streaming"`` (for a memory carried across steps): the samples are cut into
     ``G = global_batch_size`` contiguous lanes of ``L = num_samples // G`` samples, and row ``j`` of
     batch ``s`` is sample ``j·L + s`` — row j of step s+1 continues row j of step s in the token
@@ -29,19 +34,24 @@ class ResumableSampler:
     LAYOUTS = ("shuffled", "streaming")
 
     def __init__(self, num_samples: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, layout: str = "shuffled"):
+                 seed: int = 0, shuffle: bool = True, layout: str = "shuffled", step_size: int | None = None):
         if global_batch_size <= 0 or dp_size <= 0 or global_batch_size % dp_size:
             raise DataConfigError(f"global batch size {global_batch_size} is not divisible by DP size {dp_size}")
+        step_size = step_size or global_batch_size
+        if step_size % global_batch_size:
+            raise DataConfigError(f"samples per step {step_size} is not a multiple of the batch {global_batch_size}")
+        if num_samples < step_size:
+            raise DataError(f"the dataset has {num_samples} sequences, fewer than one global batch of "
+                            f"{step_size}; use more data, a shorter sequence or a smaller batch")
         if not 0 <= dp_rank < dp_size:
             raise DataConfigError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-        if num_samples < global_batch_size:
-            raise DataError(f"the dataset has {num_samples} sequences, fewer than one global batch of "
-                            f"{global_batch_size}; use more data, a shorter sequence or a smaller batch")
         if layout not in self.LAYOUTS:
             raise DataConfigError(f"unknown sample layout {layout!r}; expected one of {self.LAYOUTS}")
         self.layout = layout
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
+        # samples of an epoch that are used: whole optimizer steps (streaming: whole lanes)
+        self.epoch_samples = num_samples if layout == "streaming" else num_samples // step_size * step_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
@@ -75,13 +85,13 @@ class ResumableSampler:
     def global_batch(self) -> np.ndarray:
         """Indices of the next whole global batch (all ranks), without advancing."""
         epoch, pos = self.epoch, self.samples_in_epoch
-        if pos + self.global_batch_size > self.num_samples:
+        if pos + self.global_batch_size > self.epoch_samples:
             epoch, pos = epoch + 1, 0
         return self.epoch_order(epoch)[pos:pos + self.global_batch_size]
 
     def next_batch(self) -> list[int]:
         """This rank's indices of the next global batch; advances the position."""
-        if self.samples_in_epoch + self.global_batch_size > self.num_samples:
+        if self.samples_in_epoch + self.global_batch_size > self.epoch_samples:
             self.epoch, self.samples_in_epoch = self.epoch + 1, 0
         rows = self.global_batch()
         self.samples_in_epoch += self.global_batch_size

@@ -278,14 +278,16 @@ def _own_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def load(engine, folder: Path, manifest: dict) -> dict:
-    """Restores engine (module, optimizer, scheduler) and this rank's RNG; returns trainer_state."""
+def load(engine, folder: Path, manifest: dict, load_engine=None) -> dict:
+    """Restores engine (module, optimizer, scheduler) and this rank's RNG; returns trainer_state.
+    ``load_engine``: restores the engine instead of DeepSpeed (pretrain.elastic, another layout)."""
     verify_crcs(folder, manifest)
     rank, _ = _world()
     guard_deepspeed_loads(engine)
     try:
-        path, _client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        path = load_engine() if load_engine is not None else \
+            engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)[0]
     except UnsafeFileError as exc:
         raise CheckpointError(f"cannot load checkpoint {folder}: {exc}") from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:

@@ -26,6 +26,9 @@ class ConfigError(ValueError):
 HARMLESS_KEYS = frozenset({
     "out", "steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "tensorboard",
     "peak_tflops", "max_bad_steps", "spike_k", "spike_window", "skip_spikes", "allow_change",
+    # the layout: an elastic resume (pretrain.elastic) re-shards onto another TP × CP × DP or ZeRO stage and
+    # keeps the global batch (the trajectory key) by re-deriving micro-batch × accumulation
+    "tp", "cp", "zero_stage", "offload", "deepspeed_config", "micro_batch", "grad_accum", "activation_checkpointing",
 })
 
 
@@ -44,12 +47,16 @@ class TrainConfig:
     seq_len: int = _f(512, "tokens per sequence")
     micro_batch: int = _f(8, "sequences per micro-batch per data-parallel rank")
     grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = micro_batch × grad_accum × DP)")
+    global_batch_size: int = _f(0, "sequences per optimizer step over all DP ranks (Megatron's); grad_accum is derived "
+                                "as global / (micro_batch × DP) and the value stays fixed when a resume changes the "
+                                "number of ranks (0 = micro_batch × grad_accum × DP, recorded at the first start)")
     # ------------------------------------------------------------------ parallelism
     tp: int = _f(1, "tensor-parallel size (must divide the number of heads)")
     cp: int = _f(1, "context-parallel size (must divide seq_len); DP = world / (TP × CP)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0 = replicated optimizer, DDP-equivalent)", [0, 1, 2, 3])
     offload: bool = _f(False, "offload optimizer states (and ZeRO-3 parameters) to CPU memory")
-    deepspeed_config: str = _f("", "DeepSpeed JSON to use instead of configs/deepspeed/zero<stage>[_offload].json")
+    deepspeed_config: str = _f("", "DeepSpeed JSON to use instead of configs/deepspeed/zero<stage>[_offload].json "
+                               "(also --deepspeed_config; its zero_optimization.stage sets --zero-stage)")
     # ------------------------------------------------------------------ numerics
     precision: str = _f("bf16", "fp32; bf16 autocast; fp8 (Transformer Engine / torchao) for dense projections; or "
                         "auto: what the hardware runs well (bf16 on a GPU with bf16, else fp32)",
@@ -113,7 +120,8 @@ class TrainConfig:
         for name in ("max_bad_steps", "spike_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "keep_checkpoints", "weight_decay", "grad_clip", "peak_tflops"):
+        for name in ("warmup", "eval_every", "keep_checkpoints", "weight_decay", "grad_clip", "peak_tflops",
+                     "global_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         for f in fields(self):
@@ -129,6 +137,12 @@ class TrainConfig:
         unknown = [k for k in self.allowed_changes() if k not in {f.name for f in fields(self)}]
         if unknown:
             raise ConfigError(f"--allow-change names unknown settings: {', '.join(unknown)}")
+        if self.global_batch_size and self.grad_accum != 1:
+            raise ConfigError("give --global-batch-size or --grad-accum, not both (the accumulation is derived from "
+                              "the global batch)")
+        if self.global_batch_size and self.global_batch_size % self.micro_batch:
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is not a multiple of --micro-batch "
+                              f"{self.micro_batch}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
@@ -239,7 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pretrain.train",
         description="Pretrain a memory-layer language model (DeepSpeed ZeRO, TP × CP × DP, bf16/fp8). "
         "Re-running the same command resumes from RUN_DIR/checkpoints/latest.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of settings (see configs/runs/); flags override it")
     for f in fields(TrainConfig):
@@ -252,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
             choices = f.metadata.get("choices")
             metavar = None if choices else f.name.upper()
             parser.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
+    # the DeepSpeed launcher's idiom: `--deepspeed --deepspeed_config ds.json`
+    parser.add_argument("--deepspeed_config", dest="deepspeed_config", metavar="DEEPSPEED_CONFIG", default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's launcher idiom "
+                        "(`--deepspeed --deepspeed_config ds.json`); DeepSpeed is always used")
     # the deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -272,12 +290,25 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+def _positive_int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(value)
+    return value
+
+
+def _zero_stage(value) -> int:
+    if isinstance(value, bool) or value not in (0, 1, 2, 3):
+        raise ValueError(value)
+    return int(value)
+
+
 # the flags a DeepSpeed JSON may also set: flag name → (JSON path, JSON value → flag value)
 _DS_KEYS = {
-    "zero_stage": (("zero_optimization", "stage"), int),
+    "zero_stage": (("zero_optimization", "stage"), _zero_stage),
     "offload": (("zero_optimization", "offload_optimizer", "device"), lambda d: d in ("cpu", "nvme")),
-    "micro_batch": (("train_micro_batch_size_per_gpu",), int),
-    "grad_accum": (("gradient_accumulation_steps",), int),
+    "micro_batch": (("train_micro_batch_size_per_gpu",), _positive_int),
+    "global_batch_size": (("train_batch_size",), _positive_int),  # the accumulation is then derived
+    "grad_accum": (("gradient_accumulation_steps",), _positive_int),
     "grad_clip": (("gradient_clipping",), float),
 }
 
@@ -295,25 +326,35 @@ def read_deepspeed_json(path: str | Path) -> dict:
 
 
 def deepspeed_settings(path: str | Path, given: dict) -> dict:
-    """The flags a DeepSpeed JSON sets (ZeRO stage, offload, micro-batch, accumulation, clipping), so the
-    run, its banner, config.json and trainer_state.json all tell the same; a flag given with another
-    value than the JSON's, or a JSON enabling fp16/bf16 (precision is --precision), is a ConfigError."""
+    """What a DeepSpeed JSON decides, as TrainConfig fields — the one source of truth when
+    ``--deepspeed-config`` (or the launcher's ``--deepspeed_config``) is given, so the run, its banner,
+    config.json and trainer_state.json all tell the same: the ZeRO stage (0 without
+    ``zero_optimization``, as in DeepSpeed), offload, the batch sizes it names (``train_batch_size``
+    is the global batch; the accumulation is then derived from it) and clipping. A flag given with
+    another value than the JSON's, or a JSON enabling fp16/bf16 (precision is --precision), is a
+    ConfigError."""
     ds = read_deepspeed_json(path)
-    out = {}
+    out, source = {}, {}
+    if "zero_optimization" not in ds:
+        out["zero_stage"], source["zero_stage"] = 0, "no zero_optimization, so stage"
     for flag, (keys, convert) in _DS_KEYS.items():
+        if flag == "grad_accum" and "train_batch_size" in ds:
+            continue
         node = ds
         for k in keys:
             node = node.get(k) if isinstance(node, dict) else None
         if node is None or node == "auto":
             continue
         try:
-            value = convert(node)
+            out[flag], source[flag] = convert(node), ".".join(keys)
         except (TypeError, ValueError):
-            raise ConfigError(f"--deepspeed-config {path}: {'.'.join(keys)} = {node!r} is not valid") from None
+            expected = {"zero_stage": "0, 1, 2 or 3", "offload": "a device name", "grad_clip": "a number"}
+            raise ConfigError(f"--deepspeed-config {path}: {'.'.join(keys)} = {node!r} is not valid: it must be "
+                              f"{expected.get(flag, 'a positive integer')}") from None
+    for flag, value in out.items():
         if flag in given and given[flag] != value:
-            raise ConfigError(f"--deepspeed-config {path} sets {'.'.join(keys)} = {node!r} but "
+            raise ConfigError(f"--deepspeed-config {path} sets {source[flag]} = {value!r} but "
                               f"--{flag.replace('_', '-')} is {given[flag]!r}: give one of them, or the same value")
-        out[flag] = value
     for key in ("fp16", "bf16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled") not in (False, "auto", None):
             raise ConfigError(f"--deepspeed-config {path} enables {key}: the precision is set by --precision "

@@ -35,11 +35,11 @@ def _allowed_globals() -> list:
             *_STATE_CLASSES().values()]
 
 
-def torch_load(path: str | Path, map_location="cpu"):
+def torch_load(path: str | Path, map_location="cpu", mmap: bool = False):
     """``torch.load`` that unpickles nothing outside tensors, plain containers and the allow-list."""
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         what = str(exc).split("Unsupported global: GLOBAL ")[-1].split(" ")[0] if "GLOBAL" in str(exc) else "an object"
         raise UnsafeFileError(f"{path} holds {what}, which is not among the types allowed in checkpoint files "

@@ -11,6 +11,7 @@ a checkpoint and exit 0 (Slurm's pre-timeout signal). Every step appends one JSO
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -27,7 +28,7 @@ if __package__ in (None, ""):  # `deepspeed pretrain/train.py`: import the packa
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, fp8, guard
+from pretrain import checkpoint, elastic, fp8, guard
 from pretrain.config import (CONFIG_DIR, ConfigError, TrainConfig, check_resume_settings, parse_config,
                             read_deepspeed_json, reset_policy)
 from pretrain.distributed import DeepSpeedMPU, ensure_env
@@ -121,6 +122,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         CONFIG_DIR / "deepspeed" / f"zero{cfg.zero_stage}{'_offload' if cfg.offload and cfg.zero_stage else ''}.json"
     ds = read_deepspeed_json(path)
     ds.pop("_comment", None)
+    ds.pop("train_batch_size", None)  # = micro × accumulation × DP (config.py read it as --global-batch-size)
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
               gradient_clipping=cfg.grad_clip)
     # parameters and optimizer stay float32; bf16/fp8 are autocast around the forward pass
@@ -154,7 +156,7 @@ def data_config(cfg: TrainConfig, dp: int):
 
     # one loader step = one micro-batch of every DP rank; grad_accum loader steps per optimizer step
     return DataLoaderConfig(data=cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.micro_batch * dp,
-                            seed=cfg.seed, val_batches=cfg.eval_batches,
+                            step_size=cfg.micro_batch * dp * cfg.grad_accum, seed=cfg.seed, val_batches=cfg.eval_batches,
                             layout="streaming" if reset_policy(cfg.reset)[0] == "never" else "shuffled")
 
 
@@ -238,20 +240,31 @@ class StopRequested:
         return bool(flag.item())
 
 
+def local_params(engine) -> int:
+    """Parameters this rank holds: its TP shards, and under ZeRO-3 its partition of them."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+
+
 def train(cfg: TrainConfig) -> int:
     if cfg.precision == "auto":  # what this hardware runs well (bf16 autocast on CPU is slow and inexact)
         cfg.precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     rank, local_rank, world = ensure_env()
+    started = time.perf_counter()
+
+    def say(msg: str) -> None:  # start-up progress and events: once, from rank 0
+        if rank == 0:
+            info(f"{msg} [{time.perf_counter() - started:.0f}s]")
+
     mcfg = build_model_config(cfg)  # errors before any process group or file exists
     if world % (cfg.tp * cfg.cp):
         raise ConfigError(f"{world} processes cannot be split into --tp {cfg.tp} × --cp {cfg.cp}")
     if cfg.precision == "fp8":
         fp8.check_available(cfg.fp8_backend, cfg.tp)
+    say("checking the data")
     check_data(cfg)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ConfigError(f"--out {cfg.out} is a file, not a run directory")
     resume = checkpoint.find_resume(cfg.out)
-    changes = check_resume_settings(checkpoint.read_trainer_state(resume[0])["config"], cfg) if resume else None
 
     import deepspeed
 
@@ -261,6 +274,16 @@ def train(cfg: TrainConfig) -> int:
         torch.cuda.set_device(local_rank)
     dims = init_parallel(cfg.tp, cfg.cp)
     stop = StopRequested()
+    saved = checkpoint.read_trainer_state(resume[0]) if resume is not None else None
+    saved_layout = elastic.saved_layout(saved, resume[1]) if saved is not None else None
+    note = elastic.resolve_batch(cfg, dims.dp, saved and saved["config"], saved_layout and saved_layout.dp)
+    # after the global batch is settled: the layout (TP, CP, DP, ZeRO, micro-batch × accumulation) may change
+    changes = check_resume_settings(saved["config"], cfg) if saved is not None else None
+    if note:
+        say(note)
+    layout = elastic.Layout(cfg.tp, cfg.cp, dims.dp, cfg.zero_stage)
+    if saved_layout is not None and saved_layout != layout:
+        elastic.check_streaming(cfg, saved["config"], saved_layout, layout)
     loader_cfg = data_config(cfg, dims.dp)
     from data_pipeline.loader import build_train_loader, build_val_loader
 
@@ -271,7 +294,9 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError(f"the data's vocabulary ({loader.vocab_size}) is larger than the model's ({mcfg.vocab_size})")
     val_loader = build_val_loader(loader_cfg, dims.dp_rank, dims.dp, dims.cp_rank, dims.cp) if cfg.eval_every else None
 
+    say(f"building the model ({cfg.model})")
     model = build_model(cfg, mcfg)
+    n_params = sum(p.numel() for p in model.parameters())  # before TP shards it
     if cfg.precision == "fp8":
         fp8.convert(model, cfg.fp8_backend)
     if cfg.tp > 1 or cfg.cp > 1:
@@ -279,16 +304,22 @@ def train(cfg: TrainConfig) -> int:
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     schedule = LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.decay_fraction)
     scheduler = build_scheduler(optimizer, schedule)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           mpu=DeepSpeedMPU(dims), config=deepspeed_config(cfg))
+    say(f"initialising DeepSpeed (ZeRO {cfg.zero_stage})")
+    with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():  # its notes once
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                               mpu=DeepSpeedMPU(dims), config=deepspeed_config(cfg))
     start_step, tokens_seen, memory_state = 0, 0, None
     if resume is not None:
-        state = checkpoint.load(engine, *resume)
+        reshard = None
+        if saved_layout != layout:  # another number of processes or split: re-shard the full state
+            say(f"resuming {saved_layout} as {layout}: re-sharding the weights and optimizer states")
+            reshard = lambda: elastic.load_engine(engine, resume[0], saved_layout, dims, cfg.zero_stage, mcfg)  # noqa: E731
+        state = checkpoint.load(engine, *resume, load_engine=reshard)
         memory_state = checkpoint.load_memory_state(*resume)
         start_step, tokens_seen = state["step"], state["tokens"]
         loader.load_state_dict(state["data"])
         set_schedule(scheduler, schedule, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
-        info(f"resumed from {resume[0]} at step {start_step}")
+        say(f"resumed from {resume[0]} at step {start_step}")
 
     tokens_per_step = cfg.micro_batch * cfg.grad_accum * dims.dp * cfg.seq_len
     flops = flops_per_token(mcfg, cfg.seq_len)["total"]
@@ -300,8 +331,8 @@ def train(cfg: TrainConfig) -> int:
         mcfg.to_json_file(cfg.run_dir / "model_config.json")  # what an exporter rebuilds the model from
         if loader.tokenizer_path is not None:
             shutil.copyfile(loader.tokenizer_path, cfg.run_dir / "tokenizer.model")
-        n_params = sum(p.numel() for p in model.parameters())
-        info(f"training {cfg.model} ({n_params / 1e6:.1f}M params on this rank) on {cfg.data} | world {world} = "
+        info(f"training {cfg.model} ({n_params / 1e6:.3g}M params, {local_params(engine) / 1e6:.3g}M on this rank) on "
+             f"{cfg.data} | world {world} = "
              f"TP {dims.tp} × CP {dims.cp} × DP {dims.dp} | ZeRO {cfg.zero_stage} | {cfg.precision} | "
              f"{tokens_per_step:,} tokens/step | steps {start_step + 1}..{cfg.steps}")
 
@@ -395,7 +426,7 @@ def train(cfg: TrainConfig) -> int:
         if (step % cfg.save_every == 0 and not divergence.consecutive) or step == cfg.steps or stopping:
             save(step)
         if stopping:
-            info(f"{stop.signal or 'a stop signal on another rank'}: saved step {step}, exiting")
+            say(f"{stop.signal or 'a stop signal'}: saved step {step}, exiting")
             break
     loader.close()
     logger.close()
@@ -424,6 +455,8 @@ def main(argv=None) -> int:
 
     # DeepSpeed's ZeRO calls these torch.distributed names on every step; keep the console to one line a step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # megatron-core (parallel/) says this once per module it imports; its local fallbacks are what we use
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
     try:
         return train(parse_config(argv))

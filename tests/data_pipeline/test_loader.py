@@ -86,6 +86,36 @@ def test_resume_mid_epoch_with_changed_dp_size(resume_dp):
     assert final["consumed_samples"] == 20 * 12 and final["epoch"] == 2
 
 
+def consumed(dp, micro, accum, steps, state=None, num_samples=103, seed=7):
+    """Sample ids in the order a trainer with ``dp`` ranks × ``accum`` micro-batches of ``micro``
+    consumes them (one loader step = one micro-batch of every rank), and the position after."""
+    samplers = [ResumableSampler(num_samples, micro * dp, r, dp, seed, step_size=micro * dp * accum)
+                for r in range(dp)]
+    for s in samplers:
+        if state is not None:
+            s.load_state_dict(state)
+    ids = [i for _ in range(steps * accum) for s in samplers for i in s.next_batch()]
+    return ids, samplers[0].state_dict()
+
+
+def test_fixed_global_batch_gives_the_same_samples_whatever_dp_and_accumulation():
+    """A global batch of 12 as DP 4 × 1, DP 2 × 2 or DP 1 × 4 accumulation: the same ids in the same
+    order, epochs ending after the last whole step (96 of 103 samples), also across resumes that
+    change the layout (elastic resume: DP 4 → 2 → 1)."""
+    reference, _ = consumed(4, 3, 1, 20)  # 8 steps per epoch: crosses two epoch ends
+    for dp, accum in ((2, 2), (1, 4)):
+        assert consumed(dp, 3, accum, 20)[0] == reference
+    a, state = consumed(4, 3, 1, 7)
+    b, state = consumed(2, 3, 2, 6, state)
+    c, state = consumed(1, 3, 4, 7, state)
+    assert a + b + c == reference
+    assert state["consumed_samples"] == 20 * 12 and state["epoch"] == 2
+    assert sorted(reference[:96]) == sorted(set(reference[:96]))  # no sample twice in an epoch
+    # without step_size the epoch of DP 1 × 4 would end after 102 samples: another order
+    plain = ResumableSampler(103, 3, 0, 1, 7)
+    assert [i for _ in range(80) for i in plain.next_batch()] != reference
+
+
 def test_resume_refuses_other_data():
     state = ResumableSampler(100, 10, seed=1).state_dict()
     with pytest.raises(DataError, match="num_samples"):
