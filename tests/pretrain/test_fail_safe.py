@@ -286,15 +286,16 @@ def _nan_from_step_2_on_rank_1(out, zero):
     """Run by every rank of run_distributed: rank 1's loss is NaN from its second step on."""
     import torch.distributed as dist
 
+    import parallel
     import pretrain.train as train
 
-    real, calls = train.local_loss, []
+    real, calls = parallel.parallel_cross_entropy, []
 
-    def local_loss(logits, labels, dims):
+    def parallel_cross_entropy(logits, labels, dims):  # the trainer's loss (imported from parallel when it starts)
         total, count = real(logits, labels, dims)
         calls.append(1)
         return (total * math.nan if dist.get_rank() == 1 and len(calls) > 1 else total), count
-    train.local_loss = local_loss
+    parallel.parallel_cross_entropy = parallel_cross_entropy
     return train.main([*TRAIN, "--out", str(out), "--steps", "6", "--save-every", "1", "--max-bad-steps", "2",
                        "--zero-stage", str(zero)])
 
