@@ -1,22 +1,19 @@
 """First-order linear scans h_t = a_t h_{t−1} + x_t (the momentum and decay recurrences of Titans).
 
-``linear_scan(gates, tokens)`` takes [B, C, T] tensors and scans along T. On CUDA it uses the
-``accelerated_scan`` kernels (warp kernel for power-of-two T ≥ 32, Triton otherwise) when that
-package is installed; everywhere else a pure-PyTorch Hillis–Steele scan (log₂T steps, each a few
-elementwise ops, differentiable). Only torch is imported at module level: this file is copied
+``linear_scan(gates, tokens)`` takes [B, C, T] tensors and scans along T. On CUDA it uses
+``accelerated_scan``'s Triton kernel when that package is installed; everywhere else a pure-PyTorch
+Hillis–Steele scan (log₂T steps, each a few elementwise ops, differentiable). Its CUDA C++ ``warp``
+kernel is not used: importing it compiles an extension with nvcc (minutes, on every fresh machine;
+measured on an H200, docs/benchmarks.md). Only torch is imported at module level: this file is copied
 into exported Hugging Face folders, which must work without ``accelerated_scan``.
 """
 from __future__ import annotations
 
 import torch
 
-try:  # optional GPU kernels
-    from accelerated_scan.warp import scan as _warp_scan
-except Exception:  # pragma: no cover - CPU machines, no nvcc, or not installed
-    _warp_scan = None
-try:
+try:  # optional GPU kernel (imports triton)
     from accelerated_scan.scalar import scan as _triton_scan
-except Exception:  # pragma: no cover
+except Exception:  # pragma: no cover - not installed, or no triton
     _triton_scan = None
 
 
@@ -40,10 +37,6 @@ def torch_linear_scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 def linear_scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """h_t = a_t h_{t−1} + x_t along the last dim of [B, C, T] tensors (accelerated on CUDA)."""
-    if tokens.is_cuda and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        T = tokens.shape[-1]
-        if _warp_scan is not None and T >= 32 and T & (T - 1) == 0:
-            return _warp_scan(gates.contiguous(), tokens.contiguous())
-        if _triton_scan is not None:
-            return _triton_scan(gates.contiguous(), tokens.contiguous())
+    if tokens.is_cuda and _triton_scan is not None and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return _triton_scan(gates.contiguous(), tokens.contiguous())
     return torch_linear_scan(gates, tokens)

@@ -15,7 +15,7 @@ first token, wherever it falls). This works for every mixer without touching its
   outputs do not depend on what follows them, so padding changes nothing that is kept; the
   padding repeats the row's last token, so every value stays finite and contributes exactly
   zero gradient); segments are sorted by length and split where a new call is cheaper than
-  padding (:data:`CALL_COST_TOKENS`);
+  padding (:func:`call_cost_tokens`: a call costs more on a GPU, where it is launch-bound);
 * segments that continue an incoming state are batched per incoming position;
 * the last segment of each row, when the state is wanted, is batched only with segments of the
   same length and starting state (its final state must not see padding).
@@ -34,7 +34,18 @@ from dataclasses import dataclass
 
 import torch
 
-CALL_COST_TOKENS = 256  # padding (in token rows) worth one more mixer call when grouping segments
+# Padding (in token rows) worth one more mixer call when grouping segments. CPU: a call's fixed cost
+# is small against its per-token work. CUDA: a memory layer's call is a few hundred kernel launches
+# (125m TTT-Linear on an H200: ~330 per layer call, ~2.3 ms of launching, against ~0.8 µs of device
+# time per token: ≈ 2,900 tokens; bench.profile_step), so segments are grouped far more coarsely there
+# and their padded length rounded up to PAD_MULTIPLE (full mini-batches for the Triton scans, FP8 GEMM
+# tiles). The grouping changes the batch shapes only, never a result (causal maps; padding is cut).
+CALL_COST_TOKENS = {"cpu": 256, "cuda": 4096}
+PAD_MULTIPLE = {"cpu": 1, "cuda": 16}
+
+
+def call_cost_tokens(device: torch.device) -> int:
+    return CALL_COST_TOKENS.get(device.type, CALL_COST_TOKENS["cuda"])
 
 
 @dataclass
@@ -196,15 +207,15 @@ def needs_segments(starts: torch.Tensor | None, state) -> bool:
 
 
 # ---------------------------------------------------------------------------------- the runner
-def _length_groups(lengths: list) -> list:
+def _length_groups(lengths: list, call_cost: int = CALL_COST_TOKENS["cpu"]) -> list:
     """Indices (into ``lengths``) split into batches: sorted by length, cut where the padding saved
-    exceeds :data:`CALL_COST_TOKENS` (optimal over contiguous splits of the sorted order)."""
+    exceeds ``call_cost`` tokens (optimal over contiguous splits of the sorted order)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):  # batch = order[i:j], padded to lengths[order[i]]
-            cost = best[i] + lengths[order[i]] * (j - i) + CALL_COST_TOKENS
+            cost = best[i] + lengths[order[i]] * (j - i) + call_cost
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups, j = [], n
@@ -214,7 +225,7 @@ def _length_groups(lengths: list) -> list:
     return groups[::-1]
 
 
-def _plan(jobs: list) -> list:
+def _plan(jobs: list, call_cost: int = CALL_COST_TOKENS["cpu"]) -> list:
     """Jobs (row, begin, end, initial state or None, final state wanted) → batches (indices,
     keep the state): by starting state, then by length (exact for kept states)."""
     batches: dict = {}
@@ -226,7 +237,8 @@ def _plan(jobs: list) -> list:
         if key[2] is not None:  # equal lengths: no padding, the state is kept
             split.append((idx, True))
         else:
-            split.extend(([idx[i] for i in g], False) for g in _length_groups([jobs[j][2] - jobs[j][1] for j in idx]))
+            split.extend(([idx[i] for i in g], False)
+                         for g in _length_groups([jobs[j][2] - jobs[j][1] for j in idx], call_cost))
     return split
 
 
@@ -248,15 +260,18 @@ def run_segments(fn, x: torch.Tensor, starts: torch.Tensor, state=None, need_sta
             continues = a == 0 and not bool(starts_cpu[b, 0]) and state is not None
             (cont if continues else fresh).append((b, a, e, need_state and e == T))
 
-    ar = torch.arange(T, device=x.device)
+    pad_multiple = PAD_MULTIPLE.get(x.device.type, PAD_MULTIPLE["cuda"])
+    ar = torch.arange(-(-T // pad_multiple) * pad_multiple, device=x.device)
     pieces, where = [], torch.empty(B * T, dtype=torch.long)
     finals: list = [None] * B
     offset = 0
 
     def run(jobs):
         nonlocal offset
-        for idx, keep_state in _plan(jobs):
+        for idx, keep_state in _plan(jobs, call_cost_tokens(x.device)):
             L = max(jobs[j][2] - jobs[j][1] for j in idx)
+            if not keep_state:  # padded anyway: round up (the state kept needs the exact length)
+                L = -(-L // pad_multiple) * pad_multiple
             rows = torch.tensor([jobs[j][0] for j in idx], device=x.device)
             begin = torch.tensor([jobs[j][1] for j in idx], device=x.device)
             cols = (begin[:, None] + ar[None, :L]).clamp(max=T - 1)

@@ -83,14 +83,20 @@ def _swap_te(model: nn.Module) -> int:
     return count
 
 
-def convert(model: nn.Module, backend: str) -> int:
-    """Swaps the eligible Linear layers in place; returns how many."""
+def convert(model: nn.Module, backend: str, emulate: bool = False) -> int:
+    """Swaps the eligible Linear layers in place; returns how many.
+
+    torchao: ``pad_inner_dim`` pads the inner dimension of each FP8 GEMM to a multiple of 16, which
+    the weight-gradient GEMM (inner dimension = tokens) needs whenever a call holds a token count
+    that is not (packed documents run as segments of any length; found on an H200: ``_scaled_mm``
+    refused 782 tokens). ``emulate``: torchao computes in float32 after the FP8 rounding (tests on CPU)."""
     if backend == "te":
         return _swap_te(model)
-    from torchao.float8 import convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     names = [n for n, m in model.named_modules() if eligible(n, m)]
-    convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn in names)
+    config = Float8LinearConfig(pad_inner_dim=True, emulate=emulate)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda m, fqn: fqn in names)
     return len(names)
 
 

@@ -96,6 +96,16 @@ def test_packed_row_equals_documents_alone(kind):
             assert block_diff(blk, ref) <= TOL
 
 
+@pytest.mark.parametrize("kind", ["ttt_linear", "gated_deltanet", "titans", "lact", "attention"])
+def test_gpu_grouping_is_exact(kind, monkeypatch):
+    """The CUDA plan (coarse groups, padded lengths rounded up to 16) on CPU: still exact."""
+    from models import varlen
+
+    monkeypatch.setitem(varlen.CALL_COST_TOKENS, "cpu", varlen.CALL_COST_TOKENS["cuda"])
+    monkeypatch.setitem(varlen.PAD_MULTIPLE, "cpu", varlen.PAD_MULTIPLE["cuda"])
+    test_packed_row_equals_documents_alone(kind)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_incoming_state_continues_only_the_first_document(kind):
     """With a memory state in: the first segment of each row continues it, a start at column 0
@@ -183,6 +193,7 @@ def test_segment_batching_plan():
     groups = _length_groups([900, 30, 880, 25, 31])
     assert sorted(map(sorted, groups)) == [[0, 2], [1, 3, 4]]
     assert _length_groups([10, 10, 10]) == [[0, 1, 2]]
+    assert sorted(map(sorted, _length_groups([900, 30, 880, 25, 31], call_cost=4096))) == [[0, 1, 2, 3, 4]]  # CUDA
     # the runner on a toy causal map (cumulative sum with a carried total): exact per document
     x = torch.randn(3, 11, 2, dtype=torch.float64)
     starts = torch.zeros(3, 11, dtype=torch.bool)
