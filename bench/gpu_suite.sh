@@ -12,9 +12,10 @@
 #    one instead); 1. the machine and the versions imported; 2. Triton kernels against the PyTorch path
 #    inside each layer (bench.kernels: output and gradient differences, fwd+bwd times), bf16 and fp32 at
 #    2K tokens, bf16 at 8K; 3. 125m training tokens/s and MFU in bf16 through pretrain.train itself
-#    (DeepSpeed ZeRO 1, bench.train); 4. DeltaNet, Gated DeltaNet, TTT-Linear and Titans beside
-#    flash-linear-attention (bench.layer --impls chunked fla), then every mixer's fwd+bwd tokens/s in bf16;
-#    5. FP8 through torchao (bench.train --precision fp8).
+#    (DeepSpeed ZeRO 1, bench.train), then FP8 through torchao (bench.train --precision fp8); 4. DeltaNet,
+#    Gated DeltaNet, TTT-Linear and Titans beside flash-linear-attention (bench.layer --impls chunked fla;
+#    fla autotunes its kernels on first use), after bench.profile_step's view of one 125m step (device-busy
+#    fraction, kernel launches, top operators), then every mixer's fwd+bwd tokens/s in bf16.
 # Everything goes to OUT_DIR/gpu_suite.log, JSON rows to OUT_DIR/*.jsonl. GPU_SUITE_TOY=1 runs every step
 # at toy size on CPU (Triton under its interpreter; no FP8; limits ×5), which `bash bench/gpu_wheels.sh --check` does.
 set -u
@@ -59,6 +60,7 @@ if [ "$toy" = 1 ]; then  # CPU, toy sizes: the same commands, small
   lay=(--hidden 32 --heads 2 --seq-len 64 --iters 1 --chunk 16 --window 16 --segment 16)
   all_layers=(--layers ttt_linear ttt_mlp titans lact swa)
   train=(--model tiny --seq-len 32 --micro-batch 2 --steps 3 --precision fp32)
+  prof=(--model tiny --seq-len 64 --micro-batch 2 --steps 1 --warmup 1)
 else
   export DS_ACCELERATOR=cuda  # bench.train would otherwise default DeepSpeed to its CPU accelerator
   interp=(env)
@@ -67,6 +69,7 @@ else
   lay=(--iters 10)
   all_layers=()
   train=(--model 125m --seq-len 2048 --micro-batch 8 --steps 12 --precision bf16)
+  prof=(--model 125m --seq-len 2048 --micro-batch 8 --dtype bfloat16)
 fi
 
 [ "$toy" = 1 ] || step 30 env nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -77,14 +80,15 @@ print(torch.__version__, triton.__version__, torch.cuda.get_device_name() if tor
 print({p: md.version(p) for p in ('deepspeed', 'megatron-core', 'torchao', 'flash-linear-attention', 'transformers')})"
 step 150 kernels "${interp[@]}" $py -m bench.kernels --dtype bfloat16 "${kern[@]}" --json
 step 240 train $py -m bench.train "${train[@]}"
-step 120 layers $py -m bench.layer --layers deltanet gated_deltanet ttt_linear titans --impls chunked fla \
-  --dtype bfloat16 "${lay[@]}" --json
-step 180 layers $py -m bench.layer "${all_layers[@]}" --dtype bfloat16 "${lay[@]}" --json
 if [ "$toy" = 1 ]; then
   echo "### toy run: FP8 step skipped (needs FP8 tensor cores)" | tee -a "$log"
 else
   step 180 train $py -m bench.train "${train[@]/bf16/fp8}" --fp8-backend torchao
 fi
+step 90 profile $py -m bench.profile_step "${prof[@]}" --docs 200  # the trainer's packed documents, fwd+bwd alone
+step 120 layers $py -m bench.layer --layers deltanet gated_deltanet ttt_linear titans --impls chunked fla \
+  --dtype bfloat16 "${lay[@]}" --json
+step 180 layers $py -m bench.layer "${all_layers[@]}" --dtype bfloat16 "${lay[@]}" --json
 step 120 kernels "${interp[@]}" $py -m bench.kernels --dtype float32 "${kern[@]}" --json
 step 120 kernels "${interp[@]}" $py -m bench.kernels --layers ttt_linear ttt_mlp titans --dtype bfloat16 "${kern8k[@]}" --json
 echo "### done: $out" | tee -a "$log"

@@ -79,3 +79,15 @@ def test_bench_quality_toy(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "nope" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()  # nothing written, nothing trained
+
+
+def test_profile_step_reports_the_step_and_its_operators(capsys):
+    """bench.profile_step in process at the test size, with packed documents: the step line and the table."""
+    from bench.profile_step import main
+
+    assert main(["--model", "test", "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--warmup", "0",
+                 "--docs", "8", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "documents of mean length 8" in out and "tokens/s" in out and "Self CPU" in out
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
