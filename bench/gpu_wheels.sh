@@ -5,8 +5,13 @@
 # versions, for this Python and platform. Run here, with the network:
 #
 #   bash bench/gpu_wheels.sh [DEST]          # DEST: default .whl (git-ignored); replaced only on success
-#   bash bench/gpu_wheels.sh --check [DEST]  # install DEST into a fresh environment that has only the
-#                                            # torch stack (--no-index) and run the suite at toy size
+#   bash bench/gpu_wheels.sh --check [DEST]  # GPU_PYTHON = this Python: install DEST into a fresh environment
+#                                            # that has only the torch stack (--no-index), run the suite at toy
+#                                            # size; another GPU_PYTHON: pip resolves DEST for that Python offline
+#
+# The wheels are for the GPU machine's Python, GPU_PYTHON (default 3.12: the lent H200's python3, see the
+# device library's KINDS.md), x86-64 manylinux: binary wheels built for this machine's Python would not
+# install there (found on the H200 in session 5: cp311 pydantic-core/zstandard/megatron-core).
 #
 # What to carry is what pip would install on top of torch + triton + numpy: an environment that sees only
 # those (a venv whose .pth points at links to them) resolves bench/gpu_requirements.txt with pip's
@@ -18,6 +23,11 @@ check=0
 if [ "${1:-}" = "--check" ]; then check=1; shift; fi
 dest=${1:-.whl}
 py=${PYTHON:-.venv/bin/python}
+gpu_py=${GPU_PYTHON:-3.12}
+local_py=$($py -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+gpu_tags=(--python-version "$gpu_py" --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64
+          --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+          --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 base_py=$($py -c 'import sys; print(sys._base_executable)')
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/gpu_wheels.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
@@ -52,6 +62,12 @@ pip_=("$py" -m pip --python "$tmp/venv/bin/python")
 
 if [ "$check" = 1 ]; then
   [ -f "$dest/requirements.txt" ] || { echo "error: $dest/requirements.txt missing: run bash bench/gpu_wheels.sh first" >&2; exit 2; }
+  if [ "$gpu_py" != "$local_py" ]; then  # wheels for another Python: pip resolves them offline for it
+    "$py" -m pip install -q --dry-run --no-index --no-deps --find-links "$dest" "${gpu_tags[@]}" \
+      --target "$tmp/site" -r "$dest/requirements.txt"
+    echo "check passed: every wheel of $dest installs offline for Python $gpu_py (the toy suite needs GPU_PYTHON=$local_py)"
+    exit 0
+  fi
   "$py" -m pip install -q --no-index --no-deps --find-links "$dest" --target "$tmp/site" -r "$dest/requirements.txt"
   echo "installed $(wc -l < "$dest/requirements.txt") wheels with --no-index into $tmp/site"
   PYTHON="$tmp/venv/bin/python" SITE="$tmp/site" GPU_SUITE_TOY=1 bash bench/gpu_suite.sh "$tmp/out"
@@ -73,7 +89,10 @@ $py -c 'import json, sys
 for item in json.load(open(sys.argv[1]))["install"]:
     print("{name}=={version}".format(**item["metadata"]))' "$tmp/report.json" | sort > "$tmp/requirements.txt"
 mkdir "$tmp/whl"
-"$py" -m pip download -q --no-deps -d "$tmp/whl" -r "$tmp/requirements.txt"
+while read -r req; do  # a wheel for the GPU's Python, else the sdist (built below)
+  "$py" -m pip download -q --no-deps "${gpu_tags[@]}" -d "$tmp/whl" "$req" 2> /dev/null \
+    || "$py" -m pip download -q --no-deps --no-binary=:all: -d "$tmp/whl" "$req"
+done < "$tmp/requirements.txt"
 for sdist in "$tmp"/whl/*.tar.gz "$tmp"/whl/*.zip; do  # deepspeed and other source-only packages
   [ -e "$sdist" ] || continue
   DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/whl" "$sdist"

@@ -4,11 +4,11 @@
     python -m bench.profile_step --model tiny --seq-len 256 --micro-batch 2          # CPU, a few seconds
     python -m bench.profile_step --model 125m --docs 200 ...     # packed documents, as pretrain.train sees them
 
-Runs ``--warmup`` untimed steps (allocation, Triton compilation), then ``--steps`` profiled ones, and
-prints the median step time, the tokens/s of forward + backward alone (no optimizer, no DeepSpeed),
-the device-busy fraction (CUDA kernel time / wall time: far below 1 means the step is bound by
-Python and kernel launches, not by the GPU), the number of kernel launches per step, and the
-operators with the most self time on the device and on the CPU. ``--trace FILE`` also writes a
+Runs ``--warmup`` untimed steps (allocation, Triton compilation), ``--steps`` timed ones and one
+profiled step, and prints the median step time, the tokens/s of forward + backward alone (no
+optimizer, no DeepSpeed), the device-busy fraction of the profiled step (CUDA kernel time / wall
+time: far below 1 means the step is bound by Python and kernel launches, not by the GPU), its
+number of kernel launches, and the operators with the most self time on the device and the CPU. ``--trace FILE`` also writes a
 Chrome trace (chrome://tracing, perfetto.dev).
 """
 from __future__ import annotations
@@ -77,13 +77,17 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     times = []
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
+    for _ in range(args.steps):  # timed without the profiler (its per-op bookkeeping slows a CPU step severalfold)
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
     t = statistics.median(times)
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        profiled = time.perf_counter() - t0
     events = prof.key_averages()
     print(f"# {device.type}, {args.dtype}, --model {args.model} ({config.memory_layer}), "
           f"batch {args.micro_batch} × seq {args.seq_len}{f', documents of mean length {args.docs}' if args.docs else ''}, "
@@ -91,8 +95,8 @@ def main(argv=None) -> int:
     print(f"median fwd+bwd step {t:.4f} s | {args.micro_batch * args.seq_len / t:,.0f} tokens/s")
     if device.type == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not the ops above them
-        busy = sum(e.self_device_time_total for e in kernels) / 1e6 / sum(times)
-        launches = sum(e.count for e in kernels) / args.steps
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6 / profiled
+        launches = sum(e.count for e in kernels)
         print(f"device busy {100 * busy:.0f}% of the wall time | {launches:,.0f} kernels per step "
               f"| peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=60))
