@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import atlas, attention, deltanet, hope, lact, miras, titans, tnt, ttt
+from . import atlas, attention, deltanet, hope, kda, lact, miras, titans, tnt, ttt
 from .parts import InnerKnobs
 
 
@@ -418,3 +418,12 @@ for _name, _family, _window in (("swa", "sliding_window", True), ("attention", "
         (lambda config, seq_len: 4 * config.hidden_size * mean_context(seq_len, config.attention_window)) if _window
         else (lambda config, seq_len: 4 * config.hidden_size * mean_context(seq_len, None)),
         kind="attention", fast_weights="none", tp="tp_attention", cp="attention", test_config=dict(attention_window=5)))
+
+
+# -------------------------------------------------------------------------------- Kimi Delta Attention
+register_layer(LayerSpec(
+    "kda", "kda", kda.build_kda_mixer, ("kda.py", "deltanet.py"), kda.kda_flops,
+    validate=lambda config: _positive(config, "kda_chunk_size"), options=dict(kda_chunk_size=32), fast_weights="none",
+    tp=TPPlan(column=("q_proj", "k_proj", "v_proj", "b_proj", "f_proj", "g_proj"), convs=("conv_q", "conv_k", "conv_v"),
+              heads=("A_log", "dt_bias"), shared=("o_norm.weight",)),
+    chunk_options=("kda_chunk_size",), test_config=dict(kda_chunk_size=4)))
