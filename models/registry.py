@@ -13,7 +13,18 @@ from typing import Callable
 
 from torch import nn
 
-from . import atlas, attention, deltanet, hope, kda, lact, miras, titans, tnt, ttt
+# `from .module import name` (not `from . import module`): transformers copies exactly the files named
+# that way into its remote-code cache
+from .atlas import build_atlas_mixer, poly_feature_dim
+from .attention import AttentionLayer
+from .deltanet import DeltaNetLayer
+from .hope import build_hope_mixer
+from .kda import build_kda_mixer, kda_flops
+from .lact import LaCTLayer
+from .miras import build_miras_mixer
+from .titans import build_titans_mixer
+from .tnt import build_tnt_mixer, check_tnt_sizes
+from .ttt import TTTLayer
 from .parts import InnerKnobs
 
 
@@ -146,7 +157,7 @@ def _dims(config):
 
 # ---------------------------------------------------------------------------------------------- TTT
 def _build_ttt(config, layer_idx):
-    return ttt.TTTLayer(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+    return TTTLayer(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
                         inner=LAYERS[config.mixer_types[layer_idx]].family, mini_batch_size=config.mini_batch_size,
                         base_lr=config.ttt_base_lr, rope_theta=config.rope_theta, share_qk=config.share_qk,
                         conv_kernel=config.conv_kernel, use_gate=config.use_gate,
@@ -184,7 +195,7 @@ for _name, _inner, _flops in (("ttt_linear", "linear", _flops_ttt_linear), ("ttt
 
 # ------------------------------------------------------------------------------ (Gated) DeltaNet
 def _build_deltanet(config, layer_idx):
-    return deltanet.DeltaNetLayer(config.hidden_size, config.num_attention_heads,
+    return DeltaNetLayer(config.hidden_size, config.num_attention_heads,
                                   gated=config.mixer_types[layer_idx] == "gated_deltanet",
                                   chunk_size=config.deltanet_chunk_size, conv_kernel=config.conv_kernel,
                                   norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl,
@@ -216,7 +227,7 @@ for _name in ("deltanet", "gated_deltanet"):
 
 # ------------------------------------------------------------------------------------------ Titans
 def _build_titans(config, layer_idx):
-    return titans.build_titans_mixer(config, config.mixer_types[layer_idx], _attn_rope(config))
+    return build_titans_mixer(config, config.mixer_types[layer_idx], _attn_rope(config))
 
 
 def _validate_titans(config) -> None:
@@ -267,7 +278,7 @@ for _name in ("titans", "titans_mac", "titans_mag", "titans_mal"):
 
 # ------------------------------------------------------------------------ Miras (Moneta, Yaad, Memora)
 def _build_miras(config, layer_idx):
-    return miras.build_miras_mixer(config, config.mixer_types[layer_idx])
+    return build_miras_mixer(config, config.mixer_types[layer_idx])
 
 
 def _validate_miras(config) -> None:
@@ -311,7 +322,7 @@ def _validate_atlas(config) -> None:
 
 def _flops_atlas(config, seq_len):
     _, H, d = _dims(config)
-    D, e = atlas.poly_feature_dim(d, config.atlas_poly_degree), config.atlas_memory_expansion * d
+    D, e = poly_feature_dim(d, config.atlas_poly_degree), config.atlas_memory_expansion * d
     b, c = min(config.atlas_chunk_size, seq_len), config.atlas_window
     P = D * e + e * d
     grads = 6 * P * (1 + (c - 1) / b)  # the window's earlier tokens are differentiated again at each chunk start
@@ -322,14 +333,14 @@ def _flops_atlas(config, seq_len):
 
 
 register_layer(LayerSpec(
-    "atlas", "atlas", lambda config, layer_idx: atlas.build_atlas_mixer(config), ("atlas.py", "miras.py", "titans.py"),
+    "atlas", "atlas", lambda config, layer_idx: build_atlas_mixer(config), ("atlas.py", "miras.py", "titans.py"),
     _flops_atlas, validate=_validate_atlas, tp="tp_miras_atlas", inner_optimizers=("muon", "momentum", "sgd"),
     chunk_options=("atlas_chunk_size",), test_config=dict(atlas_chunk_size=4, atlas_window=3)))
 
 
 # -------------------------------------------------------------------------------------------- LaCT
 def _build_lact(config, layer_idx):
-    return lact.LaCTLayer(config.hidden_size, config.num_attention_heads, num_lact_heads=config.lact_num_heads,
+    return LaCTLayer(config.hidden_size, config.num_attention_heads, num_lact_heads=config.lact_num_heads,
                           chunk_size=config.lact_chunk_size, window=config.attention_window,
                           inter_multi=config.lact_inter_multi, base_lr=config.lact_base_lr,
                           optimizer=config.inner_optimizer or "muon", momentum=config.lact_momentum,
@@ -363,7 +374,7 @@ register_layer(LayerSpec(
 # --------------------------------------------------------------------------------------------- TNT
 def _validate_tnt(config) -> None:
     reset = config.tnt_reset_period if config.tnt_reset_period is not None else config.tnt_global_chunk_size
-    tnt.check_tnt_sizes(config.tnt_global_chunk_size, config.tnt_local_chunk_sizes, reset)
+    check_tnt_sizes(config.tnt_global_chunk_size, config.tnt_local_chunk_sizes, reset)
 
 
 def _flops_tnt(config, seq_len):
@@ -375,7 +386,7 @@ def _flops_tnt(config, seq_len):
 
 
 register_layer(LayerSpec(
-    "tnt", "tnt", lambda config, layer_idx: tnt.build_tnt_mixer(config), ("tnt.py", "titans.py"), _flops_tnt,
+    "tnt", "tnt", lambda config, layer_idx: build_tnt_mixer(config), ("tnt.py", "titans.py"), _flops_tnt,
     validate=_validate_tnt, tp="tp_tnt", inner_optimizers=("momentum", "sgd"),
     chunk_options=("tnt_local_chunk_sizes",),
     test_config=dict(tnt_global_chunk_size=8, tnt_local_chunk_sizes=[2, 4], tnt_reset_period=8)))
@@ -400,7 +411,7 @@ def _flops_hope(config, seq_len):
 
 
 register_layer(LayerSpec(
-    "hope", "hope", lambda config, layer_idx: hope.build_hope_mixer(config), ("hope.py", "tnt.py", "titans.py"),
+    "hope", "hope", lambda config, layer_idx: build_hope_mixer(config), ("hope.py", "tnt.py", "titans.py"),
     _flops_hope, validate=_validate_hope, tp="tp_hope", chunk_options=("hope_chunk_size",),
     test_config=dict(hope_chunk_size=4, hope_cms_chunk_sizes=[3, 8])))
 
@@ -408,7 +419,7 @@ register_layer(LayerSpec(
 # --------------------------------------------------------------------------------------- attention
 def _build_attention(config, layer_idx):
     swa = config.mixer_types[layer_idx] == "swa"
-    return attention.AttentionLayer(config.hidden_size, config.num_attention_heads,
+    return AttentionLayer(config.hidden_size, config.num_attention_heads,
                                     window=config.attention_window if swa else None, rope_theta=_attn_rope(config))
 
 
@@ -422,7 +433,7 @@ for _name, _family, _window in (("swa", "sliding_window", True), ("attention", "
 
 # -------------------------------------------------------------------------------- Kimi Delta Attention
 register_layer(LayerSpec(
-    "kda", "kda", kda.build_kda_mixer, ("kda.py", "deltanet.py"), kda.kda_flops,
+    "kda", "kda", build_kda_mixer, ("kda.py", "deltanet.py"), kda_flops,
     validate=lambda config: _positive(config, "kda_chunk_size"), options=dict(kda_chunk_size=32), fast_weights="none",
     tp=TPPlan(column=("q_proj", "k_proj", "v_proj", "b_proj", "f_proj", "g_proj"), convs=("conv_q", "conv_k", "conv_v"),
               heads=("A_log", "dt_bias"), shared=("o_norm.weight",)),
