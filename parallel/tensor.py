@@ -608,10 +608,13 @@ def tp_miras_atlas(layer: nn.Module, dims: ParallelDims) -> None:
 
 def tp_mixer(mixer: nn.Module, dims: ParallelDims, layer_type: str) -> None:
     """The TP plan its layer type registered (models/registry.py): a TPPlan, or one of the plan
-    functions of this file by name."""
+    functions of this file by name. Splitting by heads needs heads that do not interact in the scan."""
     from models.registry import layer_spec
 
-    plan = layer_spec(layer_type).tp
+    spec = layer_spec(layer_type)
+    if not spec.heads_independent:
+        raise ValueError(f"{layer_type}: its heads interact inside the scan, so it has no tensor-parallel plan by heads")
+    plan = spec.tp
     if isinstance(plan, str):
         globals()[plan](mixer, dims)
     else:
