@@ -23,13 +23,12 @@ import time
 
 import torch
 
+from models.registry import LAYERS as REGISTERED
+
 LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}  # TTT layer name → inner model
-# every mixer models.modeling_memory.build_mixer can make (chunk sizes etc. from MemoryLMConfig defaults)
-ALL_LAYERS = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal",
-              "titans_mac", "lact", "swa", "attention"]
-ALL_LAYERS += ["tnt", "hope"]  # family II (config defaults: TNT global chunk 2048 / local 64, Hope chunk 16)
-ALL_LAYERS += ["vit3"]  # ViT³ (non-causal, vision): seq-len tokens on the most square h×w grid
-ALL_LAYERS += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras (chunk 16), ATLAS (chunk 16, window 8, Muon)
+# every registered mixer type (models/registry.py; chunk sizes etc. from MemoryLMConfig defaults) and ViT³
+# (non-causal, vision: seq-len tokens on the most square h×w grid)
+ALL_LAYERS = [*REGISTERED, "vit3"]
 FLA_LAYERS = ("deltanet", "gated_deltanet", "ttt_linear", "titans")  # bench/fla_ops.LAYERS (fla imported lazily)
 
 
@@ -114,14 +113,13 @@ def _generic(impl: str, layer: str, args):
     from models.configuration_memory import MemoryLMConfig
     from models.modeling_memory import build_mixer
 
-    kind = "ttt_linear" if layer in ("swa", "attention") else layer
+    kind = "ttt_linear" if REGISTERED[layer].kind == "attention" else layer
     cfg = dict(hidden_size=args.hidden, num_attention_heads=args.heads, num_hidden_layers=1, memory_layer=kind,
                layer_pattern=[layer], scan_impl="reference" if impl == "reference" else "chunk",
                attention_window=args.window)
-    if args.chunk:
-        cfg.update(deltanet_chunk_size=args.chunk, titans_chunk_size=args.chunk, lact_chunk_size=args.chunk)
-        cfg.update(tnt_local_chunk_sizes=[args.chunk], hope_chunk_size=args.chunk)  # TNT: the local chunk
-        cfg.update(miras_chunk_size=args.chunk, atlas_chunk_size=args.chunk)
+    if args.chunk:  # every layer type's registered chunk fields (TNT: its local chunk, a list)
+        cfg.update({name: [args.chunk] if name.endswith("_sizes") else args.chunk
+                    for spec in REGISTERED.values() for name in spec.chunk_options})
     if layer == "titans_mac":
         cfg["titans_segment_size"] = max(cfg.get("titans_chunk_size", 64), args.segment)
     mixer = build_mixer(MemoryLMConfig(**cfg), 0)
@@ -236,7 +234,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--mini-batch", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=0, help="chunk size of DeltaNet/Titans/LaCT (0 = config defaults: 64/64/2048)")
+    p.add_argument("--chunk", type=int, default=0, help="chunk size of every layer type (its registered chunk fields; 0 = the config defaults)")
     p.add_argument("--window", type=int, default=2048, help="sliding-window size (swa, Titans MAG/MAL, LaCT)")
     p.add_argument("--segment", type=int, default=512, help="Titans MAC segment size")
     p.add_argument("--seq-len", type=int, default=2048)

@@ -6,38 +6,16 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-# memory_layer name → its family tag (for TTT: the inner model kind)
-MEMORY_LAYERS = {
-    "ttt_linear": "linear",
-    "ttt_mlp": "mlp",
-    "deltanet": "deltanet",
-    "gated_deltanet": "gated_deltanet",
-    "titans": "titans",          # the neural long-term memory alone (LMM)
-    "titans_mac": "titans",      # memory as context
-    "titans_mag": "titans",      # memory as gate
-    "titans_mal": "titans",      # memory as layer
-    "moneta": "miras",           # Miras: ℓ_p attentional bias + ℓ_q retention
-    "yaad": "miras",             # Miras: Huber attentional bias + forget gate
-    "memora": "miras",           # Miras: ℓ2 bias + KL retention (softmax-constrained memory)
-    "atlas": "atlas",            # Omega rule (sliding-window objective) + polynomial features + Muon
-    "lact": "lact",              # large-chunk TTT + sliding-window attention in one block
-    "tnt": "tnt",                # hierarchical Titans memory: global + periodically reset local memories
-    "hope": "hope",              # Nested Learning: self-modifying Titans memory + continuum memory system
-}
-ATTENTION_LAYERS = {"swa": "sliding_window", "attention": "full"}
-# the inner-loop knobs (parts.InnerKnobs, models/inner_knobs.py) and the memory layers that support them;
-# for inner_loss, per value (the layer's own loss is accepted as a no-op)
-_TTT, _DELTA = ("ttt_linear", "ttt_mlp"), ("deltanet", "gated_deltanet")
-_TITANS = ("titans", "titans_mac", "titans_mag", "titans_mal")
-INNER_KNOB_LAYERS = {
-    "inner_steps": _DELTA + _TTT + _TITANS,
-    "inner_grad_clip": _TTT + _TITANS + ("lact",),
-    "inner_init_pull": _TTT + _DELTA + _TITANS + ("lact",),
-    "inner_lr_schedule": _TTT + _DELTA + _TITANS + ("lact",),
-    "inner_loss=ln_recon": _TTT,
-    "inner_loss=mse": _TTT + _DELTA + _TITANS + ("lact",),
-    "inner_loss=next_token": _TTT + _DELTA + _TITANS + ("lact",),
-}
+from .registry import LAYERS, registered_options
+
+# derived from the layer registry (models/registry.py): memory_layer name → its family tag (for TTT:
+# the inner model kind), the attention layers, and for each inner-loop knob (parts.InnerKnobs,
+# models/inner_knobs.py; inner_loss per value, the layer's own loss accepted as a no-op) the layers that take it
+MEMORY_LAYERS = {n: s.family for n, s in LAYERS.items() if s.kind == "memory"}
+ATTENTION_LAYERS = {n: s.family for n, s in LAYERS.items() if s.kind == "attention"}
+INNER_KNOB_LAYERS = {knob: tuple(n for n, s in LAYERS.items() if knob in s.inner_knobs)
+                     for knob in ("inner_steps", "inner_grad_clip", "inner_init_pull", "inner_lr_schedule",
+                                  "inner_loss=ln_recon", "inner_loss=mse", "inner_loss=next_token")}
 
 
 def parse_inner_lr_schedule(schedule) -> float:
@@ -56,9 +34,7 @@ def parse_inner_lr_schedule(schedule) -> float:
 # short names accepted in layer_pattern
 PATTERN_ALIASES = {"memory": None, "m": None, "s": "swa", "a": "attention", "full": "attention"}
 # inner optimizers each family accepts (the first is its default)
-INNER_OPTIMIZERS = {"titans": ("momentum", "sgd"), "lact": ("muon", "sgd"), "atlas": ("muon", "momentum", "sgd")}
-INNER_OPTIMIZERS["tnt"] = INNER_OPTIMIZERS["titans"]  # TNT's memories are Titans memories
-
+INNER_OPTIMIZERS = {s.family: s.inner_optimizers for s in LAYERS.values() if s.inner_optimizers}
 
 
 def _int_list(value) -> list[int]:
@@ -259,6 +235,8 @@ class MemoryLMConfig(PretrainedConfig):
         self.hope_memory_expansion = hope_memory_expansion
         self.hope_base_lr = hope_base_lr
         self.hope_cms_chunk_sizes = _int_list(hope_cms_chunk_sizes)
+        for name, default in registered_options().items():  # the fields of layers registered with their own
+            setattr(self, name, kwargs.pop(name, default))
         self.validate_memory_config()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -320,12 +298,6 @@ class MemoryLMConfig(PretrainedConfig):
             if bad:
                 raise ValueError(f"{knob} is not supported by {bad}; layers that support it: "
                                  f"{list(INNER_KNOB_LAYERS[knob])}")
-        if int(self.inner_steps) > 1 and self.inner_init_pull and any(k in _TTT + _TITANS for k in memories):
-            raise ValueError("inner_steps > 1 with inner_init_pull is not supported by TTT and Titans (the pull at "
-                             "each token's own iterate has no dual form here); use one of them")
-        if self.inner_init_pull >= 1 and any(k in ("deltanet", "gated_deltanet") for k in memories):
-            raise ValueError(f"inner_init_pull must be < 1 for (gated) DeltaNet (its pull is a decay 1 − β·λ > 0), "
-                             f"got {self.inner_init_pull}")
 
     def validate_memory_config(self) -> None:
         """Raises ValueError with one clear message for an inconsistent configuration."""
@@ -346,11 +318,8 @@ class MemoryLMConfig(PretrainedConfig):
             raise ValueError(f"unknown scan_impl {self.scan_impl!r}; expected 'chunk' or 'reference'")
         if self.hidden_act not in ("silu", "gelu", "gelu_tanh"):
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected silu, gelu or gelu_tanh")
-        for name in ("attention_window", "deltanet_chunk_size", "titans_chunk_size", "titans_memory_depth",
-                     "titans_memory_expansion", "titans_segment_size", "lact_chunk_size", "lact_num_heads",
-                     "lact_inter_multi"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if int(self.attention_window) < 1:
+            raise ValueError(f"attention_window must be ≥ 1, got {self.attention_window}")
         if self.num_persistent_tokens < 0:
             raise ValueError(f"num_persistent_tokens must be ≥ 0, got {self.num_persistent_tokens}")
         kinds = set(self.mixer_types)
@@ -362,43 +331,6 @@ class MemoryLMConfig(PretrainedConfig):
             if bad:
                 raise ValueError(f"unknown inner_optimizer {self.inner_optimizer!r} for {sorted(bad)}; expected one of "
                                  f"{allowed or 'none (these layers have a fixed optimizer)'}")
-        if "titans_mac" in kinds and self.titans_segment_size % self.titans_chunk_size:
-            raise ValueError(f"titans_segment_size {self.titans_segment_size} must be a multiple of titans_chunk_size "
-                             f"{self.titans_chunk_size} (MAC updates the memory once per segment)")
-        if "tnt" in kinds:
-            from .tnt import check_tnt_sizes
-
-            reset = self.tnt_reset_period if self.tnt_reset_period is not None else self.tnt_global_chunk_size
-            check_tnt_sizes(self.tnt_global_chunk_size, self.tnt_local_chunk_sizes, reset)
-        if "hope" in kinds:
-            for name in ("hope_chunk_size", "hope_memory_expansion"):
-                if int(getattr(self, name)) < 1:
-                    raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-            if not self.hope_cms_chunk_sizes or min(self.hope_cms_chunk_sizes) < 1:
-                raise ValueError(f"hope_cms_chunk_sizes must be a non-empty list of sizes ≥ 1, got {self.hope_cms_chunk_sizes}")
-            if self.hope_base_lr <= 0:
-                raise ValueError(f"hope_base_lr must be > 0, got {self.hope_base_lr}")
-        if "lact" in kinds:
-            if self.hidden_size % self.lact_num_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by lact_num_heads {self.lact_num_heads}")
-            if self.lact_base_lr <= 0:
-                raise ValueError(f"lact_base_lr must be > 0, got {self.lact_base_lr}")
-        if "miras" in families:
-            for name in ("miras_chunk_size", "miras_memory_expansion"):
-                if int(getattr(self, name)) < 1:
-                    raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-            if self.miras_base_lr <= 0:
-                raise ValueError(f"miras_base_lr must be > 0, got {self.miras_base_lr}")
-            if self.miras_p < 1:
-                raise ValueError(f"miras_p must be ≥ 1 (Moneta's ℓ_p attentional bias), got {self.miras_p}")
-            if self.miras_q < 2:
-                raise ValueError(f"miras_q must be ≥ 2 (Moneta's ℓ_q retention), got {self.miras_q}")
-        if "atlas" in families:
-            for name in ("atlas_chunk_size", "atlas_window", "atlas_poly_degree", "atlas_memory_expansion"):
-                if int(getattr(self, name)) < 1:
-                    raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-            if self.atlas_poly_degree > 4:
-                raise ValueError(f"atlas_poly_degree must be ≤ 4 (the features grow as head_dim^degree), "
-                                 f"got {self.atlas_poly_degree}")
-            if self.atlas_base_lr <= 0:
-                raise ValueError(f"atlas_base_lr must be > 0, got {self.atlas_base_lr}")
+        for kind in sorted(kinds):  # each layer type's own checks (models/registry.py)
+            if LAYERS[kind].validate is not None:
+                LAYERS[kind].validate(self)

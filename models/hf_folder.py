@@ -12,37 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# The files an exported folder needs; each imports only torch, transformers and its siblings.
-MODEL_CODE_FILES = [
-    "atlas.py",
-    "attention.py",
-    "configuration_memory.py",
-    "configuration_vit3.py",
-    "deltanet.py",
-    "hope.py",
-    "inner_knobs.py",
-    "lact.py",
-    "miras.py",
-    "modeling_memory.py",
-    "modeling_vit3.py",
-    "modules.py",
-    "parts.py",
-    "reference.py",
-    "scan.py",
-    "state.py",
-    "titans.py",
-    "titans_fused.py",
-    "tnt.py",
-    "triton_memory.py",
-    "triton_memory_kernels.py",
-    "triton_ttt.py",
-    "triton_ttt_kernels.py",
-    "ttt.py",
-    "ttt_chunk.py",
-    "ttt_fused.py",
-    "varlen.py",
-    "vit3.py",
-]
+from .registry import model_files
+
+# The files an exported folder needs (each imports only torch, transformers and its siblings): those
+# of every registered layer type and the shared ones (models/registry.py), and the ViT³ classifier's.
+MODEL_CODE_FILES = sorted({*model_files(), "configuration_vit3.py", "modeling_vit3.py", "vit3.py"})
 AUTO_MAP = {
     "AutoConfig": "configuration_memory.MemoryLMConfig",
     "AutoModel": "modeling_memory.MemoryLMModel",

@@ -19,12 +19,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from .attention import AttentionLayer
-from .configuration_memory import MEMORY_LAYERS, MemoryLMConfig
-from .deltanet import DeltaNetLayer
+from .configuration_memory import MemoryLMConfig
 from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
-from .parts import InnerKnobs
-from .ttt import TTTLayer, TTTState
+from .registry import LAYERS
+from .ttt import TTTLayer
 from .varlen import (RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, doc_starts_from_padding, map_tree,
                      needs_segments, run_segments)
 
@@ -62,61 +60,8 @@ class MemoryLMOutput(ModelOutput):
 
 
 def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
-    """The sequence mixer of block ``layer_idx`` (its type from ``config.mixer_types``)."""
-    kind = config.mixer_types[layer_idx]
-    rope_attn = config.attention_rope_theta if config.attention_rope_theta is not None else config.rope_theta
-    if kind in ("swa", "attention"):
-        return AttentionLayer(config.hidden_size, config.num_attention_heads,
-                              window=config.attention_window if kind == "swa" else None, rope_theta=rope_attn)
-    if kind in ("deltanet", "gated_deltanet"):
-        return DeltaNetLayer(config.hidden_size, config.num_attention_heads, gated=kind == "gated_deltanet",
-                             chunk_size=config.deltanet_chunk_size, conv_kernel=config.conv_kernel,
-                             norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl,
-                             knobs=InnerKnobs.from_config(config))
-    if MEMORY_LAYERS[kind] == "titans":
-        from .titans import build_titans_mixer
-
-        return build_titans_mixer(config, kind, rope_attn)
-    if MEMORY_LAYERS[kind] == "miras":
-        from .miras import build_miras_mixer
-
-        return build_miras_mixer(config, kind)
-    if kind == "atlas":
-        from .atlas import build_atlas_mixer
-
-        return build_atlas_mixer(config)
-    if kind == "tnt":
-        from .tnt import build_tnt_mixer
-
-        return build_tnt_mixer(config)
-    if kind == "hope":
-        from .hope import build_hope_mixer
-
-        return build_hope_mixer(config)
-    if kind == "lact":
-        from .lact import LaCTLayer
-
-        return LaCTLayer(config.hidden_size, config.num_attention_heads, num_lact_heads=config.lact_num_heads,
-                         chunk_size=config.lact_chunk_size, window=config.attention_window,
-                         inter_multi=config.lact_inter_multi, base_lr=config.lact_base_lr,
-                         optimizer=config.inner_optimizer or "muon", momentum=config.lact_momentum,
-                         rope_theta=rope_attn, norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl,
-                         knobs=InnerKnobs.from_config(config))
-    return TTTLayer(
-        hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads,
-        inner=MEMORY_LAYERS[kind],
-        mini_batch_size=config.mini_batch_size,
-        base_lr=config.ttt_base_lr,
-        rope_theta=config.rope_theta,
-        share_qk=config.share_qk,
-        conv_kernel=config.conv_kernel,
-        use_gate=config.use_gate,
-        inner_expansion=config.inner_expansion,
-        scan_checkpoint_group_size=config.scan_checkpoint_group_size,
-        scan_impl=config.scan_impl,
-        knobs=InnerKnobs.from_config(config),
-    )
+    """The sequence mixer of block ``layer_idx``: its type's registered builder (models/registry.py)."""
+    return LAYERS[config.mixer_types[layer_idx]].build(config, layer_idx)
 
 
 class PreConv(nn.Module):

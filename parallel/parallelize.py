@@ -64,17 +64,18 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
 
 
 def _mixer_kinds(model):
-    from models.attention import AttentionLayer
-    from models.deltanet import DeltaNetLayer
-    from models.ttt import TTTLayer
+    """{"ttt" | "affine" | "attention" | "other": mixer class names}, from each layer type's registered
+    CP strategy (models/registry.py): the scan-level TTT pass, prefix-capable (affine state update),
+    attention, or the generic state pass."""
+    from models.registry import layer_spec
 
     base = model.model if hasattr(model, "model") else model
     kinds = {}
-    for b in base.layers:
-        m = b.mixer
-        kind = ("ttt" if isinstance(m, TTTLayer) else "affine" if isinstance(m, DeltaNetLayer)
-                else "attention" if isinstance(m, AttentionLayer) else "other")
-        kinds.setdefault(kind, set()).add(type(m).__name__)
+    for b, layer_type in zip(base.layers, model.config.mixer_types):
+        spec = layer_spec(layer_type)
+        kind = ("ttt" if spec.cp == "ttt_pass" else "affine" if spec.prefix
+                else "attention" if spec.cp == "attention" else "other")
+        kinds.setdefault(kind, set()).add(type(b.mixer).__name__)
     return kinds
 
 

@@ -323,8 +323,10 @@ def check_tp(config, dims: ParallelDims) -> None:
         ("vocab_size", config.vocab_size),
         ("intermediate_size", config.intermediate_size),
     ]
-    if "lact" in getattr(config, "mixer_types", ()):
-        checks.append(("lact_num_heads", config.lact_num_heads))
+    from models.registry import layer_spec
+
+    for name in sorted({n for t in set(getattr(config, "mixer_types", ())) for n in layer_spec(t).tp_divisible}):
+        checks.append((name, getattr(config, name)))
     for name, value in checks:
         if value % tp:
             raise ValueError(f"{name}={value} is not divisible by tensor parallel size tp={tp}")
@@ -376,21 +378,24 @@ def tp_ttt_layer(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) 
         _copy_input(layer, dims)
 
 
-def tp_deltanet(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
-    """models.deltanet.DeltaNetLayer (plain or gated) by heads: q/k/v/β/α/gate projections
-    column-parallel, the short convs' channels, A_log/dt_bias by head; the per-head output RMSNorm
-    shares one weight over heads (gradient summed over TP); o_proj row-parallel."""
+def apply_tp_plan(layer: nn.Module, plan, dims: ParallelDims, copy_input: bool = True) -> None:
+    """A declarative plan (models.registry.TPPlan) by heads: its column-parallel projections, the
+    short convs' channels, per-head parameters; the shared parameters' gradients summed over TP; the
+    row-parallel output projection. Names a module does not have are skipped."""
     _check_heads("num_heads", layer.num_heads, dims)
-    for name in ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj"):
+    for name in plan.column:
         if hasattr(layer, name):
             setattr(layer, name, column_parallel(getattr(layer, name), dims))
-    for conv in ("conv_q", "conv_k", "conv_v"):
-        _shard_conv(getattr(layer, conv), dims)
-    if layer.gated:
-        _shard_param(layer, "A_log", dims, 0)
-        _shard_param(layer, "dt_bias", dims, 0)
-    _replicated_in_sharded(layer.o_norm.weight, dims)
-    layer.o_proj = row_parallel(layer.o_proj, dims)
+    for conv in plan.convs:
+        if hasattr(layer, conv):
+            _shard_conv(getattr(layer, conv), dims)
+    for name in plan.heads:
+        if hasattr(layer, name):
+            _shard_param(layer, name, dims, 0)
+    for name in plan.shared:
+        _replicated_in_sharded(layer.get_parameter(name), dims)
+    for name in plan.row:
+        setattr(layer, name, row_parallel(getattr(layer, name), dims))
     layer.num_heads //= dims.tp
     layer.hidden_size = layer.num_heads * layer.head_dim
     if copy_input:
@@ -601,38 +606,19 @@ def tp_miras_atlas(layer: nn.Module, dims: ParallelDims) -> None:
     _copy_input(layer, dims)
 
 
-def tp_mixer(mixer: nn.Module, dims: ParallelDims) -> None:
-    """The TP plan of any mixer built by models.modeling_memory.build_mixer."""
-    from models.attention import AttentionLayer
-    from models.deltanet import DeltaNetLayer
-    from models.atlas import AtlasLayer
-    from models.hope import HopeLayer
-    from models.miras import MirasLayer
-    from models.lact import LaCTLayer
-    from models.titans import TitansMAC, TitansMAG, TitansMAL, TitansMemory
-    from models.tnt import TNTLayer
-    from models.ttt import TTTLayer
+def tp_mixer(mixer: nn.Module, dims: ParallelDims, layer_type: str) -> None:
+    """The TP plan its layer type registered (models/registry.py): a TPPlan, or one of the plan
+    functions of this file by name. Splitting by heads needs heads that do not interact in the scan."""
+    from models.registry import layer_spec
 
-    if isinstance(mixer, TTTLayer):
-        tp_ttt_layer(mixer, dims)
-    elif isinstance(mixer, DeltaNetLayer):
-        tp_deltanet(mixer, dims)
-    elif isinstance(mixer, AttentionLayer):
-        tp_attention(mixer, dims)
-    elif isinstance(mixer, TitansMemory):
-        tp_titans_memory(mixer, dims)
-    elif isinstance(mixer, (TitansMAG, TitansMAL, TitansMAC)):
-        tp_titans_block(mixer, dims)
-    elif isinstance(mixer, LaCTLayer):
-        tp_lact(mixer, dims)
-    elif isinstance(mixer, TNTLayer):
-        tp_tnt(mixer, dims)
-    elif isinstance(mixer, HopeLayer):
-        tp_hope(mixer, dims)
-    elif isinstance(mixer, (MirasLayer, AtlasLayer)):
-        tp_miras_atlas(mixer, dims)
+    spec = layer_spec(layer_type)
+    if not spec.heads_independent:
+        raise ValueError(f"{layer_type}: its heads interact inside the scan, so it has no tensor-parallel plan by heads")
+    plan = spec.tp
+    if isinstance(plan, str):
+        globals()[plan](mixer, dims)
     else:
-        raise ValueError(f"no tensor-parallel plan for mixer {type(mixer).__name__}")
+        apply_tp_plan(mixer, plan, dims)
 
 
 def tp_swiglu(mlp: nn.Module, dims: ParallelDims) -> None:
@@ -651,8 +637,8 @@ def apply_tp(model: nn.Module, dims: ParallelDims) -> None:
     base.embed_tokens = vocab_parallel_embedding(base.embed_tokens, dims)
     if head is not None:
         model.lm_head = vocab_parallel_head(head, dims, base.embed_tokens if tied else None)
-    for block in base.layers:
-        tp_mixer(block.mixer, dims)
+    for block, layer_type in zip(base.layers, model.config.mixer_types):
+        tp_mixer(block.mixer, dims, layer_type)
         tp_swiglu(block.mlp, dims)
 
 

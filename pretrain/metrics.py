@@ -46,73 +46,12 @@ _GPU_PEAKS = {  # substring of torch.cuda.get_device_name() → {precision: peak
 }
 
 
-def _mean_context(seq_len: int, window: int | None) -> float:
-    """Average number of keys a causal query sees: mean over t = 1..T of min(t, window)."""
-    T = seq_len
-    w = T if window is None else min(window, T)
-    return (w * (w + 1) / 2 + (T - w) * w) / T
-
-
 def _scan_flops(config, kind: str, seq_len: int) -> float:
-    """Forward FLOPs per token of one layer's sequence mixing (everything but its Linear layers)."""
-    C, H = config.hidden_size, config.num_attention_heads
-    d = C // H
-    attention = 4 * C  # QKᵀ and AV per key seen
-    if kind == "ttt_linear":
-        b = min(config.mini_batch_size, seq_len)
-        return H * (6 * d * d + 4 * b * d)
-    if kind == "ttt_mlp":
-        b, m = min(config.mini_batch_size, seq_len), config.inner_expansion * d
-        return H * (14 * d * m + 4 * b * (d + m))
-    if kind in ("deltanet", "gated_deltanet"):
-        c = min(config.deltanet_chunk_size, seq_len)
-        return H * (6 * d * d + 4 * c * d)  # q·h, W·h, the state update; intra-chunk QKᵀ and A(U − Wh)
-    if kind.startswith("titans"):
-        e, depth = config.titans_memory_expansion * d, config.titans_memory_depth
-        params = d * d if depth == 1 else 2 * d * e + (depth - 2) * e * e
-        # memory forward at the chunk's weights (2P), its gradient (4P), the read (2P), momentum/decay scans (4P)
-        mem = H * 12 * params
-        window = config.titans_segment_size + config.num_persistent_tokens if kind == "titans_mac" else config.attention_window
-        return mem + (0 if kind == "titans" else attention * _mean_context(seq_len, window))
-    if kind == "lact":
-        dl = C // config.lact_num_heads
-        dh = dl * config.lact_inter_multi
-        # LaCT's own count per fast-weight head: 4 (apply to keys) + 8 (gradient) + 6 (apply to queries) × d·d_h
-        return config.lact_num_heads * 18 * dl * dh + attention * _mean_context(seq_len, config.attention_window)
-    if kind == "tnt":  # 1 + N Titans memories (as above) + the Q-K projection, a linear attention per reset segment
-        e, depth = config.titans_memory_expansion * d, config.titans_memory_depth
-        params = d * d if depth == 1 else 2 * d * e + (depth - 2) * e * e
-        reset = config.tnt_reset_period or config.tnt_global_chunk_size
-        return (1 + len(config.tnt_local_chunk_sizes)) * H * 12 * params + attention * _mean_context(seq_len, reset)
-    if kind == "hope":
-        e = config.hope_memory_expansion * d
-        P, P1 = 2 * d * e, d * e + e  # a d → e → d memory; the lr/decay memories (d → e → 1)
-        # key/value/memory: generation (key, value) 4P, targets 6P, gradients 18P, read 2P; lr/decay: 20 P1;
-        # each CMS level: read 2P + gradient 4P (its forward is the read)
-        return H * (30 * P + 20 * P1 + len(config.hope_cms_chunk_sizes) * 6 * P)
-    if kind in ("moneta", "yaad", "memora"):
-        e, b = config.miras_memory_expansion * d, min(config.miras_chunk_size, seq_len)
-        P = 2 * d * e
-        if kind == "memora":  # forward + gradient at the chunk start (6P), per-token logits (2bP), softmax (≈5P), read (2P)
-            return H * (13 + 2 * b) * P
-        # forward + gradient at the chunk start (6P), dual-form read (2P + 4b(d + e)), chunk-end update (2P)
-        return H * (10 * P + 4 * b * (d + e))
-    if kind == "atlas":
-        from models.atlas import poly_feature_dim
+    """Forward FLOPs per token of one layer's sequence mixing (everything but its Linear layers): the
+    formula its layer type registered (models/registry.py)."""
+    from models.registry import layer_spec
 
-        D, e = poly_feature_dim(d, config.atlas_poly_degree), config.atlas_memory_expansion * d
-        b, c = min(config.atlas_chunk_size, seq_len), config.atlas_window
-        P = D * e + e * d
-        grads = 6 * P * (1 + (c - 1) / b)  # the window's earlier tokens are differentiated again at each chunk start
-        if (config.inner_optimizer or "muon") == "muon":  # per-token S_t (2(b+c−1)P), Newton–Schulz, M_t (2bP), read
-            ns = sum(5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in ((D, e), (e, d)))
-            return H * (grads + 2 * (b + c - 1) * P + ns + 2 * b * P + 2 * P)
-        return H * (grads + 4 * P + 4 * b * (D + 2 * e + d))  # dual-form read and chunk-end update
-    if kind == "swa":
-        return attention * _mean_context(seq_len, config.attention_window)
-    if kind == "attention":
-        return attention * _mean_context(seq_len, None)
-    raise ValueError(f"no FLOP model for layer type {kind!r}")
+    return layer_spec(kind).flops(config, seq_len)
 
 
 def flops_per_token(config, seq_len: int | None = None) -> dict:

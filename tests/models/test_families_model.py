@@ -11,22 +11,16 @@ from safetensors.torch import save_file
 
 from models import MemoryLMForCausalLM, preset_config
 from models.hf_folder import MODEL_CODE_FILES, save_model_folder
+from models.registry import LAYERS
 from tests.models.test_convert_official import REPO, STANDALONE
 
-ALL_TYPES = ["ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "titans", "titans_mag", "titans_mal", "titans_mac",
-             "lact", "swa", "attention"]
-ALL_TYPES += ["tnt", "hope"]  # family II
-ALL_TYPES += ["moneta", "yaad", "memora", "atlas"]  # family II: Miras, ATLAS
+ALL_TYPES = list(LAYERS)  # every registered mixer type (models/registry.py)
 
 
 def all_types_model():
     torch.manual_seed(0)
-    cfg = preset_config("test", num_hidden_layers=len(ALL_TYPES), layer_pattern=ALL_TYPES, mini_batch_size=4,
-                        deltanet_chunk_size=4, titans_chunk_size=4, titans_segment_size=8, lact_chunk_size=6,
-                        lact_num_heads=2, attention_window=5, num_persistent_tokens=2,
-                        tnt_global_chunk_size=8, tnt_local_chunk_sizes=[2, 4], tnt_reset_period=8,
-                        hope_chunk_size=4, hope_cms_chunk_sizes=[3, 8],
-                        miras_chunk_size=4, atlas_chunk_size=4, atlas_window=3)
+    sizes = {k: v for spec in LAYERS.values() for k, v in spec.test_config.items()}
+    cfg = preset_config("test", num_hidden_layers=len(ALL_TYPES), layer_pattern=ALL_TYPES, **sizes)
     return MemoryLMForCausalLM(cfg).eval()
 
 

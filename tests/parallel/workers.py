@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from models.registry import LAYERS
+
 VARIANTS = {
     "linear": dict(memory_layer="ttt_linear"),
     "mlp": dict(memory_layer="ttt_mlp"),
@@ -41,6 +43,12 @@ FAMILY2_VARIANTS.update({  # Miras (one per state kind) and ATLAS: chunk 8, so C
     "atlas": dict(memory_layer="atlas", atlas_chunk_size=8, atlas_window=3),
 })
 VARIANTS.update(FAMILY2_VARIANTS)
+# every registered layer type under its own name, at its registered test sizes (tests/parallel/test_registry_parallel.py)
+REGISTRY_VARIANTS = {}
+for _name, _spec in LAYERS.items():
+    REGISTRY_VARIANTS[_name] = dict(memory_layer=_name, **_spec.test_config) if _spec.kind == "memory" else \
+        dict(layer_pattern=[_name], **_spec.test_config)
+    VARIANTS.setdefault(_name, REGISTRY_VARIANTS[_name])
 # LaCT's Newton–Schulz/Muon step amplifies float32 rounding: the CP=4 gradients differ by 1.7e-5
 # in float32 but by 5e-15 in float64, so its exactness is checked in float64.
 DTYPES = {"lact": torch.float64}
@@ -61,7 +69,7 @@ def supported(tp: int, cp: int, variant: str, mode: str) -> bool:
 def build_reference(variant: str, seed: int = 0, dtype=torch.float32, **overrides):
     from models import MemoryLMForCausalLM, preset_config
 
-    cfg = preset_config("test", mini_batch_size=8, conv_kernel=3, **{**VARIANTS[variant], **overrides})
+    cfg = preset_config("test", **{"mini_batch_size": 8, "conv_kernel": 3, **VARIANTS[variant], **overrides})
     torch.manual_seed(seed)
     model = MemoryLMForCausalLM(cfg).to(dtype)
     with torch.no_grad():  # off the init, so no term is trivially zero (token_idx_offset, biases, ...)
