@@ -461,7 +461,7 @@ def measure_block(args, n: int, repeats: int = 3) -> Costs:
 
     def scan():
         if ttt:
-            out, _, _ = mixer.scan(mixer.init_state(1).weights, None, *ins, 0)
+            out, _, _ = mixer.scan_from(mixer.init_state(1).weights, None, *ins, 0)
             return out
         return mixer(ins[0])[0]
 
@@ -499,7 +499,7 @@ def scan_state(mixer, ins, ttt: bool):
 
     with torch.no_grad():
         if ttt:
-            _, w, pend = mixer.scan(mixer.init_state(1).weights, None, *ins, 0)
+            _, w, pend = mixer.scan_from(mixer.init_state(1).weights, None, *ins, 0)
             return [w, pend]
         return mixer(ins[0])[1]
 
