@@ -137,7 +137,7 @@ def worker(args, cp: int):
 
 def scan_fraction(args) -> float:
     """f: share of one block's forward+backward spent in the serial part (1 thread, full
-    sequence): the inner scan for TTT, the whole mixer for the generic state pass."""
+    sequence): the mixer's ``scan`` (models/mixer.py), from its prepared inputs."""
     block = build(args).model.layers[0]
     layer = block.mixer
     x = torch.randn(1, args.seq, args.hidden, requires_grad=True)
@@ -146,19 +146,14 @@ def scan_fraction(args) -> float:
         y, _ = block(x)
         y.sum().backward()
 
-    if not args.layer.startswith("ttt"):
-        def mixer():
-            y, _ = layer(x)
-            y.sum().backward()
-
-        return min(_steps(mixer, args.steps)) / min(_steps(whole, args.steps))
-
-    q, k, v, lr, _ = layer.prepare(x.detach(), layer.init_state(1))
-    q, k, v, lr = (t.detach().requires_grad_() for t in (q, k, v, lr))
+    state = layer.init_state(1)
+    inputs = layer.prepare(x.detach(), state)
+    leaves = [t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
 
     def scan():
-        out, _, _ = layer.scan(layer.init_state(1).weights, None, q, k, v, lr, 0)
-        out.sum().backward()
+        out, _ = layer.scan(tuple(leaves), state)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     return min(_steps(scan, args.steps)) / min(_steps(whole, args.steps))
 

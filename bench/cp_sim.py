@@ -436,7 +436,6 @@ def measure_block(args, n: int, repeats: int = 3) -> Costs:
     import torch.nn.functional as F
 
     from bench.cp import build
-    from models.ttt import TTTLayer
 
     torch.manual_seed(0)
     model = build(args).train()
@@ -444,32 +443,30 @@ def measure_block(args, n: int, repeats: int = 3) -> Costs:
     mixer = block.mixer
     C = block.mixer_norm.weight.shape[0]
     x = torch.randn(1, n, C, requires_grad=True)
-    ttt = isinstance(mixer, TTTLayer)
 
-    def pre():
+    def tensors(tree):
+        return [t for t in (tree if isinstance(tree, (tuple, list)) else [tree]) if isinstance(t, torch.Tensor)]
+
+    def pre():  # everything before the scan: pre-conv, norm, the mixer's prepare (models/mixer.py)
         h = x
         if block.pre_conv is not None:
             h = h + block.pre_conv(x, None)[0]
         xn = block.mixer_norm(h)
-        if ttt:
-            q, k, v, lr, _ = mixer.prepare(xn, mixer.init_state(1))
-            return h, xn, (q, k, v, lr)
-        return h, xn, (xn,)
+        return h, xn, mixer.prepare(xn, mixer.init_state(1))
 
     h, xn, ins = pre()
-    ins = [t.detach().requires_grad_() for t in ins]
+    ins = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                for t in ins)
 
     def scan():
-        if ttt:
-            out, _, _ = mixer.scan(mixer.init_state(1).weights, None, *ins, 0)
-            return out
-        return mixer(ins[0])[0]
+        return mixer.scan(ins, mixer.init_state(1))[0]
 
-    out = scan().detach().requires_grad_()
+    out = scan()
+    out = tuple(t.detach().requires_grad_() for t in out) if isinstance(out, tuple) else out.detach().requires_grad_()
     hd, xnd = h.detach().requires_grad_(), xn.detach().requires_grad_()
 
     def post():
-        y = hd + (mixer.output(xnd, out) if ttt else out)
+        y = hd + mixer.output(xnd, out)
         return y + block.mlp(block.mlp_norm(y))
 
     ids = torch.randint(0, args.vocab, (1, n))
@@ -480,28 +477,29 @@ def measure_block(args, n: int, repeats: int = 3) -> Costs:
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
     def fb(f, outs):
-        outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs]) if o.requires_grad]
+        outs = [o for o in tensors(outs) if o.requires_grad]
         return torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     t = {}
-    for name, f in (("pre", lambda: [o for o in pre()[2]]), ("scan", scan), ("post", post), ("head", head)):
+    for name, f in (("pre", lambda: tensors(pre()[2])), ("scan", scan), ("post", post), ("head", head)):
         t[name + "_f"] = _timed(lambda: f(), repeats)
         t[name + "_b"] = _timed(lambda: fb(f, f()), repeats) - t[name + "_f"]
     heads = mixer.num_heads if hasattr(mixer, "num_heads") else args.heads
-    state = sum(s.numel() * s.element_size() for s in _state_tensors(mixer, scan_state(mixer, ins, ttt)))
+    state = sum(s.numel() * s.element_size() for s in _state_tensors(mixer, scan_state(mixer, ins)))
     per_tok = {k: max(v, 0.0) / n for k, v in t.items()}
     return Costs(**per_tok, state_bytes=float(state), a2a_in_bytes=float((3 * C + heads) * 4),
                  a2a_out_bytes=float(C * 4), heads=heads, meta=dict(tokens=n, layer=args.layer, hidden=C))
 
 
-def scan_state(mixer, ins, ttt: bool):
+def scan_state(mixer, ins):
+    """The state a scan leaves (what the pass schedule sends), without the halo."""
+    import dataclasses
+
     import torch
 
     with torch.no_grad():
-        if ttt:
-            _, w, pend = mixer.scan(mixer.init_state(1).weights, None, *ins, 0)
-            return [w, pend]
-        return mixer(ins[0])[1]
+        state = mixer.scan(ins, mixer.init_state(1))[1]
+    return dataclasses.replace(state, **{g: {} for g in ins[-1]})
 
 
 def _state_tensors(mixer, state) -> list:

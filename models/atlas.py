@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .miras import coefficient_outer, decay_coefficients
+from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import Recipe, copy_param, gelu_tanh, l2_normalize, newton_schulz
 from .reference import memory_scan_reference
@@ -213,7 +214,7 @@ ATLAS_SCANS = {"chunk": atlas_scan_chunked, "reference": atlas_scan_reference}
 # ------------------------------------------------------------------------------ the layer
 
 
-class AtlasLayer(nn.Module):
+class AtlasLayer(Mixer):
     """ATLAS as a sequence mixer: q/k/v projections → causal conv → SiLU → L2-normalised q, k →
     polynomial features → the Omega-rule memory → per-head RMSNorm ⊙ σ(gate) → output projection."""
 
@@ -278,24 +279,32 @@ class AtlasLayer(nn.Module):
     def _heads(self, t):
         return split_heads(t, self.num_heads)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state)."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
+    def prepare(self, x: torch.Tensor, state: LayerState) -> tuple:
+        """Projections, short convs, polynomial features of L2-normalised q/k, gates:
+        (q, k, v, gates, halo {"conv"})."""
         q, k, v, conv = short_conv_qkv(self, x, state.conv)
         compute = q.dtype
         coef = self.poly_coef.to(compute)
         q, k = poly_features(l2_normalize(q), coef), poly_features(l2_normalize(k), coef)
         g = torch.sigmoid(self.gates(x).to(compute)).transpose(1, 2).unflatten(1, (4, self.num_heads))  # [B, 4, H, T]
         gates = {"lr": self.base_lr * g[:, 0], "theta": g[:, 1], "alpha": g[:, 2], "gamma": g[:, 3]}
+        return q, k, v, gates, {"conv": conv}
+
+    def scan(self, inputs: tuple, state: LayerState):
+        """The memory from ``state`` (the Omega window of earlier keys travels in ``cache``): (o, state)."""
+        q, k, v, gates, halo = inputs
+        compute = q.dtype
         cast = (lambda d: None if not d else {n: t.to(compute) for n, t in d.items()})
         o, weights, anchor, mom, window = ATLAS_SCANS[self.scan_impl](
             cast(state.weights), cast(state.anchor), cast(state.opt.get("momentum")), cast(state.cache), q, k, v, gates,
             state.position, self.chunk_size, self.window, self.optimizer)
+        return o, LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom},
+                             cache=window or {}, position=state.position + q.shape[2], **halo)
+
+    def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm ⊙ σ(gate), output projection."""
         o = self.o_norm(o.to(x.dtype)).transpose(1, 2) * torch.sigmoid(self._heads(self.g_proj(x)).transpose(1, 2))
-        y = self.o_proj(o.flatten(2))
-        return y, LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom},
-                             cache=window or {}, conv=conv, position=state.position + T)
+        return self.o_proj(o.flatten(2))
 
 
 def build_atlas_mixer(config) -> AtlasLayer:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import InnerKnobs, Recipe, copy_param, decay, l2_loss, l2_normalize, matrix_memory, sgd_step
 from .reference import memory_scan_reference
@@ -132,7 +133,7 @@ def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-class DeltaNetLayer(nn.Module):
+class DeltaNetLayer(Mixer):
     """DeltaNet (``gated=False``) or Gated DeltaNet (``gated=True``) sequence mixer."""
 
     def __init__(self, hidden_size: int, num_heads: int, gated: bool = True, chunk_size: int = 64,
@@ -190,8 +191,8 @@ class DeltaNetLayer(nn.Module):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def prepare(self, x: torch.Tensor, state: LayerState):
-        """Step 1 of :meth:`forward`: q, k, v [B, H, T, d], β, log α [B, H, T] (None for DeltaNet)
-        in the compute dtype (≥ float32), and the new conv tails."""
+        """Everything before the scan (models/mixer.py): q, k, v [B, H, T, d], β, log α [B, H, T]
+        (None for DeltaNet) in the compute dtype (≥ float32), and the halo {"conv": new conv tails}."""
         conv = {}
         q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
         k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
@@ -207,7 +208,7 @@ class DeltaNetLayer(nn.Module):
             log_alpha = None
             if self.gated:
                 log_alpha = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2).to(compute)
-            return q, k, v, beta, log_alpha, conv
+            return q, k, v, beta, log_alpha, {"conv": conv}
         q, k, v = (self._heads(F.silu(t)) for t in (q, k, v))
         compute = torch.promote_types(x.dtype, torch.float32)
         q = l2_normalize(q.to(compute)) * self.head_dim**-0.5
@@ -216,13 +217,13 @@ class DeltaNetLayer(nn.Module):
         log_alpha = None
         if self.gated:
             log_alpha = (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2).to(compute)
-        return q, k, v, beta, log_alpha, conv
+        return q, k, v, beta, log_alpha, {"conv": conv}
 
-    def scan(self, q, k, v, beta, log_alpha, S):
-        """Step 2 of :meth:`forward`: the delta rule from state S; returns (o [B, H, T, d], S)."""
+    def run(self, q, k, v, beta, log_alpha, S):
+        """The delta rule from S [B, H, dk, dv]; returns (o [B, H, T, d], S)."""
         if self.knobs is not None:
             raise ValueError("the inner-loop knobs (inner_steps, inner_init_pull, inner_lr_schedule, inner_loss) of "
-                             "DeltaNet run through forward only (not its context-parallel prepare/scan/output)")
+                             "DeltaNet run through forward only (not the prefix mode's run)")
         if self.scan_impl == "chunk":
             return delta_rule_chunked(q, k, v, beta, log_alpha, S, self.chunk_size)
         return delta_rule_reference(q, k, v, beta, log_alpha, S)
@@ -246,21 +247,20 @@ class DeltaNetLayer(nn.Module):
         return delta_rule_summary(delta_rule_prepare(q, k, v, beta, log_alpha, self.chunk_size))
 
     def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """Step 3 of :meth:`forward`: per-head RMSNorm, [SiLU gate], output projection."""
+        """Per-head RMSNorm, [SiLU gate], output projection."""
         o = self.o_norm(o.to(x.dtype)).transpose(1, 2)  # [B, T, H, d]
         if self.gated:
             o = o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))
         return self.o_proj(o.flatten(2))
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state: {S}, conv tails, position): prepare → scan → output."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
-        q, k, v, beta, log_alpha, conv = self.prepare(x, state)
+    def scan(self, inputs: tuple, state: LayerState):
+        """The delta rule from ``state``: (o [B, H, T, d], {S}, conv tails, position)."""
+        q, k, v, beta, log_alpha, halo = inputs
+        position = state.position + q.shape[2]
         if self.knobs is not None:
             o, S, last_key = self._scan_knobs(q, k, v, beta, log_alpha, state.weights["S"].to(q.dtype), state.position,
                                               state.extra.get("prev_key"))
             extra = {} if last_key is None else {"prev_key": last_key}
-            return self.output(x, o), LayerState(weights={"S": S}, conv=conv, extra=extra, position=state.position + T)
-        o, S = self.scan(q, k, v, beta, log_alpha, state.weights["S"].to(q.dtype))
-        return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=state.position + T)
+            return o, LayerState(weights={"S": S}, conv=halo["conv"], extra=extra, position=position)
+        o, S = self.run(q, k, v, beta, log_alpha, state.weights["S"].to(q.dtype))
+        return o, LayerState(weights={"S": S}, conv=halo["conv"], position=position)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import deep_mlp_memory, l2_loss, l2_normalize
 from .state import LayerState
@@ -224,7 +225,7 @@ class CMSLevel(nn.Module):
         return h + self.o_proj(y), LayerState(weights=w, opt={"pending": p}, position=state.position + h.shape[1])
 
 
-class HopeLayer(nn.Module):
+class HopeLayer(Mixer):
     """The Hope block as a mixer: y = CMS(W_o(RMSNorm_h(o) ⊙ SiLU(x W_g))) with o the self-modifying
     memory's read."""
 
@@ -284,15 +285,23 @@ class HopeLayer(nn.Module):
     def _heads(self, t):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
-        memory_scan, cms_scan = SCANS[self.scan_impl]
+    def prepare(self, x: torch.Tensor, state: LayerState) -> tuple:
+        """Projections, short convs, L2-normalised q/u and the output gate SiLU(x W_g):
+        (q, u [B, H, T, d], gate [B, T, H, d], the activation dtype, halo {"conv"})."""
         compute = torch.promote_types(x.dtype, torch.float32)
         conv = {}
         q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
         u, conv["u"] = self.conv_u(self.u_proj(x), state.conv.get("u"))
         q, u = (l2_normalize(self._heads(F.silu(t)).to(compute)) for t in (q, u))
+        gate = F.silu(self._heads(self.g_proj(x)).transpose(1, 2))
+        return q, u, gate, x.dtype, {"conv": conv}
+
+    def scan(self, inputs: tuple, state: LayerState):
+        """The self-modifying memory, then the CMS levels on its projected read (each level reads the
+        previous one's output, so all of them are sequential): (h [B, T, C], state)."""
+        q, u, gate, dtype, halo = inputs
+        memory_scan, cms_scan = SCANS[self.scan_impl]
+        compute = q.dtype
 
         def cast(tree):
             return None if tree is None else {m: {n: t.to(compute) for n, t in w.items()} for m, w in tree.items()}
@@ -300,14 +309,17 @@ class HopeLayer(nn.Module):
         o, weights, anchor = memory_scan(cast(state.weights), cast(state.anchor), q, u, self.lr_bias.to(compute),
                                          self.decay_bias.to(compute), self.base_lr, state.position, self.chunk_size,
                                          self.max_grad_norm)
-        o = self.o_norm(o.to(x.dtype)).transpose(1, 2)
-        h = self.o_proj((o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))).flatten(2))
+        o = self.o_norm(o.to(dtype)).transpose(1, 2)
+        h = self.o_proj((o * gate).flatten(2))
         extra = {}
         for i, level in enumerate(self.cms):
             st = state.extra[f"cms{i}"]
             st = LayerState(weights=st.weights, opt=st.opt, position=state.position)
             h, extra[f"cms{i}"] = level(h, st, cms_scan, compute)
-        return h, LayerState(weights=weights, anchor=anchor, conv=conv, extra=extra, position=state.position + T)
+        return h, LayerState(weights=weights, anchor=anchor, extra=extra, position=state.position + q.shape[2], **halo)
+
+    def output(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h
 
 
 def build_hope_mixer(config) -> HopeLayer:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .attention import windowed_attention
 from .inner_knobs import lr_schedule, next_token_pairs
+from .mixer import Mixer
 from .modules import HeadRMSNorm, apply_rotate_half_rope, rope_cos_sin
 from .parts import (InnerKnobs, Recipe, clip_factor, column_norms, dot_product_loss, l2_loss, l2_normalize,
                     newton_schulz, swiglu_memory)
@@ -151,7 +152,7 @@ def _inv_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-class LaCTLayer(nn.Module):
+class LaCTLayer(Mixer):
     """Sliding-window attention + a large-chunk SwiGLU fast-weight memory sharing one qkv projection."""
 
     fast_weight_names = NAMES  # θ₀ = (W0, W1, W2): the initial fast weights (no weight decay in pretrain.optim)
@@ -220,10 +221,11 @@ class LaCTLayer(nn.Module):
     def _fw_heads(self, t):
         return t.unflatten(-1, (self.num_lact_heads, self.fw_dim)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state: fast weights, pending chunk sums, momentum, KV cache)."""
-        B, T, C = x.shape
-        state = state if state is not None else self.init_state(B)
+    def prepare(self, x: torch.Tensor, state: LayerState) -> tuple:
+        """The shared qkv projection, the sliding-window attention over it (its cache is the halo) and
+        the fast-weight inputs: (fq, fk, fv [B, H, T, d], lr0, lr1, lr2, momentum [B, H, T], the
+        initial column norms, attention output [B, T, C], scale gate [B, T, H], halo {"cache"})."""
+        T = x.shape[1]
         pos = state.position
         q, k, v = self.qkv(x).chunk(3, dim=-1)
 
@@ -251,8 +253,15 @@ class LaCTLayer(nn.Module):
         lr0, lr1, lr2 = lr.unflatten(1, (self.num_lact_heads, 3)).unbind(2)
         m = (torch.sigmoid(self.momentum_proj(x).to(compute)).transpose(1, 2) if self.use_momentum
              else torch.zeros_like(lr0))
-        cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
         init_norms = {n: column_norms(getattr(self, n).to(compute)) for n in NAMES}
+        return fq, fk, fv, lr0, lr1, lr2, m, init_norms, attn, {"cache": new_cache}
+
+    def scan(self, inputs: tuple, state: LayerState):
+        """The fast-weight scan from ``state``: ((o [B, H, T, d], attention output), state: fast
+        weights, pending chunk sums, momentum, KV cache)."""
+        fq, fk, fv, lr0, lr1, lr2, m, init_norms, attn, halo = inputs
+        compute, pos = fq.dtype, state.position
+        cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
         m_sum = state.opt.get("m_sum")
         args = (cast(state.weights), cast(state.opt.get("pending")), None if m_sum is None else m_sum.to(compute),
                 cast(state.opt.get("momentum")))
@@ -264,8 +273,6 @@ class LaCTLayer(nn.Module):
         else:
             o, weights, pending, m_sum, mom = LACT_SCANS[self.scan_impl](
                 *args, fq, fk, fv, lr0, lr1, lr2, m, init_norms, pos, self.chunk_size, self.muon)
-        o = self.ttt_norm(o.to(x.dtype)) * F.silu(self.scale_proj(x)).transpose(1, 2)[..., None]
-        y = self.o_proj(attn + o.transpose(1, 2).flatten(2))
         opt = {}
         if mom is not None:
             opt["momentum"] = mom
@@ -273,7 +280,13 @@ class LaCTLayer(nn.Module):
             opt["pending"] = pending
             if self.use_momentum:
                 opt["m_sum"] = m_sum
-        return y, LayerState(weights=weights, opt=opt, cache=new_cache, extra=extra, position=pos + T)
+        return (o, attn), LayerState(weights=weights, opt=opt, extra=extra, position=pos + fq.shape[2], **halo)
+
+    def output(self, x: torch.Tensor, outputs) -> torch.Tensor:
+        """Per-head RMSNorm ⊙ SiLU(scale), plus the attention output, output projection."""
+        o, attn = outputs
+        o = self.ttt_norm(o.to(x.dtype)) * F.silu(self.scale_proj(x)).transpose(1, 2)[..., None]
+        return self.o_proj(attn + o.transpose(1, 2).flatten(2))
 
 
 # ------------------------------------------------------------------------------- LaCT: the inner-loop knobs (parts.InnerKnobs; rules in inner_knobs.py)

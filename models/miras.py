@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import Recipe, copy_param, gelu_tanh, head_layer_norm, l2_normalize
 from .reference import memory_scan_reference
@@ -265,7 +266,7 @@ def _inv_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-class MirasLayer(nn.Module):
+class MirasLayer(Mixer):
     """Moneta, Yaad or Memora as a sequence mixer: q/k/v projections → causal conv → SiLU →
     L2-normalised q, k → the memory → per-head RMSNorm ⊙ σ(gate) → output projection.
     Per-token, per-head gates: η_t = base_lr·σ(·), retention α_t = σ(·) (Yaad: 1 − a_t, a_t = σ(·)),
@@ -336,10 +337,10 @@ class MirasLayer(nn.Module):
     def _heads(self, t):
         return split_heads(t, self.num_heads)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state)."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
+    def prepare(self, x: torch.Tensor, state: LayerState) -> tuple:
+        """Projections, short convs, L2-normalised q/k, gates (η, retention[, δ]) and the memory's
+        LayerNorm over the batch: (q, k, v, gates, ln_w, ln_b, halo {"conv"})."""
+        B = x.shape[0]
         q, k, v, conv = short_conv_qkv(self, x, state.conv)
         compute = q.dtype
         q, k = l2_normalize(q), l2_normalize(k)
@@ -348,16 +349,25 @@ class MirasLayer(nn.Module):
                  "keep": torch.sigmoid(-g[:, 1]) if self.variant == "yaad" else torch.sigmoid(g[:, 1])}
         if self.variant == "yaad":
             gates["delta"] = F.softplus(g[:, 2])
-        cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
-        opt = {"norm": cast(state.opt["norm"])} if self.variant == "moneta" else {}
         ln_w = self.ln_weight.to(compute).expand(B, *self.ln_weight.shape)
         ln_b = self.ln_bias.to(compute).expand(B, *self.ln_bias.shape)
+        return q, k, v, gates, ln_w, ln_b, {"conv": conv}
+
+    def scan(self, inputs: tuple, state: LayerState):
+        """The memory from ``state``: (o [B, H, T, d], state)."""
+        q, k, v, gates, ln_w, ln_b, halo = inputs
+        compute = q.dtype
+        cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
+        opt = {"norm": cast(state.opt["norm"])} if self.variant == "moneta" else {}
         o, weights, anchor, opt = MIRAS_SCANS[self.scan_impl](
             self.variant, cast(state.weights), cast(state.anchor), opt, q, k, v, gates, ln_w, ln_b, state.position,
             self.chunk_size, self.p, self.q)
+        return o, LayerState(weights=weights, anchor=anchor, opt=opt, position=state.position + q.shape[2], **halo)
+
+    def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm ⊙ σ(gate), output projection."""
         o = self.o_norm(o.to(x.dtype)).transpose(1, 2) * torch.sigmoid(self._heads(self.g_proj(x)).transpose(1, 2))
-        y = self.o_proj(o.flatten(2))
-        return y, LayerState(weights=weights, anchor=anchor, opt=opt, conv=conv, position=state.position + T)
+        return self.o_proj(o.flatten(2))
 
 
 def build_miras_mixer(config, kind: str) -> MirasLayer:

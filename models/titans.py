@@ -40,6 +40,7 @@ from torch import nn
 
 from .attention import AttentionLayer
 from .inner_knobs import clip_outer, lr_schedule, next_token_pairs
+from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import InnerKnobs, Recipe, copy_param, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
 from .reference import memory_scan_reference
@@ -308,7 +309,7 @@ def titans_gate_bias(num_heads: int, copies: int = 1) -> torch.Tensor:
     return torch.cat([torch.zeros(H), torch.full((H,), 2.2), torch.full((H,), -4.0)]).repeat(copies)
 
 
-class TitansMemory(nn.Module):
+class TitansMemory(Mixer):
     """The neural long-term memory as a sequence mixer (``titans``, the paper's LMM)."""
 
     def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 64, depth: int = 2, expansion: int = 2,
@@ -370,27 +371,32 @@ class TitansMemory(nn.Module):
     def _heads(self, t):
         return split_heads(t, self.num_heads)
 
-    def scan(self, x: torch.Tensor, state: LayerState | None = None):
-        """Projections and the memory scan: x [B, T, C] → (y per head [B, H, T, d], state)."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
+    def prepare(self, x: torch.Tensor, state: LayerState):
+        """Projections, short convs, L2-normalised q/k, gates: (q, k, v [B, H, T, d], θ, η, α [B, H, T],
+        halo {"conv"}), in the compute dtype (≥ float32)."""
         q, k, v, conv = short_conv_qkv(self, x, state.conv)
         compute = q.dtype
         q, k = l2_normalize(q), l2_normalize(k)
         g = self.gates(x).to(compute).transpose(1, 2)  # [B, 3H, T]
         lr = torch.sigmoid(g[:, : self.num_heads]) * self.base_lr
         eta, alpha = torch.sigmoid(g[:, self.num_heads : 2 * self.num_heads]), torch.sigmoid(g[:, 2 * self.num_heads :])
+        return q, k, v, lr, eta, alpha, {"conv": conv}
+
+    def scan(self, inputs: tuple, state: LayerState):
+        """The memory scan from ``state``: (o per head [B, H, T, d], state); the halo groups of
+        ``inputs`` (conv tails, and a composite's attention cache) go into the state as they are."""
+        q, k, v, lr, eta, alpha, halo = inputs
+        compute, position = q.dtype, state.position + q.shape[2]
         cast = (lambda d: None if d is None else {n: t.to(compute) for n, t in d.items()})
         if self.knobs is not None:
             o, weights, anchor, mom, extra = titans_scan_with_knobs(self, state, q, k, v, lr, eta, alpha)
             return o, LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom},
-                                 conv=conv, extra=extra, position=state.position + T)
+                                 extra=extra, position=position, **halo)
         o, weights, anchor, mom = TITANS_SCANS[self.scan_impl](
             cast(state.weights), cast(state.anchor), cast(state.opt.get("momentum")), q, k, v, lr, eta, alpha,
             state.position, self.chunk_size, self.max_grad_norm)
-        new = LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom}, conv=conv,
-                         position=state.position + T)
-        return o, new
+        return o, LayerState(weights=weights, anchor=anchor, opt={} if mom is None else {"momentum": mom},
+                             position=position, **halo)
 
     def read(self, weights: dict, q: torch.Tensor) -> torch.Tensor:
         """M(q) with the given weights and no update (MAC's retrieval). q: [B, H, T, d]."""
@@ -400,10 +406,6 @@ class TitansMemory(nn.Module):
         """Per-head RMSNorm, SiLU gate from x, output projection."""
         o = self.o_norm(o.to(x.dtype)).transpose(1, 2)
         return self.o_proj((o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))).flatten(2))
-
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        o, state = self.scan(x, state)
-        return self.output(x, o), state
 
 
 # ------------------------------------------------------------------------------ the blocks
@@ -421,43 +423,65 @@ class _Gate(nn.Module):
         return self.proj(self.norm_a(a) * torch.sigmoid(self.norm_m(m)))
 
 
-def _sub(state: LayerState | None, name: str):
-    return None if state is None else state.extra.get(name)
+def _attention_state(state: LayerState) -> LayerState:
+    return LayerState(cache=state.cache, position=state.position)
 
 
-def _pack(position: int, **parts) -> LayerState:
-    """A composite state: each part's LayerState flattened under ``extra[name]``."""
-    return LayerState(extra={n: p for n, p in parts.items() if p is not None}, position=position)
-
-
-class TitansMAG(nn.Module):
+class TitansMAG(Mixer):
     """Memory as a gate: sliding-window attention (with persistent tokens) and the memory read the
-    same input in parallel; o = W (norm(attn) ⊙ σ(norm(memory)))."""
+    same input in parallel; o = W (norm(attn) ⊙ σ(norm(memory))). One flat state: the memory's,
+    with the attention's key/value cache in ``cache``. The attention needs only earlier inputs, so
+    it belongs to ``prepare`` (its cache is a halo); ``scan`` is the memory's."""
 
     def __init__(self, memory: TitansMemory, attention: AttentionLayer, eps: float = 1e-6):
         super().__init__()
         self.memory, self.attention = memory, attention
         self.gate = _Gate(memory.hidden_size, eps)
 
-    def forward(self, x, state: LayerState | None = None):
-        a, sa = self.attention(x, _sub(state, "attention"))
-        m, sm = self.memory(x, _sub(state, "memory"))
-        return self.gate(a, m), _pack(sm.position, attention=sa, memory=sm)
+    def init_state(self, batch_size: int) -> LayerState:
+        return self.memory.init_state(batch_size)
+
+    def prepare(self, x, state: LayerState) -> tuple:
+        a, sa = self.attention(x, _attention_state(state))
+        *mem, halo = self.memory.prepare(x, state)
+        return (*mem, a, {**halo, "cache": sa.cache})
+
+    def scan(self, inputs: tuple, state: LayerState):
+        *mem, a, halo = inputs
+        o, state = self.memory.scan((*mem, halo), state)
+        return (o, a), state
+
+    def output(self, x, outputs):
+        o, a = outputs
+        return self.gate(a, self.memory.output(x, o))
 
 
-class TitansMAL(nn.Module):
+class TitansMAL(Mixer):
     """Memory as a layer: the memory first, then sliding-window attention (persistent tokens) on its
-    normalised output."""
+    normalised output. One flat state: the memory's, with the attention's cache in ``cache``. The
+    attention reads the memory's output, so ``scan`` holds memory scan → memory output → attention
+    (its cache is carried by the scan, not a halo)."""
 
     def __init__(self, memory: TitansMemory, attention: AttentionLayer, eps: float = 1e-6):
         super().__init__()
         self.memory, self.attention = memory, attention
         self.norm = HeadRMSNorm(memory.hidden_size, eps)
 
-    def forward(self, x, state: LayerState | None = None):
-        m, sm = self.memory(x, _sub(state, "memory"))
-        a, sa = self.attention(self.norm(m), _sub(state, "attention"))
-        return a, _pack(sm.position, attention=sa, memory=sm)
+    def init_state(self, batch_size: int) -> LayerState:
+        return self.memory.init_state(batch_size)
+
+    def prepare(self, x, state: LayerState) -> tuple:
+        *mem, halo = self.memory.prepare(x, state)
+        return (*mem, x, halo)
+
+    def scan(self, inputs: tuple, state: LayerState):
+        *mem, x, halo = inputs
+        o, new = self.memory.scan((*mem, halo), state)
+        a, sa = self.attention(self.norm(self.memory.output(x, o)), _attention_state(state))
+        return a, replace(new, cache=sa.cache)
+
+    def output(self, x, a):
+        return a
 
 
 def build_titans_mixer(config, kind: str, rope_theta: float) -> nn.Module:
@@ -477,7 +501,7 @@ def build_titans_mixer(config, kind: str, rope_theta: float) -> nn.Module:
     return (TitansMAG if kind == "titans_mag" else TitansMAL)(memory, attention, config.rms_norm_eps)
 
 
-class TitansMAC(nn.Module):
+class TitansMAC(Mixer):
     """Memory as context. The sequence is cut into segments of ``segment_size`` tokens; for segment s
 
         r = M_{s−1}(q̃)                  retrieve with the memory as it was at the segment's start
@@ -486,7 +510,8 @@ class TitansMAC(nn.Module):
         o = W (norm(y) ⊙ σ(norm(m)))
 
     The state keeps the memory's state, the memory weights at the segment start and the segment's
-    keys/values so far, so a call may end anywhere inside a segment.
+    keys/values so far, so a call may end anywhere inside a segment. Every step of a segment
+    needs the memory as the previous segment left it, so all of it is ``scan``.
     """
 
     def __init__(self, memory: TitansMemory, num_heads: int, segment_size: int, num_persistent: int,
@@ -507,12 +532,22 @@ class TitansMAC(nn.Module):
         r = self.retrieve_norm(self.memory.read(weights, q).to(x.dtype))
         return r.transpose(1, 2).flatten(2)
 
-    def forward(self, x, state: LayerState | None = None):
+    def init_state(self, batch_size: int) -> LayerState:
+        return LayerState(extra={"memory": self.memory.init_state(batch_size)})
+
+    def prepare(self, x, state: LayerState) -> tuple:
+        return x, {}
+
+    def output(self, x, outputs):
+        return outputs
+
+    def scan(self, inputs: tuple, state: LayerState):
+        x, _ = inputs
         B, T, _ = x.shape
-        position = 0 if state is None else state.position
-        mem = _sub(state, "memory") or self.memory.init_state(B)
-        seg_w = _sub(state, "segment_weights")
-        cache = _sub(state, "cache") or {}
+        position = state.position
+        mem = state.extra["memory"]
+        seg_w = state.extra.get("segment_weights")
+        cache = state.extra.get("cache") or {}
         att = self.attention
         pk, pv = att.prefix(B, x.dtype)
         outs = []

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
 from .parts import copy_param, deep_mlp_memory, l2_loss, l2_normalize, momentum_step
 from .scan import linear_scan
@@ -268,7 +269,7 @@ TNT_SCANS = {"chunk": tnt_scan_chunked, "reference": tnt_scan_reference}
 # ------------------------------------------------------------------------------ the layer
 
 
-class TNTLayer(nn.Module):
+class TNTLayer(Mixer):
     """TNT as a sequence mixer: shared q/k/v (projection, causal conv, SiLU, q/k L2-normalised as in
     Titans), one global + N local Titans memories, output o = W_o(RMSNorm_h(o^G + Σ o⁽ᵐ⁾) ⊙ SiLU(x W_g))."""
 
@@ -344,15 +345,21 @@ class TNTLayer(nn.Module):
     def _heads(self, t):
         return split_heads(t, self.num_heads)
 
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
+    def prepare(self, x: torch.Tensor, state: LayerState) -> tuple:
+        """Projections, short convs, L2-normalised q/k and every memory's (θ, η, α) gates:
+        (q, k, v, gates, halo {"conv"})."""
         q, k, v, conv = short_conv_qkv(self, x, state.conv)
         compute = q.dtype
         q, k = l2_normalize(q), l2_normalize(k)
         g = self.gates(x).to(compute).transpose(1, 2).unflatten(1, (self.num_memories, 3, self.num_heads))
         gates = [(torch.sigmoid(g[:, m, 0]) * self.base_lr, torch.sigmoid(g[:, m, 1]), torch.sigmoid(g[:, m, 2]))
                  for m in range(self.num_memories)]
+        return q, k, v, gates, {"conv": conv}
+
+    def scan(self, inputs: tuple, state: LayerState):
+        """The global and local memories from ``state``: (o [B, H, T, d], state)."""
+        q, k, v, gates, halo = inputs
+        compute, B = q.dtype, q.shape[0]
 
         def cast(st: LayerState) -> LayerState:
             return st.map(lambda t: t.to(compute))
@@ -366,10 +373,13 @@ class TNTLayer(nn.Module):
             self.local_chunk_sizes, self.reset_period, self.max_grad_norm)
         extra = dict(zip(self.memory_prefixes[1:], locs))
         extra["qk"] = P
-        new = LayerState(weights=glob.weights, anchor=glob.anchor, opt=glob.opt, conv=conv, extra=extra,
-                         position=state.position + T)
+        return o, LayerState(weights=glob.weights, anchor=glob.anchor, opt=glob.opt, extra=extra,
+                             position=state.position + q.shape[2], **halo)
+
+    def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm ⊙ SiLU(gate), output projection."""
         o = self.o_norm(o.to(x.dtype)).transpose(1, 2)
-        return self.o_proj((o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))).flatten(2)), new
+        return self.o_proj((o * F.silu(self._heads(self.g_proj(x)).transpose(1, 2))).flatten(2))
 
 
 def check_tnt_sizes(global_chunk: int, local_chunks, reset_period: int) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixer import Mixer
 from .modules import CausalConv1d, apply_interleaved_rope, rope_cos_sin
 from .parts import InnerKnobs, inner_param_shapes
 from .reference import ttt_scan_reference
@@ -66,7 +67,7 @@ class TTTState:
         )
 
 
-class TTTLayer(nn.Module):
+class TTTLayer(Mixer):
     """Sequence mixer with a TTT-Linear (``inner="linear"``) or TTT-MLP (``inner="mlp"``) memory."""
 
     def __init__(
@@ -158,9 +159,9 @@ class TTTLayer(nn.Module):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def prepare(self, x: torch.Tensor, state: TTTState):
-        """Step 1 of :meth:`forward`, everything before the scan: q, k, v [B, H, T, d] (RoPE'd) and
-        the inner learning rate lr [B, H, T], all in the compute dtype (≥ float32), and the new
-        q/k conv tails. (Public so that parallel/ can act between the steps.)"""
+        """Everything before the scan (models/mixer.py): q, k, v [B, H, T, d] (RoPE'd) and the inner
+        learning rate lr [B, H, T], all in the compute dtype (≥ float32), and the halo {"conv": the
+        new q/k conv tails}."""
         T = x.shape[1]
         q, k, v, new_conv = self._qkv(x, state)
         q, k, v = (self._split_heads(t) for t in (q, k, v))
@@ -173,17 +174,17 @@ class TTTLayer(nn.Module):
         # The inner loop runs in (at least) float32 whatever the activation dtype.
         compute = torch.promote_types(x.dtype, torch.float32)
         q, k, v, lr = (t.to(compute) for t in (q, k, v, lr))
-        return q, k, v, lr, new_conv
+        return q, k, v, lr, {"conv": new_conv}
 
-    def scan(self, weights: dict, pending: dict | None, q, k, v, lr, position: int, heads: slice = slice(None)):
-        """Step 2 of :meth:`forward`: the inner loop from fast weights ``weights`` (+ ``pending``)
-        at ``position``. ``heads``: which of this layer's heads q, k, v hold (default all).
+    def scan_from(self, weights: dict, pending: dict | None, q, k, v, lr, position: int, heads: slice = slice(None)):
+        """The inner loop from fast weights ``weights`` (+ ``pending``) at ``position`` (Ulysses
+        scans a slice of the heads from the initial weights with it). ``heads``: which of this layer's heads q, k, v hold (default all).
         Returns (out [B, H, T, d], weights, pending-or-None)."""
         compute = q.dtype
         if self.knobs is not None:
             if self.knobs.next_token:
                 raise ValueError("inner_loss='next_token' keeps the previous key in the layer state: call the layer "
-                                 "(forward), not scan (TTT's context-parallel scan does not carry it)")
+                                 "(forward), not scan_from (which does not carry it)")
             if self.knobs.steps > 1 and pending is not None and not any("@" in n for n in pending):
                 raise ValueError("inner_steps > 1 keeps one pending sum per step: a piece that starts inside a "
                                  "mini-batch needs all of them (under context parallelism make each rank's length "
@@ -202,8 +203,20 @@ class TTTLayer(nn.Module):
             self.scan_checkpoint_group_size if self.training else 0,
         )
 
+    def scan(self, inputs: tuple, state: TTTState):
+        """The inner loop from ``state``: (out [B, H, T, d], the state after the last token)."""
+        q, k, v, lr, halo = inputs
+        position = state.position + q.shape[2]
+        if self.knobs is not None:
+            out, weights, pending, last_key = self._scan_knobs(state.weights, state.pending, q, k, v, lr,
+                                                               state.position, slice(None), state.prev_key)
+            return out, TTTState(weights=weights, pending=pending, position=position, conv=halo["conv"],
+                                 prev_key=last_key if self.knobs.next_token else None)
+        out, weights, pending = self.scan_from(state.weights, state.pending, q, k, v, lr, state.position)
+        return out, TTTState(weights=weights, pending=pending, position=position, conv=halo["conv"])
+
     def _scan_knobs(self, weights, pending, q, k, v, lr, position: int, heads, prev_key):
-        """:meth:`scan` with the inner-loop knobs (models/inner_knobs.py); also returns the last key."""
+        """:meth:`scan_from` with the inner-loop knobs (models/inner_knobs.py); also returns the last key."""
         from .inner_knobs import lr_schedule, next_token_pairs, ttt_scan_knobs
 
         compute, B = q.dtype, q.shape[0]
@@ -226,23 +239,8 @@ class TTTLayer(nn.Module):
                 last_key)
 
     def output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Step 3 of :meth:`forward`: post-norm over all heads, optional gate, output projection."""
+        """Post-norm over all heads, optional gate, output projection."""
         out = self.post_norm(out.to(x.dtype).transpose(1, 2).flatten(2))
         if self.use_gate:
             out = F.gelu(self.g_proj(x), approximate="tanh") * out
         return self.o_proj(out)
-
-    def forward(self, x: torch.Tensor, state: TTTState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state after the last token): prepare → scan → output."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
-        q, k, v, lr, new_conv = self.prepare(x, state)
-        if self.knobs is not None:
-            out, weights, pending, last_key = self._scan_knobs(state.weights, state.pending, q, k, v, lr,
-                                                               state.position, slice(None), state.prev_key)
-            new_state = TTTState(weights=weights, pending=pending, position=state.position + T, conv=new_conv,
-                                 prev_key=last_key if self.knobs.next_token else None)
-            return self.output(x, out), new_state
-        out, weights, pending = self.scan(state.weights, state.pending, q, k, v, lr, state.position)
-        new_state = TTTState(weights=weights, pending=pending, position=state.position + T, conv=new_conv)
-        return self.output(x, out), new_state

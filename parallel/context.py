@@ -10,13 +10,14 @@ reached at the end of its piece of layer l:
     rank2: .  .  L1 L2 L3 L4 .                rank2: .  B4 B3 B2 B1 .  .
     rank3: .  .  .  L1 L2 L3 L4               rank3: B4 B3 B2 B1 .  .  .
 
-Each state is sent (``isend``) the moment its layer's scan finishes, so rank r+1 scans layer l
-while rank r scans layer l+1; only the scan is serial (bubble (P−1)/(L+P−1) of the scan time),
-the projections, norms and MLPs never wait. Three things cross a rank boundary per block:
+Every memory mixer is prepare → scan → output (models/mixer.py). Each state is sent (``isend``)
+the moment its layer's scan finishes, so rank r+1 scans layer l while rank r scans layer l+1; only
+the scan is serial (bubble (P−1)/(L+P−1) of the scan time), the projections, norms and MLPs never
+wait. Three things cross a rank boundary per block:
 
     pre_conv tail   the last K−1 inputs of the block's causal conv       (halo)
-    q/k conv tails  the last K−1 rows of the shared q/k projection       (halo, share_qk only)
-    TTT state       fast weights at the last mini-batch boundary + the pending gradient sum
+    mixer halo      what ``prepare`` reads of earlier tokens: conv tails, sliding-window keys/values
+    mixer state     the rest of the state ``scan`` leaves: fast weights, pending sums, momentum, …
 
 All three use the same two autograd functions over the CP group:
 
@@ -26,7 +27,8 @@ All three use the same two autograd functions over the CP group:
 
 The anchor ties the send into the autograd graph at the right spot: the TTT state send is
 anchored on the scan output, so in backward the rank waits for rank r+1's state gradient only
-right before its own scan backward (after the o_proj/MLP backward of that layer). Gradients of the
+right before its own scan backward (after the o_proj/MLP backward of that layer). The mixer halo
+and state are sent with their structure in a pickled header (any family, any state tree). Gradients of the
 parameters are per-rank partial sums; the trainer sums them over DP × CP (``dims.dp_cp_group``).
 
 Rank r's piece starts at position r·T_local: every rank must hold the same number of tokens
@@ -34,6 +36,7 @@ Rank r's piece starts at position r·T_local: every rank must hold the same numb
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pickle
 import time
@@ -43,7 +46,8 @@ import torch.distributed as dist
 
 from .groups import ParallelDims
 
-KIND_PRE_CONV, KIND_QK_CONV, KIND_STATE, KIND_META = 0, 1, 2, 3
+KIND_PRE_CONV, KIND_HALO, KIND_STATE, KIND_META, KIND_HALO_META = 0, 1, 2, 3, 4
+N_KINDS = 8  # message kinds per layer in a tag
 HEADER_BYTES = 1 << 16  # the pickled structure of a generic mixer's state travels in a fixed-size header
 
 
@@ -98,14 +102,14 @@ class CPComm:
     def record(self, event: str, tag: int, nbytes: int = 0, t0: float | None = None) -> None:
         """``t0``: when a receive was posted (its wait is [t0, now])."""
         if self.trace is not None:
-            self.trace.append((event, tag // 8, (tag // 2) % 4, time.perf_counter()))
+            self.trace.append((event, tag // (2 * N_KINDS), (tag // 2) % N_KINDS, time.perf_counter()))
         if self.tracer is not None:
             peer = self.next if event in ("send", "recv_grad") else self.prev
-            self.tracer.comm(event, tag // 8, (tag // 2) % 4, nbytes, peer, t0)
+            self.tracer.comm(event, tag // (2 * N_KINDS), (tag // 2) % N_KINDS, nbytes, peer, t0)
 
     @staticmethod
     def tag(layer: int, kind: int, backward: bool) -> int:
-        return (layer * 4 + kind) * 2 + int(backward)
+        return (layer * N_KINDS + kind) * 2 + int(backward)
 
     @staticmethod
     def keep(work, buf) -> None:
@@ -190,54 +194,14 @@ class _SendNext(torch.autograd.Function):
         return (None, None, g_anchor, None, *_unpack(buf, ctx.templates))
 
 
-# ------------------------------------------------------------------- TTT layer, in three steps
-# TTTLayer.forward is prepare → scan → output (public steps of models/ttt.py); CP acts between
-# them: the state is received just before the scan and sent right after it.
-
-
-def _state_templates(layer, batch: int, position: int, dtype):
-    shapes = [(batch, *getattr(layer, n).shape) for n in layer.fast_weight_names]
-    n_copies = 2 if position % layer.mini_batch_size else 1  # weights [+ pending]
-    return [(torch.Size(s), dtype) for s in shapes] * n_copies
-
-
 def recv_qk_conv_tails(layer, comm: CPComm, x: torch.Tensor, layer_idx: int) -> dict:
+    """TTT's shared q/k conv tails from CP rank r−1 (Ulysses: fixed shapes, no header)."""
     if not layer.share_qk or comm.prev is None:
         return {}
     width, K = layer.conv_q.weight.shape[0], layer.conv_q.kernel_size
     tmpl = [(torch.Size((x.shape[0], width, K - 1)), x.dtype)] * 2
-    tq, tk = comm.recv_prev(tmpl, layer_idx, KIND_QK_CONV, x.device)
+    tq, tk = comm.recv_prev(tmpl, layer_idx, KIND_HALO, x.device)
     return {"q": tq, "k": tk}
-
-
-class CPPassTTT:
-    """Mixin swapped into a TTTLayer's class: forward with the state passed between CP ranks."""
-
-    def forward(self, x: torch.Tensor, state=None):
-        from models.ttt import TTTState
-
-        if state is not None:
-            raise ValueError("under context parallelism the memory state comes from the previous CP rank; "
-                             "pass memory_state=None")
-        comm, idx = self._cp_comm, self._cp_layer_idx
-        B, T, _ = x.shape
-        position = comm.dims.cp_rank * T
-        conv = recv_qk_conv_tails(self, comm, x, idx)
-        q, k, v, lr, new_conv = self.prepare(x, TTTState(weights={}, conv=conv, position=position))
-        if new_conv:
-            q = comm.send_next(q, [new_conv["q"], new_conv["k"]], idx, KIND_QK_CONV)
-        names = self.fast_weight_names
-        if comm.prev is None:
-            weights, pending = self.init_state(B).weights, None
-        else:
-            got = comm.recv_prev(_state_templates(self, B, position, q.dtype), idx, KIND_STATE, x.device)
-            weights = dict(zip(names, got[: len(names)]))
-            pending = dict(zip(names, got[len(names):])) if len(got) > len(names) else None
-        out, weights, pending = self.scan(weights, pending, q, k, v, lr, position)
-        sent = [weights[n] for n in names] + ([pending[n] for n in names] if pending is not None else [])
-        out = comm.send_next(out, sent, idx, KIND_STATE)
-        y = self.output(x, out)
-        return y, TTTState(weights=weights, pending=pending, position=position + T, conv=new_conv)
 
 
 class CPBlock:
@@ -334,50 +298,80 @@ def _map(tree, fn):
     return map_tree(tree, fn)
 
 
-def recv_state(comm: CPComm, idx: int, device):
-    """A state of any structure from CP rank r−1: its pickled structure, then its tensors."""
+def recv_state(comm: CPComm, idx: int, device, kinds=(KIND_META, KIND_STATE)):
+    """A state of any structure from CP rank r−1: its pickled structure, then its tensors
+    (``kinds``: the header's and the tensors' message kinds)."""
+    meta, kind = kinds
     hdr = torch.empty(HEADER_BYTES, dtype=torch.uint8)
     t0 = time.perf_counter() if comm.timing else None
-    dist.recv(hdr, src=comm.prev, group=comm.group, tag=comm.tag(idx, KIND_META, False))
+    dist.recv(hdr, src=comm.prev, group=comm.group, tag=comm.tag(idx, meta, False))
     if comm.timing:
-        comm.record("recv", comm.tag(idx, KIND_META, False), HEADER_BYTES, t0)
+        comm.record("recv", comm.tag(idx, meta, False), HEADER_BYTES, t0)
     spec = _decode(hdr)
     specs = []
     _map(spec, lambda s: specs.append(s) or s)
-    got = iter(comm.recv_prev([(torch.Size(s.shape), s.dtype) for s in specs], idx, KIND_STATE, device))
+    if not specs:
+        return spec
+    got = iter(comm.recv_prev([(torch.Size(s.shape), s.dtype) for s in specs], idx, kind, device))
     return _map(spec, lambda s: next(got))
 
 
-def send_state(comm: CPComm, idx: int, anchor: torch.Tensor, state) -> torch.Tensor:
+def send_state(comm: CPComm, idx: int, anchor: torch.Tensor, state, kinds=(KIND_META, KIND_STATE)) -> torch.Tensor:
     """Sends ``state`` to CP rank r+1 (structure header, then tensors); returns ``anchor``."""
+    meta, kind = kinds
     tensors = []
     spec = _map(state, lambda t: tensors.append(t) or _Spec(t))
     hdr = _encode(spec)
-    comm.keep(dist.isend(hdr, dst=comm.next, group=comm.group, tag=comm.tag(idx, KIND_META, False)), hdr)
+    comm.keep(dist.isend(hdr, dst=comm.next, group=comm.group, tag=comm.tag(idx, meta, False)), hdr)
     if comm.timing:
-        comm.record("send", comm.tag(idx, KIND_META, False), HEADER_BYTES)
-    return comm.send_next(anchor, tensors, idx, KIND_STATE)
+        comm.record("send", comm.tag(idx, meta, False), HEADER_BYTES)
+    return comm.send_next(anchor, tensors, idx, kind) if tensors else anchor
 
 
-class CPGenericMixer:
-    """Mixin for any mixer with the state API ``forward(x, state) -> (y, state)`` (state with
-    ``.map``): DeltaNet, Titans, LaCT, sliding-window and full attention. The whole mixer call is
-    the serial part (the TTT path narrows it to the scan); the state's structure goes ahead in a
-    pickled header (isend, so the sender never waits), then its tensors as one message. For
-    attention the state is the key/value cache, so this is the halo exchange of a sliding window
-    and, for full attention, a pass-along of all earlier keys/values (exact, O(sequence) memory
-    on the last rank)."""
+def _on_first_tensor(tree, fn):
+    """``tree`` (a tensor or a tuple) with ``fn`` applied to its first top-level tensor."""
+    if torch.is_tensor(tree):
+        return fn(tree)
+    i = next(i for i, t in enumerate(tree) if torch.is_tensor(t))
+    return (*tree[:i], fn(tree[i]), *tree[i + 1:])
+
+
+class CPPassMixer:
+    """Mixin for every mixer of the contract (models/mixer.py) under cp_mode="pass":
+
+        [recv halo from r−1] → prepare → [isend halo to r+1] → [recv state from r−1] → scan
+        → [isend state to r+1] → output
+
+    The halo (``prepare``'s last item: conv tails, sliding-window keys/values) leaves as soon as
+    the projections are done, so the next rank's ``prepare`` does not wait for this rank's scan;
+    only the scan is in the serial chain. Both travel with their structure in a pickled header
+    (isend, so the sender never waits). The halo send is anchored on ``prepare``'s first tensor,
+    the state send on the scan's output: in backward a rank waits for r+1's state gradient only
+    right before its own scan backward, and for the halo gradient right before its prepare
+    backward."""
 
     def forward(self, x: torch.Tensor, state=None):
         if state is not None:
             raise ValueError("under context parallelism the memory state comes from the previous CP rank; "
                              "pass memory_state=None")
         comm, idx = self._cp_comm, self._cp_layer_idx
-        incoming = recv_state(comm, idx, x.device) if comm.prev is not None else None
-        y, new_state = super().forward(x, incoming)
+        B, T, _ = x.shape
+        halo_kinds = (KIND_HALO_META, KIND_HALO)
+        if comm.prev is None:
+            start = self.init_state(B)
+        else:
+            start = self.halo_state(B, recv_state(comm, idx, x.device, halo_kinds), comm.dims.cp_rank * T)
+        inputs = self.prepare(x, start)
+        halo = inputs[-1]
         if comm.next is not None:
-            y = send_state(comm, idx, y, new_state)
-        return y, new_state
+            inputs = (send_state(comm, idx, inputs[0], halo, halo_kinds), *inputs[1:])
+        if comm.prev is not None:
+            start = recv_state(comm, idx, x.device)
+        outputs, new_state = self.scan(inputs, start)
+        if comm.next is not None:
+            rest = dataclasses.replace(new_state, **{g: {} for g in halo})  # the halo has gone already
+            outputs = _on_first_tensor(outputs, lambda t: send_state(comm, idx, t, rest))
+        return self.output(x, outputs), new_state
 
 
 _SWAPPED: dict = {}
@@ -487,9 +481,10 @@ class CPPrefixDeltaNet:
         conv_in = {}
         if comm.prev is not None:
             width, K = self.conv_q.weight.shape[0], self.conv_q.kernel_size
-            got = comm.recv_prev([(torch.Size((B, width, K - 1)), x.dtype)] * 3, idx, KIND_QK_CONV, x.device)
+            got = comm.recv_prev([(torch.Size((B, width, K - 1)), x.dtype)] * 3, idx, KIND_HALO, x.device)
             conv_in = dict(zip("qkv", got))
-        q, k, v, beta, log_alpha, conv = self.prepare(x, LayerState(conv=conv_in, position=position))
+        q, k, v, beta, log_alpha, halo = self.prepare(x, LayerState(conv=conv_in, position=position))
+        conv = halo["conv"]
         H, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
         # the WY chunk tensors (the triangular solves) serve both the summary and the run
         prep = delta_rule_prepare(q, k, v, beta, log_alpha, self.chunk_size) if self.scan_impl == "chunk" else None
@@ -499,9 +494,9 @@ class CPPrefixDeltaNet:
             A, Bm = delta_rule_summary(prep) if prep is not None else self.summary(q, k, v, beta, log_alpha)
             # the conv halo is anchored on A: in backward this rank waits for r+1's conv-tail
             # gradient only after the (collective) prefix backward, as rank r+1 does
-            A = comm.send_next(A, [conv["q"], conv["k"], conv["v"]], idx, KIND_QK_CONV)
+            A = comm.send_next(A, [conv["q"], conv["k"], conv["v"]], idx, KIND_HALO)
         S0 = q.new_zeros(B, H, dk, dv)
         # prefix.py composes S·A + B (row convention); here S_out = A S + B: transpose
         S_in = prefix_state(A.mT, Bm.mT, S0.mT, dims).mT
-        o, S = delta_rule_run(prep, S_in) if prep is not None else self.scan(q, k, v, beta, log_alpha, S_in)
+        o, S = delta_rule_run(prep, S_in) if prep is not None else self.run(q, k, v, beta, log_alpha, S_in)
         return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=position + T)

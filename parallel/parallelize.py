@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .context import CPAttention, CPBlock, CPComm, CPGenericMixer, CPPassTTT, CPPrefixDeltaNet, swap_class
+from .context import CPAttention, CPBlock, CPComm, CPPassMixer, CPPrefixDeltaNet, swap_class
 from .groups import ParallelDims
 from .tensor import apply_tp, check_tp, shard_of, unshard
 from .ulysses import UlyssesTTT, check_ulysses
@@ -36,11 +36,12 @@ CP_MODES = ("pass", "ulysses", "prefix")
 def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
     """Makes every block of ``model`` context-parallel, in place; returns the channel.
 
-    TTT mixers: the scan-level state pass (``"pass"``) or Ulysses; DeltaNet layers: the prefix
-    combine under ``"prefix"``, else the generic state pass; attention layers: all-gather (full)
-    or halo (sliding window) attention; every other mixer: the generic state pass."""
+    Every memory mixer (models/mixer.py: prepare → scan → output) gets the scan-level state pass
+    (``"pass"``); TTT can take Ulysses instead, DeltaNet layers the prefix combine under
+    ``"prefix"``; attention layers: all-gather (full) or halo (sliding window) attention."""
     from models.attention import AttentionLayer
     from models.deltanet import DeltaNetLayer
+    from models.mixer import Mixer
     from models.ttt import TTTLayer
 
     base = model.model if hasattr(model, "model") else model
@@ -50,14 +51,17 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
         m = block.mixer
         m._cp_comm, m._cp_layer_idx = comm, block.layer_idx
         swap_class(block, CPBlock)
-        if isinstance(m, TTTLayer):
-            mixin = UlyssesTTT if cp_mode == "ulysses" else CPPassTTT
+        if isinstance(m, TTTLayer) and cp_mode == "ulysses":
+            mixin = UlyssesTTT
         elif isinstance(m, AttentionLayer):
             mixin = CPAttention
         elif isinstance(m, DeltaNetLayer) and cp_mode == "prefix":
             mixin = CPPrefixDeltaNet
+        elif isinstance(m, Mixer):
+            mixin = CPPassMixer
         else:
-            mixin = CPGenericMixer
+            raise ValueError(f"{type(m).__name__} is not a models.mixer.Mixer (prepare/scan/output): no context "
+                             "parallelism for it")
         m._cp_base_cls = type(m)  # its forward without CP exchanges (CPBlock's packed-document path)
         swap_class(m, mixin)
     return comm

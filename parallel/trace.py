@@ -10,11 +10,10 @@ Recorded per rank (pid = rank; tid 0 compute, tid 1 communication; times in µs 
 monotonic clock, the same for every process of one machine):
 
     L{l} block      / L{l} block.bwd     a block's forward / backward
-    L{l} scan       / L{l} scan.bwd      the serial part: TTT's inner scan (``layer.scan``), every other
-                                         mixer's own forward (the whole mixer call; the CP exchanges
-                                         around it are outside the span)
+    L{l} scan       / L{l} scan.bwd      the serial part: the mixer's ``scan`` (models/mixer.py);
+                                         an attention layer's own forward
     L{l} mlp        / L{l} mlp.bwd       the block's MLP
-    send/recv {state,pre_conv,qk_conv,meta} L{l} [grad]
+    send/recv {state,pre_conv,halo,meta,halo_meta} L{l} [grad]
                                          each point-to-point exchange of parallel/context.py with its
                                          bytes and peer; a receive spans its wait (start: posted, end:
                                          data there), a send is an instant (isend)
@@ -32,7 +31,7 @@ import time
 
 import torch
 
-KIND_NAMES = {0: "pre_conv", 1: "qk_conv", 2: "state", 3: "meta"}
+KIND_NAMES = {0: "pre_conv", 1: "halo", 2: "state", 3: "meta", 4: "halo_meta"}
 COMPUTE, COMM = 0, 1
 
 
@@ -166,24 +165,33 @@ def _wrap_module(module, tracer: Tracer, name: str, layer: int):
 
 
 def _traced_scan(layer, tracer: Tracer, idx: int):
-    """TTTLayer.scan with a span around it (forward) and marks on its tensors (backward)."""
+    """The mixer's ``scan(inputs, state)`` (models/mixer.py) with a span around it (forward) and
+    marks on its top-level input and output tensors (backward)."""
     scan = type(layer).scan
     begin, end = _bwd_pair(tracer, "scan", idx)
 
-    def traced(weights, pending, q, k, v, lr, position, heads=slice(None)):
-        q, k, v, lr = _mark(end, q, k, v, lr)
+    def marked(items, fn):
+        if torch.is_tensor(items):
+            return _mark(fn, items)[0]
+        at = [i for i, t in enumerate(items) if torch.is_tensor(t)]
+        items = list(items)
+        for i, t in zip(at, _mark(fn, *(items[i] for i in at))):
+            items[i] = t
+        return tuple(items)
+
+    def traced(inputs, state):
+        inputs = marked(inputs, end)
         t0 = now()
-        out, weights, pending = scan(layer, weights, pending, q, k, v, lr, position, heads)
+        out, state = scan(layer, inputs, state)
         tracer.span(f"L{idx} scan", t0, now(), layer=idx)
-        (out,) = _mark(begin, out)
-        return out, weights, pending
+        return marked(out, begin), state
 
     return traced
 
 
 class _ScanSpan:
-    """Placed in a mixer's class between its CP mixin and its own class: the mixer's own forward
-    (the serial part of the generic state pass) becomes the scan span."""
+    """Placed in an attention layer's class between its CP mixin and its own class: its own forward
+    becomes the scan span (attention has no prepare/scan split)."""
 
     def forward(self, x, state=None):
         tracer, idx = self._trace_tracer, self._trace_idx
@@ -197,7 +205,7 @@ class _ScanSpan:
 
 def attach_tracer(model, rank: int | None = None) -> Tracer:
     """Installs the recorder on ``model`` (plain or parallelized) and returns it."""
-    from models.ttt import TTTLayer
+    from models.mixer import Mixer
 
     if getattr(model, "_tracer", None) is not None:
         raise ValueError("a tracer is already attached to this model")
@@ -211,10 +219,10 @@ def attach_tracer(model, rank: int | None = None) -> Tracer:
         handles += _wrap_module(block, tracer, "block", idx)
         handles += _wrap_module(block.mlp, tracer, "mlp", idx)
         m = block.mixer
-        if isinstance(m, TTTLayer):
+        if isinstance(m, Mixer):
             m.scan = _traced_scan(m, tracer, idx)
             undo.append(lambda m=m: m.__dict__.pop("scan", None))
-        else:  # the mixer's own forward is the serial part (CPGenericMixer calls it via super())
+        else:  # attention: its own forward
             cls = type(m)
             own = getattr(m, "_cp_base_cls", cls)
             bases = (_ScanSpan, own) if cls is own else (cls.__bases__[0], _ScanSpan, own)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .context import KIND_QK_CONV, CPComm, recv_qk_conv_tails
+from .context import KIND_HALO, CPComm, recv_qk_conv_tails
 
 
 def _all_to_all(x: torch.Tensor, split_dim: int, cat_dim: int, group, world: int) -> torch.Tensor:
@@ -78,9 +78,10 @@ class UlyssesTTT:
         idx, P, r = self._cp_layer_idx, comm.dims.cp, comm.dims.cp_rank
         B, T, _ = x.shape
         conv = recv_qk_conv_tails(self, comm, x, idx)
-        q, k, v, lr, new_conv = self.prepare(x, TTTState(weights={}, conv=conv, position=r * T))
+        q, k, v, lr, halo = self.prepare(x, TTTState(weights={}, conv=conv, position=r * T))
+        new_conv = halo["conv"]
         if new_conv:
-            q = comm.send_next(q, [new_conv["q"], new_conv["k"]], idx, KIND_QK_CONV)
+            q = comm.send_next(q, [new_conv["q"], new_conv["k"]], idx, KIND_HALO)
         d = q.shape[-1]
         packed = torch.cat([q, k, v, lr.unsqueeze(-1)], dim=-1)  # one all-to-all for all four
         packed = seq_to_heads(packed, comm.group, P)
@@ -89,7 +90,7 @@ class UlyssesTTT:
         heads = slice(r * hp, (r + 1) * hp)
         weights = {n: getattr(self, n)[heads].to(q.dtype).unsqueeze(0).expand(B, hp, *getattr(self, n).shape[1:])
                    for n in self.fast_weight_names}
-        out, weights, pending = self.scan(weights, None, q, k, v, lr.squeeze(-1), 0, heads)
+        out, weights, pending = self.scan_from(weights, None, q, k, v, lr.squeeze(-1), 0, heads)
         out = heads_to_seq(out, comm.group, P)
         y = self.output(x, out)
         return y, TTTState(weights=weights, pending=pending, position=P * T, conv=new_conv)

@@ -291,18 +291,18 @@ def test_ttt_prepare_scan_output_keeps_the_knobs():
     y, s = m(x)
     state = m.init_state(2)
     q, k, v, lr, _ = m.prepare(x, state)
-    out, _, _ = m.scan(state.weights, None, q, k, v, lr, 0)
+    out, _, _ = m.scan_from(state.weights, None, q, k, v, lr, 0)
     assert (m.output(x, out) - y).abs().max() <= 1e-12
     with pytest.raises(ValueError, match="next_token"):
-        make("ttt_linear", KNOBS["next_token"]).scan(state.weights, None, q, k, v, lr, 0)
+        make("ttt_linear", KNOBS["next_token"]).scan_from(state.weights, None, q, k, v, lr, 0)
     # K steps: a piece starting mid-mini-batch needs every step's pending sum (CP passes only the plain ones)
     m = make("ttt_mlp", KNOBS["ttt_steps"])
     _, s = m(x[:, :5])
     plain = {n: t for n, t in s.pending.items() if "@" not in n}
     q, k, v, lr, _ = m.prepare(x[:, 5:], s)
     with pytest.raises(ValueError, match="one pending sum per step"):
-        m.scan(s.weights, plain, q, k, v, lr, 5)
-    out, _, _ = m.scan(s.weights, s.pending, q, k, v, lr, 5)
+        m.scan_from(s.weights, plain, q, k, v, lr, 5)
+    out, _, _ = m.scan_from(s.weights, s.pending, q, k, v, lr, 5)
     assert (m.output(x[:, 5:], out) - m(x[:, 5:], s)[0]).abs().max() <= 1e-12
 
 

@@ -62,7 +62,7 @@ def test_strided_inputs_and_upstream_gradient(inner):
         q, k, v = (t[:, 1:3] if strided else t[:, 1:3].contiguous() for t in big)
         lr = lr_big[:, 1:3] if strided else lr_big[:, 1:3].contiguous()
         q, k, v, lr = (t.detach().requires_grad_() for t in (q, k, v, lr))
-        out, weights, _ = layer.scan(layer.init_state(2).weights, None, q, k, v, lr, 0)
+        out, weights, _ = layer.scan_from(layer.init_state(2).weights, None, q, k, v, lr, 0)
         up = w.transpose(2, 3).contiguous().transpose(2, 3) if strided else w
         loss = (out * up).sum() + sum(t.square().sum() for t in weights.values())
         params = [p for n, p in layer.named_parameters() if n.startswith(("W", "b", "ttt_norm", "token_idx"))]

@@ -81,10 +81,10 @@ def test_prefix_and_attention_pass_no_state(suite):
     """cp_mode='prefix' on DeltaNet + full attention: the only point-to-point traffic is the short
     convs' K−1-token halo of the DeltaNet layer (the state comes from the all-gathered summaries,
     the attention's keys/values from an all-gather): no serial chain."""
-    from parallel.context import KIND_QK_CONV
+    from parallel.context import KIND_HALO
 
-    assert suite[0]["wavefront"]["prefix_p2p"] == [("recv_grad", 0, KIND_QK_CONV), ("send", 0, KIND_QK_CONV)]
-    assert suite[1]["wavefront"]["prefix_p2p"] == [("recv", 0, KIND_QK_CONV), ("send_grad", 0, KIND_QK_CONV)]
+    assert suite[0]["wavefront"]["prefix_p2p"] == [("recv_grad", 0, KIND_HALO), ("send", 0, KIND_HALO)]
+    assert suite[1]["wavefront"]["prefix_p2p"] == [("recv", 0, KIND_HALO), ("send_grad", 0, KIND_HALO)]
 
 
 @pytest.mark.slow
@@ -179,11 +179,11 @@ def test_cp_plan_per_mixer():
         m = parallelize(workers.build_reference(variant), ParallelDims(cp=2, cp_rank=1), cp_mode=mode)
         return [type(b.mixer).__mro__[1].__name__ for b in m.model.layers]
 
-    assert kinds("deltanet+attention", "pass") == ["CPGenericMixer", "CPAttention"]
+    assert kinds("deltanet+attention", "pass") == ["CPPassMixer", "CPAttention"]
     assert kinds("deltanet+attention", "prefix") == ["CPPrefixDeltaNet", "CPAttention"]
     assert kinds("gated_deltanet+swa", "prefix") == ["CPPrefixDeltaNet", "CPAttention"]
-    assert kinds("linear", "pass") == ["CPPassTTT", "CPPassTTT"]
-    assert kinds("titans_mag", "pass") == ["CPGenericMixer", "CPGenericMixer"]
+    assert kinds("linear", "pass") == ["CPPassMixer", "CPPassMixer"]
+    assert kinds("titans_mag", "pass") == ["CPPassMixer", "CPPassMixer"]
 
 
 def test_ttt_hooks_keep_float64_and_equal_forward():
@@ -196,5 +196,5 @@ def test_ttt_hooks_keep_float64_and_equal_forward():
     y, _ = layer(x)
     st = layer.init_state(2)
     q, k, v, lr, _ = layer.prepare(x, st)
-    out, _, _ = layer.scan(st.weights, None, q, k, v, lr, 0)
+    out, _, _ = layer.scan_from(st.weights, None, q, k, v, lr, 0)
     torch.testing.assert_close(layer.output(x, out), y, rtol=0, atol=0)
