@@ -25,7 +25,8 @@ from .deltanet import DeltaNetLayer
 from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
 from .parts import InnerKnobs
 from .ttt import TTTLayer, TTTState
-from .varlen import (RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, doc_starts_from_padding, map_tree,
+from .state import map_tree
+from .varlen import (RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, doc_starts_from_padding,
                      needs_segments, run_segments)
 
 try:  # transformers ≥ 5: initialisers that leave loaded weights alone

@@ -293,7 +293,7 @@ def _decode(buf: torch.Tensor):
 
 
 def _map(tree, fn):
-    from models.varlen import map_tree
+    from models.state import map_tree
 
     return map_tree(tree, fn)
 
