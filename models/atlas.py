@@ -33,11 +33,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .miras import coefficient_outer, decay_coefficients
-from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
 from .parts import Recipe, copy_param, gelu_tanh, newton_schulz
 from .reference import memory_scan_reference
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans import gelu_tanh_grad
 
 NAMES = ("W1", "W2")

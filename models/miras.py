@@ -43,11 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
 from .parts import Recipe, copy_param, gelu_tanh, head_layer_norm
 from .reference import memory_scan_reference
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans import gelu_tanh_grad
 
 VARIANTS = ("moneta", "yaad", "memora")

@@ -40,12 +40,11 @@ from torch import nn
 
 from .attention import AttentionLayer
 from .inner_knobs import clip_outer, lr_schedule, next_token_pairs
-from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
 from .parts import InnerKnobs, Recipe, copy_param, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
 from .reference import memory_scan_reference
 from .scan import linear_scan
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans_fused import chunk_scan
 from .triton_memory import triton_titans_scan, use_triton_titans
 
@@ -641,7 +640,7 @@ def titans_scan_knobs(weights, anchor, momentum, q, k, v, lr, eta, alpha, positi
 
 
 def titans_scan_with_knobs(memory, state, q, k, v, lr, eta, alpha):
-    """``TitansMemory.scan``'s inner loop with the knobs, chunked or token by token (``scan_impl``).
+    """``TitansMemory.scan`` with the knobs, chunked or token by token (``scan_impl``).
     Returns (o, weights, anchor-or-None, momentum-or-None, extra state): extra holds ``prev_key``
     (next_token) and, with ``inner_steps`` K > 1 inside a chunk, the other chains' memories
     ``chains = {"weights@s": …, "momentum@s": …}`` for s < K (chain K is weights/momentum)."""

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
 from .parts import copy_param, deep_mlp_memory, l2_loss, momentum_step
 from .scan import linear_scan
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans import backprop_at, soft_clamp_factor, titans_gate_bias, titans_scan_chunked
 
 # ------------------------------------------------------------------------------ global memory

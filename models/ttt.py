@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer import Mixer
 from .modules import CausalConv1d, apply_interleaved_rope, rope_cos_sin
 from .parts import InnerKnobs, inner_param_shapes
 from .reference import ttt_scan_reference
-from .state import StateTree
+from .state import Mixer, StateTree
 from .ttt_chunk import ttt_scan_chunked
 
 SCAN_IMPLS = {"chunk": ttt_scan_chunked, "reference": ttt_scan_reference}
@@ -141,7 +140,7 @@ class TTTLayer(Mixer):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def prepare(self, x: torch.Tensor, state: TTTState):
-        """Everything before the scan (models/mixer.py): q, k, v [B, H, T, d] (RoPE'd) and the inner
+        """Everything before the scan (models/state.py): q, k, v [B, H, T, d] (RoPE'd) and the inner
         learning rate lr [B, H, T], all in the compute dtype (≥ float32), and the halo {"conv": the
         new q/k conv tails}."""
         T = x.shape[1]
