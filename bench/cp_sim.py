@@ -12,10 +12,9 @@ every member waits for the last one, then pays the collective's cost). The simul
 every rank as far as its program allows until all have finished; the step time is the last
 rank's end. A layer's compute is three parts, each ``tokens × seconds-per-token`` (``Costs``):
 
-    pre    everything before the serial part (pre-conv, norms, q/k/v/lr projections)
-    scan   the serial part: TTT's inner scan; for every other mixer (generic state pass) the
-           whole mixer call
-    post   everything after it (TTT's post-norm/gate/o_proj, the residual, the MLP)
+    pre    everything before the serial part (pre-conv, norm, the mixer's ``prepare``)
+    scan   the serial part: the mixer's ``scan`` (models/state.py)
+    post   everything after it (the mixer's ``output``, the residual, the MLP)
 
 plus the embedding/LM head/loss once per micro-batch, each with its own backward cost. Schedules
 (``P = P_h × P_s`` ranks, ``T`` tokens, ``L`` layers, ``M`` micro-batches per step):
@@ -447,7 +446,7 @@ def measure_block(args, n: int, repeats: int = 3) -> Costs:
     def tensors(tree):
         return [t for t in (tree if isinstance(tree, (tuple, list)) else [tree]) if isinstance(t, torch.Tensor)]
 
-    def pre():  # everything before the scan: pre-conv, norm, the mixer's prepare (models/mixer.py)
+    def pre():  # everything before the scan: pre-conv, norm, the mixer's prepare (models/state.py)
         h = x
         if block.pre_conv is not None:
             h = h + block.pre_conv(x, None)[0]

@@ -33,11 +33,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .miras import coefficient_outer, decay_coefficients
-from .mixer import Mixer
-from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
-from .parts import Recipe, copy_param, gelu_tanh, l2_normalize, newton_schulz
+from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
+from .parts import Recipe, copy_param, gelu_tanh, newton_schulz
 from .reference import memory_scan_reference
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans import gelu_tanh_grad
 
 NAMES = ("W1", "W2")
@@ -282,13 +281,12 @@ class AtlasLayer(Mixer):
     def prepare(self, x: torch.Tensor, state: LayerState) -> tuple:
         """Projections, short convs, polynomial features of L2-normalised q/k, gates:
         (q, k, v, gates, halo {"conv"})."""
-        q, k, v, conv = short_conv_qkv(self, x, state.conv)
-        compute = q.dtype
-        coef = self.poly_coef.to(compute)
-        q, k = poly_features(l2_normalize(q), coef), poly_features(l2_normalize(k), coef)
-        g = torch.sigmoid(self.gates(x).to(compute)).transpose(1, 2).unflatten(1, (4, self.num_heads))  # [B, 4, H, T]
+        q, k, v, g, halo = memory_prologue(self, x, state.conv)
+        coef = self.poly_coef.to(q.dtype)
+        q, k = poly_features(q, coef), poly_features(k, coef)
+        g = torch.sigmoid(g).unflatten(1, (4, self.num_heads))  # [B, 4, H, T]
         gates = {"lr": self.base_lr * g[:, 0], "theta": g[:, 1], "alpha": g[:, 2], "gamma": g[:, 3]}
-        return q, k, v, gates, {"conv": conv}
+        return q, k, v, gates, halo
 
     def scan(self, inputs: tuple, state: LayerState):
         """The memory from ``state`` (the Omega window of earlier keys travels in ``cache``): (o, state)."""

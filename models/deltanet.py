@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import InnerKnobs, Recipe, copy_param, decay, l2_loss, l2_normalize, matrix_memory, sgd_step
 from .reference import memory_scan_reference
-from .state import LayerState
+from .state import LayerState, Mixer
 
 
 def delta_rule_prepare(q, k, v, beta, log_alpha, chunk_size: int) -> dict:
@@ -191,7 +190,7 @@ class DeltaNetLayer(Mixer):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def prepare(self, x: torch.Tensor, state: LayerState):
-        """Everything before the scan (models/mixer.py): q, k, v [B, H, T, d], β, log α [B, H, T]
+        """Everything before the scan (models/state.py): q, k, v [B, H, T, d], β, log α [B, H, T]
         (None for DeltaNet) in the compute dtype (≥ float32), and the halo {"conv": new conv tails}."""
         conv = {}
         q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))

@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer import Mixer
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import deep_mlp_memory, l2_loss, l2_normalize
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans import backprop_at, soft_clamp_factor, titans_scan_chunked
 from .tnt import _advance, chunk_end_coefficients
 

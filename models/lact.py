@@ -34,12 +34,11 @@ from torch import nn
 
 from .attention import windowed_attention
 from .inner_knobs import lr_schedule, next_token_pairs
-from .mixer import Mixer
 from .modules import HeadRMSNorm, apply_rotate_half_rope, rope_cos_sin
 from .parts import (InnerKnobs, Recipe, clip_factor, column_norms, dot_product_loss, l2_loss, l2_normalize,
                     newton_schulz, swiglu_memory)
 from .reference import memory_scan_reference
-from .state import LayerState
+from .state import LayerState, Mixer
 from .triton_memory import triton_lact_chunk, use_triton_lact
 
 NAMES = ("W0", "W1", "W2")

@@ -43,11 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .mixer import Mixer
-from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
-from .parts import Recipe, copy_param, gelu_tanh, head_layer_norm, l2_normalize
+from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
+from .parts import Recipe, copy_param, gelu_tanh, head_layer_norm
 from .reference import memory_scan_reference
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans import gelu_tanh_grad
 
 VARIANTS = ("moneta", "yaad", "memora")
@@ -341,17 +340,16 @@ class MirasLayer(Mixer):
         """Projections, short convs, L2-normalised q/k, gates (η, retention[, δ]) and the memory's
         LayerNorm over the batch: (q, k, v, gates, ln_w, ln_b, halo {"conv"})."""
         B = x.shape[0]
-        q, k, v, conv = short_conv_qkv(self, x, state.conv)
+        q, k, v, g, halo = memory_prologue(self, x, state.conv)
         compute = q.dtype
-        q, k = l2_normalize(q), l2_normalize(k)
-        g = self.gates(x).to(compute).transpose(1, 2).unflatten(1, (self.num_gates, self.num_heads))  # [B, G, H, T]
+        g = g.unflatten(1, (self.num_gates, self.num_heads))  # [B, G, H, T]
         gates = {"lr": self.base_lr * torch.sigmoid(g[:, 0]),
                  "keep": torch.sigmoid(-g[:, 1]) if self.variant == "yaad" else torch.sigmoid(g[:, 1])}
         if self.variant == "yaad":
             gates["delta"] = F.softplus(g[:, 2])
         ln_w = self.ln_weight.to(compute).expand(B, *self.ln_weight.shape)
         ln_b = self.ln_bias.to(compute).expand(B, *self.ln_bias.shape)
-        return q, k, v, gates, ln_w, ln_b, {"conv": conv}
+        return q, k, v, gates, ln_w, ln_b, halo
 
     def scan(self, inputs: tuple, state: LayerState):
         """The memory from ``state``: (o [B, H, T, d], state)."""

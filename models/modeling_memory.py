@@ -22,8 +22,9 @@ from transformers.modeling_outputs import ModelOutput
 from .configuration_memory import MemoryLMConfig
 from .modules import CausalConv1d, RMSNorm, SwiGLUMLP
 from .registry import LAYERS
+from .state import map_tree
 from .ttt import TTTLayer
-from .varlen import (RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, doc_starts_from_padding, map_tree,
+from .varlen import (RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, doc_starts_from_padding,
                      needs_segments, run_segments)
 
 try:  # transformers ≥ 5: initialisers that leave loaded weights alone

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .parts import l2_normalize
+
 try:  # optional CUDA kernel; the pure-PyTorch path below is the reference
     from causal_conv1d import causal_conv1d_fn
 except ImportError:  # pragma: no cover - CUDA-only extra
@@ -203,12 +205,14 @@ def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(1, 2)
 
 
-def short_conv_qkv(layer: nn.Module, x: torch.Tensor, conv_state: dict):
-    """q, k, v = SiLU(conv(x W)) per head, as the Titans-style layers read them.
+def memory_prologue(layer: nn.Module, x: torch.Tensor, conv_state: dict):
+    """The prologue shared by the Titans-style mixers (Titans, Miras, ATLAS, TNT), per head:
 
-    ``layer`` holds ``q_proj/k_proj/v_proj``, ``conv_q/conv_k/conv_v`` (:class:`CausalConv1d`) and
-    ``num_heads``. Returns q, k, v [B, H, T, d] in the compute dtype (≥ float32) and the new conv
-    tails {"q", "k", "v"}.
+        q = L2(SiLU(conv(x W_q))),  k = L2(SiLU(conv(x W_k))),  v = SiLU(conv(x W_v)),  g = x W_g + b
+
+    ``layer`` holds ``q_proj/k_proj/v_proj``, ``conv_q/conv_k/conv_v`` (:class:`CausalConv1d`),
+    ``gates`` (the gate logits, G per head) and ``num_heads``. Returns q, k, v [B, H, T, d] and
+    g [B, G·H, T] in the compute dtype (≥ float32), and the halo {"conv": the new conv tails}.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     out, tails = [], {}
@@ -216,7 +220,9 @@ def short_conv_qkv(layer: nn.Module, x: torch.Tensor, conv_state: dict):
         y, tails[name] = getattr(layer, f"conv_{name}")(getattr(layer, f"{name}_proj")(x), conv_state.get(name),
                                                         activation="silu")
         out.append(split_heads(y, layer.num_heads).to(compute))
-    return (*out, tails)
+    q, k, v = out
+    g = layer.gates(x).to(compute).transpose(1, 2)
+    return l2_normalize(q), l2_normalize(k), v, g, {"conv": tails}
 
 
 __all__ = [
@@ -229,5 +235,5 @@ __all__ = [
     "apply_interleaved_rope",
     "apply_rotate_half_rope",
     "split_heads",
-    "short_conv_qkv",
+    "memory_prologue",
 ]

@@ -40,12 +40,11 @@ from torch import nn
 
 from .attention import AttentionLayer
 from .inner_knobs import clip_outer, lr_schedule, next_token_pairs
-from .mixer import Mixer
-from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
+from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
 from .parts import InnerKnobs, Recipe, copy_param, deep_mlp_memory, gelu_tanh, l2_loss, l2_normalize, momentum_step
 from .reference import memory_scan_reference
 from .scan import linear_scan
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans_fused import chunk_scan
 from .triton_memory import triton_titans_scan, use_triton_titans
 
@@ -374,13 +373,10 @@ class TitansMemory(Mixer):
     def prepare(self, x: torch.Tensor, state: LayerState):
         """Projections, short convs, L2-normalised q/k, gates: (q, k, v [B, H, T, d], θ, η, α [B, H, T],
         halo {"conv"}), in the compute dtype (≥ float32)."""
-        q, k, v, conv = short_conv_qkv(self, x, state.conv)
-        compute = q.dtype
-        q, k = l2_normalize(q), l2_normalize(k)
-        g = self.gates(x).to(compute).transpose(1, 2)  # [B, 3H, T]
+        q, k, v, g, halo = memory_prologue(self, x, state.conv)  # g: [B, 3H, T]
         lr = torch.sigmoid(g[:, : self.num_heads]) * self.base_lr
         eta, alpha = torch.sigmoid(g[:, self.num_heads : 2 * self.num_heads]), torch.sigmoid(g[:, 2 * self.num_heads :])
-        return q, k, v, lr, eta, alpha, {"conv": conv}
+        return q, k, v, lr, eta, alpha, halo
 
     def scan(self, inputs: tuple, state: LayerState):
         """The memory scan from ``state``: (o per head [B, H, T, d], state); the halo groups of
@@ -644,7 +640,7 @@ def titans_scan_knobs(weights, anchor, momentum, q, k, v, lr, eta, alpha, positi
 
 
 def titans_scan_with_knobs(memory, state, q, k, v, lr, eta, alpha):
-    """``TitansMemory.scan``'s inner loop with the knobs, chunked or token by token (``scan_impl``).
+    """``TitansMemory.scan`` with the knobs, chunked or token by token (``scan_impl``).
     Returns (o, weights, anchor-or-None, momentum-or-None, extra state): extra holds ``prev_key``
     (next_token) and, with ``inner_steps`` K > 1 inside a chunk, the other chains' memories
     ``chains = {"weights@s": …, "momentum@s": …}`` for s < K (chain K is weights/momentum)."""

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer import Mixer
-from .modules import CausalConv1d, HeadRMSNorm, short_conv_qkv, split_heads
-from .parts import copy_param, deep_mlp_memory, l2_loss, l2_normalize, momentum_step
+from .modules import CausalConv1d, HeadRMSNorm, memory_prologue, split_heads
+from .parts import copy_param, deep_mlp_memory, l2_loss, momentum_step
 from .scan import linear_scan
-from .state import LayerState
+from .state import LayerState, Mixer
 from .titans import backprop_at, soft_clamp_factor, titans_gate_bias, titans_scan_chunked
 
 # ------------------------------------------------------------------------------ global memory
@@ -348,13 +347,11 @@ class TNTLayer(Mixer):
     def prepare(self, x: torch.Tensor, state: LayerState) -> tuple:
         """Projections, short convs, L2-normalised q/k and every memory's (θ, η, α) gates:
         (q, k, v, gates, halo {"conv"})."""
-        q, k, v, conv = short_conv_qkv(self, x, state.conv)
-        compute = q.dtype
-        q, k = l2_normalize(q), l2_normalize(k)
-        g = self.gates(x).to(compute).transpose(1, 2).unflatten(1, (self.num_memories, 3, self.num_heads))
+        q, k, v, g, halo = memory_prologue(self, x, state.conv)
+        g = g.unflatten(1, (self.num_memories, 3, self.num_heads))
         gates = [(torch.sigmoid(g[:, m, 0]) * self.base_lr, torch.sigmoid(g[:, m, 1]), torch.sigmoid(g[:, m, 2]))
                  for m in range(self.num_memories)]
-        return q, k, v, gates, {"conv": conv}
+        return q, k, v, gates, halo
 
     def scan(self, inputs: tuple, state: LayerState):
         """The global and local memories from ``state``: (o [B, H, T, d], state)."""

@@ -21,17 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer import Mixer
 from .modules import CausalConv1d, apply_interleaved_rope, rope_cos_sin
 from .parts import InnerKnobs, inner_param_shapes
 from .reference import ttt_scan_reference
+from .state import Mixer, StateTree
 from .ttt_chunk import ttt_scan_chunked
 
 SCAN_IMPLS = {"chunk": ttt_scan_chunked, "reference": ttt_scan_reference}
 
 
 @dataclass
-class TTTState:
+class TTTState(StateTree):
     """What a TTT layer carries from one call to the next (per batch row, per head).
 
     weights:  fast weights θ₀ at the last mini-batch boundary, {W1, b1[, W2, b2]}: [B, H, ...] float32
@@ -46,25 +46,6 @@ class TTTState:
     position: int = 0
     conv: dict = field(default_factory=dict)
     prev_key: torch.Tensor | None = None
-
-    def tensors(self) -> dict:
-        """Flat name → tensor view (for communication and checkpoints)."""
-        out = {f"weights.{n}": t for n, t in self.weights.items()}
-        out.update({f"pending.{n}": t for n, t in (self.pending or {}).items()})
-        out.update({f"conv.{n}": t for n, t in self.conv.items()})
-        if self.prev_key is not None:
-            out["prev_key"] = self.prev_key
-        return out
-
-    def map(self, fn) -> "TTTState":
-        """A new state with ``fn`` applied to every tensor (e.g. ``.detach``, ``index_select``)."""
-        return TTTState(
-            weights={n: fn(t) for n, t in self.weights.items()},
-            pending=None if self.pending is None else {n: fn(t) for n, t in self.pending.items()},
-            position=self.position,
-            conv={n: fn(t) for n, t in self.conv.items()},
-            prev_key=None if self.prev_key is None else fn(self.prev_key),
-        )
 
 
 class TTTLayer(Mixer):
@@ -159,7 +140,7 @@ class TTTLayer(Mixer):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def prepare(self, x: torch.Tensor, state: TTTState):
-        """Everything before the scan (models/mixer.py): q, k, v [B, H, T, d] (RoPE'd) and the inner
+        """Everything before the scan (models/state.py): q, k, v [B, H, T, d] (RoPE'd) and the inner
         learning rate lr [B, H, T], all in the compute dtype (≥ float32), and the halo {"conv": the
         new q/k conv tails}."""
         T = x.shape[1]

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .state import map_tree, named_tensors
+
 # Padding (in token rows) worth one more mixer call when grouping segments. CPU: a call's fixed cost
 # is small against its per-token work. CUDA: a memory layer's call is a few hundred kernel launches
 # (125m TTT-Linear on an H200: ~330 per layer call, ~2.3 ms of launching, against ~0.8 µs of device
@@ -57,7 +59,7 @@ class RowStates:
     def tensors(self) -> dict:
         out = {}
         for b, row in enumerate(self.rows):
-            for n, t in _named_tensors(row).items():
+            for n, t in named_tensors(row).items():
                 out[f"row{b}.{n}" if n else f"row{b}"] = t
         return out
 
@@ -70,36 +72,13 @@ class RowStates:
 
 
 # ------------------------------------------------------------------------------- state trees
-# A block state is a tree: dicts of tensors and of objects with ``.map`` (TTTState, LayerState).
-
-
-def map_tree(tree, fn):
-    if tree is None:
-        return None
-    if isinstance(tree, dict):
-        return {k: map_tree(v, fn) for k, v in tree.items()}
-    if hasattr(tree, "map"):
-        return tree.map(fn)
-    return fn(tree)
+# A block state is a tree (models/state.py: map_tree, named_tensors).
 
 
 def _leaves(tree) -> list:
     out: list = []
     map_tree(tree, lambda t: out.append(t) or t)
     return out
-
-
-def _named_tensors(tree, prefix: str = "") -> dict:
-    if tree is None:
-        return {}
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_named_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if hasattr(tree, "tensors"):
-        return {f"{prefix}.{k}" if prefix else k: t for k, t in tree.tensors().items()}
-    return {prefix: tree}
 
 
 def position_of(tree):

@@ -10,7 +10,7 @@ reached at the end of its piece of layer l:
     rank2: .  .  L1 L2 L3 L4 .                rank2: .  B4 B3 B2 B1 .  .
     rank3: .  .  .  L1 L2 L3 L4               rank3: B4 B3 B2 B1 .  .  .
 
-Every memory mixer is prepare → scan → output (models/mixer.py). Each state is sent (``isend``)
+Every memory mixer is prepare → scan → output (models/state.py). Each state is sent (``isend``)
 the moment its layer's scan finishes, so rank r+1 scans layer l while rank r scans layer l+1; only
 the scan is serial (bubble (P−1)/(L+P−1) of the scan time), the projections, norms and MLPs never
 wait. Three things cross a rank boundary per block:
@@ -210,9 +210,9 @@ class CPBlock:
     Packed documents (``comm.varlen``, set per forward when any CP rank's piece holds a document
     start): the block's whole sequence part (pre-conv + mixer, its plain single-device forward)
     runs on the rank's documents as models/varlen.py does, from the block state received from
-    rank r−1 (generic pass: pickled structure + tensors); a row whose piece starts a document at
+    rank r−1 (pickled structure + tensors, as the mixer state); a row whose piece starts a document at
     some column ignores that state from there on, and the state sent on reflects only the row's
-    current document. The narrower exchanges (scan-level TTT state, halos, all-gather attention)
+    current document. The narrower exchanges (scan-level state, halos, all-gather attention)
     cannot restart mid-piece, so they are used only when no piece has a start."""
 
     def forward(self, x: torch.Tensor, state=None, doc_starts=None, need_state: bool = True):
@@ -293,7 +293,7 @@ def _decode(buf: torch.Tensor):
 
 
 def _map(tree, fn):
-    from models.varlen import map_tree
+    from models.state import map_tree
 
     return map_tree(tree, fn)
 
@@ -337,7 +337,7 @@ def _on_first_tensor(tree, fn):
 
 
 class CPPassMixer:
-    """Mixin for every mixer of the contract (models/mixer.py) under cp_mode="pass":
+    """Mixin for every mixer of the contract (models/state.py) under cp_mode="pass":
 
         [recv halo from r−1] → prepare → [isend halo to r+1] → [recv state from r−1] → scan
         → [isend state to r+1] → output

@@ -36,12 +36,12 @@ CP_MODES = ("pass", "ulysses", "prefix")
 def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
     """Makes every block of ``model`` context-parallel, in place; returns the channel.
 
-    Every memory mixer (models/mixer.py: prepare → scan → output) gets the scan-level state pass
+    Every memory mixer (models/state.py: prepare → scan → output) gets the scan-level state pass
     (``"pass"``); TTT can take Ulysses instead, DeltaNet layers the prefix combine under
     ``"prefix"``; attention layers: all-gather (full) or halo (sliding window) attention."""
     from models.attention import AttentionLayer
     from models.deltanet import DeltaNetLayer
-    from models.mixer import Mixer
+    from models.state import Mixer
     from models.ttt import TTTLayer
 
     base = model.model if hasattr(model, "model") else model
@@ -60,7 +60,7 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
         elif isinstance(m, Mixer):
             mixin = CPPassMixer
         else:
-            raise ValueError(f"{type(m).__name__} is not a models.mixer.Mixer (prepare/scan/output): no context "
+            raise ValueError(f"{type(m).__name__} is not a models.state.Mixer (prepare/scan/output): no context "
                              "parallelism for it")
         m._cp_base_cls = type(m)  # its forward without CP exchanges (CPBlock's packed-document path)
         swap_class(m, mixin)

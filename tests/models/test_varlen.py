@@ -62,9 +62,9 @@ def _batch(blk):
 
 
 def block_diff(a, b):
-    from models.varlen import _named_tensors, position_of
+    from models.varlen import named_tensors, position_of
 
-    ta, tb = _named_tensors(a), _named_tensors(b)
+    ta, tb = named_tensors(a), named_tensors(b)
     assert ta.keys() == tb.keys() and position_of(a) == position_of(b)
     return max([0.0] + [(ta[k] - tb[k]).abs().max().item() for k in ta])
 

@@ -124,8 +124,8 @@ def test_event_order_and_chrome_format_of_the_simulation():
 
 # ------------------------------------------------------------------ against a real gloo run
 def traced_worker(seq: int):
-    """One rank of an 8-process CP run of a 2-layer model (TTT-Linear: the scan-level pass; Gated
-    DeltaNet: the generic pass), traced: its events."""
+    """One rank of an 8-process CP run of a 2-layer model (TTT-Linear and Gated DeltaNet: the
+    scan-level pass), traced: its events."""
     import argparse
 
     from bench.cp import setup

@@ -1,4 +1,4 @@
-"""TNT and Hope under TP (by heads) and CP (the generic state pass) equal the single-process model:
+"""TNT and Hope under TP (by heads) and CP (the scan-level state pass) equal the single-process model:
 logits, loss and every parameter's gradient, float32, ≤ 1e-5 — one 4-process gloo job over the
 layouts (tp, cp) ∈ {(1, 4), (2, 1), (2, 2)} (dp = 4 / (tp·cp))."""
 import pytest

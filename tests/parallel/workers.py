@@ -16,7 +16,7 @@ VARIANTS = {
     "mlp+conv+shareqk+gate": dict(memory_layer="ttt_mlp", pre_conv=True, share_qk=True, use_gate=True),
 }
 TTT_VARIANTS = tuple(VARIANTS)  # the TTT layers: scan-level CP wavefront and Ulysses
-# every other mixer (TP by heads; CP: generic state pass, prefix combine for the DeltaNet family,
+# every other mixer (TP by heads; CP: the scan-level state pass, prefix combine for the DeltaNet family,
 # all-gather / halo attention). SWA window 16: a halo from one rank at cp=2 (pieces of 20), the
 # windowed all-gather at cp=4 (pieces of 10 < 15).
 GENERIC_VARIANTS = {
