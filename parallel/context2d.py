@@ -165,8 +165,8 @@ class CP2DMixer:
         conv = {}
         names = fam.halo(self)
         if names and comm.prev is not None:
-            tmpl = [(torch.Size((B, getattr(self, f"conv_{n}").weight.shape[0], getattr(self, f"conv_{n}").kernel_size - 1)),
-                     x.dtype) for n in names]
+            convs = [getattr(self, f"conv_{n}") for n in names]
+            tmpl = [(torch.Size((B, c.weight.shape[0], c.kernel_size - 1)), x.dtype) for c in convs]
             conv = dict(zip(names, comm.recv_prev(tmpl, idx, KIND_QK_CONV, x.device)))
         inputs, new_conv = fam.prepare(self, x, conv, dims.cp_rank * T)
         if names:  # anchored on q: in backward the wait for c+1's tail gradient comes after the all-to-all

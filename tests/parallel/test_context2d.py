@@ -221,6 +221,12 @@ def test_2d_refuses_layers_without_an_adapter():
         parallelize(workers.build_reference("titans_mag"), ParallelDims(cp=4, cp_heads=2), cp_mode="2d")
 
 
+def test_2d_refuses_inner_loop_knobs():
+    with pytest.raises(ValueError, match="cp_mode='2d' does not take the inner-loop knobs"):
+        parallelize(workers.build_reference("gated_deltanet+swa", inner_init_pull=0.1), ParallelDims(cp=4, cp_heads=2),
+                    cp_mode="2d")
+
+
 def test_2d_needs_cp_heads_dividing_the_local_heads():
     with pytest.raises(ValueError, match=r"cp_heads \(4\) to divide the heads per TP rank \(2\) of TTTLayer"):
         parallelize(workers.build_reference("linear"), ParallelDims(tp=2, cp=4, cp_heads=4), cp_mode="2d")
