@@ -18,7 +18,8 @@ Gradients are the same sums as the plain loop's (exact; tests/parallel/test_cont
 Costs: every rank holds the activations of all M micro-batches at the end of the forwards (M × one
 micro-batch's; the plain loop holds 1 ×), and the sends of the step are waited for only at its end
 (their buffers: M × L states). Nothing inside the forwards may synchronise the CP ranks: compute the
-loss normaliser (the global token count) before the forwards (``global_counts``).
+loss normaliser (the global token count) before the forwards (``global_counts``), and resolve packed
+documents there too (``resolve_documents``: the pre-forward hook would otherwise all-gather per forward).
 """
 from __future__ import annotations
 
@@ -69,6 +70,31 @@ def global_counts(labels: Sequence[torch.Tensor], dims: ParallelDims, ignore_ind
     if dims.dp * dims.cp > 1:
         dist.all_reduce(counts, group=dims.dp_cp_group)
     return counts
+
+
+def resolve_documents(doc_ids: Sequence[torch.Tensor | None], dims: ParallelDims) -> list:
+    """Packed documents of M micro-batches, resolved as ``parallelize``'s forward pre-hook does
+    (this piece's ``doc_starts``, column 0 a start iff the id differs from the last id of rank r−1's
+    piece; whether any CP rank's piece holds a start) but with one all-gather and one all-reduce for
+    all M before the forwards. Give each as ``model(ids, cp_documents=resolved[m])`` (None: no
+    documents)."""
+    from models.varlen import doc_starts_from_ids
+
+    given = [d for d in doc_ids if d is not None]
+    if not given:
+        return [None] * len(doc_ids)
+    if len(given) != len(doc_ids):
+        raise ValueError("give doc_ids for every micro-batch or for none")
+    starts = [doc_starts_from_ids(d) for d in doc_ids]
+    last = torch.stack([d[:, -1] for d in doc_ids]).contiguous()  # [M, B]
+    parts = [torch.empty_like(last) for _ in range(dims.cp)]
+    dist.all_gather(parts, last, group=dims.cp_group)
+    if dims.cp_rank > 0:
+        for m, (s, d) in enumerate(zip(starts, doc_ids)):
+            s[:, 0] = d[:, 0] != parts[dims.cp_rank - 1][m]
+    flags = torch.stack([s.any() for s in starts]).to(torch.float32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=dims.cp_group)
+    return [(s.cpu(), bool(f)) for s, f in zip(starts, flags.tolist())]
 
 
 def interleaved_step(model, micro_batches: Sequence, forward: Callable, backward: Callable | None = None) -> list:

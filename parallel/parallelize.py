@@ -146,6 +146,11 @@ def _cp_doc_starts(module, kwargs: dict, dims: ParallelDims) -> None:
 
     comm = module._cp_comm
     comm.varlen = False
+    resolved = kwargs.pop("cp_documents", None)
+    if resolved is not None:  # resolved before the forwards: no collective here (parallel/interleave.py)
+        kwargs["doc_ids"], kwargs["doc_starts"] = None, resolved[0]
+        comm.varlen = resolved[1]
+        return
     if kwargs.get("cu_seqlens") is not None:
         raise ValueError("under context parallelism mark documents with doc_ids [batch, seq] (numbered over the "
                          "whole row) or doc_starts, not cu_seqlens")

@@ -272,7 +272,7 @@ def train(cfg: TrainConfig) -> int:
     import deepspeed
 
     from parallel import init_parallel, parallel_cross_entropy, parallelize
-    from parallel.interleave import global_counts, hold_sends
+    from parallel.interleave import global_counts, hold_sends, resolve_documents
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -384,13 +384,14 @@ def train(cfg: TrainConfig) -> int:
         if cfg.cp_interleave:  # parallel/interleave.py: M forwards, then M backwards (last first)
             batches = [{k: v.to(engine.device, non_blocking=True) for k, v in next(loader).items()}
                        for _ in range(cfg.grad_accum)]
-            # the token counts before the forwards: no collective may synchronise the ranks between them
+            # token counts and documents before the forwards: no collective may synchronise the ranks between them
             counts = global_counts([b["labels"] for b in batches], dims).clamp_min(1)
+            docs = resolve_documents([reset_inputs(cfg, b, dims.cp_rank).get("doc_ids") for b in batches], dims)
             with hold_sends(engine.module):
                 losses = []
-                for b, n in zip(batches, counts):
+                for b, n, doc in zip(batches, counts, docs):
                     with autocast(cfg):
-                        out = engine(b["input_ids"], **reset_inputs(cfg, b, dims.cp_rank))
+                        out = engine(b["input_ids"], **({} if doc is None else {"cp_documents": doc}))
                     losses.append(parallel_cross_entropy(out.logits, b["labels"], dims)[0] / n)
                 reported = torch.stack([loss.detach() for loss in losses])
                 local_bad = not bool(torch.isfinite(reported).all())

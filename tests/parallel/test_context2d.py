@@ -29,6 +29,20 @@ M = 3  # interleaved micro-batches
 LAYOUTS = {"2x2": (1, 4, 2), "1x4": (1, 4, 1), "tp2-2x1": (2, 2, 2), "dp2-2x1": (1, 2, 2)}
 
 
+CASES = [("2x2", v, "2d", "plain") for v in VARIANTS_2D] + [("2x2", v, "2d", "packed") for v in PACKED]
+CASES += [("2x2", v, "2d", "interleaved") for v in PACKED]
+CASES += [("2x2", "mlp+conv+shareqk+gate", "2d", "interleaved-packed"), ("1x4", "gated_deltanet+swa", "pass",
+                                                                         "interleaved-packed")]
+CASES += [("1x4", "linear", "2d", "plain"), ("1x4", "linear", "pass", "interleaved"),
+          ("1x4", "gated_deltanet+swa", "pass", "interleaved")]
+CASES += [("tp2-2x1", v, "2d", "plain") for v in PACKED] + [("dp2-2x1", "mlp+conv+shareqk+gate", "2d", "plain")]
+
+
+# the state messages are traced on one channel (2-D with documents passes the block state over the
+# whole CP group, not the sequence group: not in this list)
+ORDER_CASES = [k for k in CASES if k[3] == "interleaved"] + [("1x4", "gated_deltanet+swa", "pass", "interleaved-packed")]
+
+
 def _doc_ids(B: int, T: int) -> torch.Tensor:
     ids = torch.zeros(B, T, dtype=torch.long)
     for b, starts in enumerate(DOC_STARTS[:B]):
@@ -73,7 +87,7 @@ def _reference(model, batches):
 
 def _parallel(model, dims, mode, batches, interleave: bool):
     from parallel import gather_full_grads, parallel_cross_entropy
-    from parallel.interleave import global_counts, interleaved_step
+    from parallel.interleave import global_counts, interleaved_step, resolve_documents
     from parallel.loss import cp_slice
 
     par = parallelize(copy.deepcopy(model), dims, cp_mode=mode)
@@ -89,6 +103,8 @@ def _parallel(model, dims, mode, batches, interleave: bool):
 
     if interleave:  # record the state messages: of the sequence group under 2d
         (par.model.layers[0].mixer._cp_seq_comm if mode == "2d" else par._cp_comm).trace = []
+        docs = resolve_documents([d.get("doc_ids") for _, _, d in local], dims)  # before the forwards
+        local = [(i, t, {} if r is None else {"cp_documents": r}) for (i, t, _), r in zip(local, docs)]
         interleaved_step(par, local, forward)
     else:
         for mb in local:
@@ -113,25 +129,22 @@ def suite_worker():
         if v in PACKED:
             packed = [(ids[0], causal_targets(ids[0]), {"doc_ids": _doc_ids(2, SEQ)})]
             refs[v, "packed"] = (model, packed, *_reference(model, packed))
-    cases = [("2x2", v, "2d", "plain") for v in VARIANTS_2D]
-    cases += [("2x2", v, "2d", "packed") for v in PACKED]
-    cases += [("2x2", v, "2d", "interleaved") for v in PACKED]
-    cases += [("1x4", "linear", "2d", "plain"), ("1x4", "linear", "pass", "interleaved"),
-              ("1x4", "gated_deltanet+swa", "pass", "interleaved")]
-    cases += [("tp2-2x1", v, "2d", "plain") for v in PACKED]
-    cases += [("dp2-2x1", "mlp+conv+shareqk+gate", "2d", "plain")]
+            # micro-batches with documents (the first), without a start (the second: plain path), shifted
+            docs = [_doc_ids(2, SEQ), torch.zeros(2, SEQ, dtype=torch.long), _doc_ids(2, SEQ).roll(5, 1)]
+            packed = [(i, causal_targets(i), {"doc_ids": d}) for i, d in zip(ids, docs)]
+            refs[v, "interleaved-packed"] = (model, packed, *_reference(model, packed))
     for name, (tp, cp, ph) in LAYOUTS.items():
         dims = init_parallel(tp=tp, cp=cp, cp_heads=ph)
         out[name, "groups"] = dict(cp_rank=dims.cp_rank, head=dims.cp_head_rank, seq=dims.cp_seq_rank,
                                    seq_prev=dims.cp_seq_prev, seq_next=dims.cp_seq_next, rank=dims.rank,
                                    cp_global=dims.cp_global_ranks)
-        for layout, v, mode, kind in cases:
+        for layout, v, mode, kind in CASES:
             if layout != name:
                 continue
             model, batches, ref_logits, ref_grads = refs[v, kind]
-            par, logits, grads = _parallel(model, dims, mode, batches, kind == "interleaved")
+            par, logits, grads = _parallel(model, dims, mode, batches, kind.startswith("interleaved"))
             r = _diffs(logits, ref_logits, grads, ref_grads, dims)
-            if kind == "interleaved":
+            if kind.startswith("interleaved"):
                 comm = par.model.layers[0].mixer._cp_seq_comm if mode == "2d" else par._cp_comm
                 ev = [(e, t) for e, _, k, t in comm.trace if k == KIND_STATE]
                 r["sends"] = [t for e, t in ev if e == "send"]
@@ -155,13 +168,6 @@ def _traced_order(dims, ref):
     tracer = attach_tracer(par)
     parallel_cross_entropy(par(cp_slice(ids, dims)).logits, cp_slice(tgt, dims), dims)[0].backward()
     return order_of_trace(tracer.trace()["traceEvents"])
-
-
-CASES = [("2x2", v, "2d", "plain") for v in VARIANTS_2D] + [("2x2", v, "2d", "packed") for v in PACKED]
-CASES += [("2x2", v, "2d", "interleaved") for v in PACKED]
-CASES += [("1x4", "linear", "2d", "plain"), ("1x4", "linear", "pass", "interleaved"),
-          ("1x4", "gated_deltanet+swa", "pass", "interleaved")]
-CASES += [("tp2-2x1", v, "2d", "plain") for v in PACKED] + [("dp2-2x1", "mlp+conv+shareqk+gate", "2d", "plain")]
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +196,14 @@ def test_2d_group_coordinates(suite):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", [k for k in CASES if k[3] == "interleaved"], ids="-".join)
+@pytest.mark.parametrize("key", ORDER_CASES, ids="-".join)
 def test_interleaving_runs_every_forward_before_the_backwards(suite, key):
     """Rank 0 sends the states of all M micro-batches before any state gradient reaches it, and the
     last rank of its sequence group starts the backward wave only after that: one fill per step (the
     plain loop sends micro-batch m+1's states only after micro-batch m's gradients came back)."""
     last = 3 if key[0] == "1x4" else 2  # the last sequence rank of rank 0's sequence group
     first, final = suite[0][key], suite[last][key]
-    L = len(first["sends"]) // M  # state messages per micro-batch (one per layer on this channel)
-    assert L >= 1 and len(first["sends"]) == len(first["recv_grads"]) == len(final["send_grads"]) == M * L
+    assert len(first["sends"]) >= M and first["recv_grads"] and final["send_grads"]
     assert max(first["sends"]) < min(first["recv_grads"])
     assert max(first["sends"]) < min(final["send_grads"])
 
