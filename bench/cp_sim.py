@@ -23,18 +23,21 @@ plus the embedding/LM head/loss once per micro-batch, each with its own backward
                 before its scan, sends it to s+1 after; backward mirrored (parallel/context.py)
     ulysses     P_s = 1: two all-to-alls per layer (q,k,v,lr in; the scan output back), each rank
                 scans H/P heads over the whole sequence from the initial state (parallel/ulysses.py)
-    2d          Ulysses within groups of P_h ranks, the wavefront of each head shard across P_s
-                groups (state of H/P_h heads) — not implemented in parallel/ yet (issue 20)
+    2d          Ulysses within head groups of P_h consecutive ranks, the wavefront of each head
+                shard along its sequence group (state of H/P_h heads; rank (h, s) = s·P_h + h):
+                pre → all-to-all in → recv state → scan → send state → all-to-all out → post,
+                backward mirrored (parallel/context2d.py; the order is checked against a traced
+                2 × 2 gloo run in tests/parallel/test_context2d.py). With M > 1: interleaved
     interleaved the wavefront over M micro-batches: every rank runs the M forwards back to back,
                 then the M backwards (last first), so the fill (P−1)·scan is paid once per step
-                instead of once per micro-batch. Memory: a rank holds the activations of all M
-                micro-batches at the end of the forwards (M × one micro-batch's; the plain
-                pass with gradient accumulation holds 1 ×)
+                instead of once per micro-batch (parallel/interleave.py, ``--cp-interleave``).
+                Memory: a rank holds the activations of all M micro-batches at the end of the
+                forwards (M × one micro-batch's; the plain pass with gradient accumulation holds 1 ×)
     prefix      affine layers (DeltaNet family, parallel/prefix.py): every rank summarises its piece
                 (summary ≈ ``summary`` × its scan), all-gathers the summaries, folds, scans; backward
                 all-reduces the P summaries' gradients. No serial chain, one collective per layer
 
-Closed forms it reproduces (tests/bench/test_cp_sim.py): P = 1 is the serial sum of the costs;
+Closed forms it reproduces (tests/parallel/test_cp_sim.py): P = 1 is the serial sum of the costs;
 the pass schedule's forward is the serial time/P plus the fill (P−1)·scan(T/P) when
 scan ≤ pre + post (docs/parallelism.md: efficiency L/(L+(P−1)·f) with f the scan share).
 

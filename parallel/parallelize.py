@@ -10,6 +10,8 @@
 
 cp_mode: ``"pass"`` — the state-passing wavefront (parallel/context.py, any CP size);
 ``"ulysses"`` — head all-to-all (parallel/ulysses.py, CP must divide heads/TP);
+``"2d"`` — Ulysses inside head groups of ``dims.cp_heads`` ranks, the state pass of each head shard
+along the sequence groups (parallel/context2d.py; TTT and the DeltaNet family);
 ``"prefix"`` — all-gather + prefix combine, only for memory layers whose update is affine in the
 state (DeltaNet, Gated DeltaNet; attention layers beside them use all-gather / halo attention);
 TTT, Titans and LaCT are not affine in their state, so it is refused for them (parallel/prefix.py).
@@ -26,11 +28,12 @@ import torch
 import torch.distributed as dist
 
 from .context import CPAttention, CPBlock, CPComm, CPPassMixer, CPPrefixDeltaNet, swap_class
+from .context2d import CP2DMixer, check_2d, scan_adapter, seq_channel
 from .groups import ParallelDims
 from .tensor import apply_tp, check_tp, shard_of, unshard
 from .ulysses import UlyssesTTT, check_ulysses
 
-CP_MODES = ("pass", "ulysses", "prefix")
+CP_MODES = ("pass", "ulysses", "prefix", "2d")
 
 
 def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
@@ -38,7 +41,8 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
 
     Every memory mixer (models/state.py: prepare → scan → output) gets the scan-level state pass
     (``"pass"``); TTT can take Ulysses instead, DeltaNet layers the prefix combine under
-    ``"prefix"``; attention layers: all-gather (full) or halo (sliding window) attention."""
+    ``"prefix"``; under ``"2d"`` every memory mixer gets ``CP2DMixer`` (heads × sequence,
+    parallel/context2d.py); attention layers: all-gather (full) or halo (sliding window) attention."""
     from models.attention import AttentionLayer
     from models.deltanet import DeltaNetLayer
     from models.state import Mixer
@@ -46,15 +50,18 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
 
     base = model.model if hasattr(model, "model") else model
     comm = CPComm(dims)
+    seq = seq_channel(dims) if cp_mode == "2d" else None
     for block in base.layers:
         block._cp_comm = comm
         m = block.mixer
         m._cp_comm, m._cp_layer_idx = comm, block.layer_idx
         swap_class(block, CPBlock)
-        if isinstance(m, TTTLayer) and cp_mode == "ulysses":
-            mixin = UlyssesTTT
-        elif isinstance(m, AttentionLayer):
+        if isinstance(m, AttentionLayer):
             mixin = CPAttention
+        elif seq is not None:
+            m._cp_seq_comm, m._cp_scan2d, mixin = seq, scan_adapter(m), CP2DMixer
+        elif isinstance(m, TTTLayer) and cp_mode == "ulysses":
+            mixin = UlyssesTTT
         elif isinstance(m, DeltaNetLayer) and cp_mode == "prefix":
             mixin = CPPrefixDeltaNet
         elif isinstance(m, Mixer):
@@ -87,8 +94,12 @@ def _check(model, dims: ParallelDims, cp_mode: str) -> None:
     if cp_mode not in CP_MODES:
         raise ValueError(f"unknown cp_mode {cp_mode!r}; expected one of {CP_MODES}")
     kinds = _mixer_kinds(model)
+    if dims.cp_heads > 1 and cp_mode != "2d":
+        raise ValueError(f"cp_heads={dims.cp_heads} splits the CP group for cp_mode='2d', not {cp_mode!r}")
     if dims.tp > 1:
         check_tp(model.config, dims)
+    if dims.cp > 1 and cp_mode == "2d":
+        check_2d(model, dims)
     cfg = model.config
     knobs = (int(getattr(cfg, "inner_steps", 1) or 1) != 1 or getattr(cfg, "inner_loss", None) is not None
              or bool(getattr(cfg, "inner_init_pull", 0)) or bool(getattr(cfg, "inner_lr_decay", 0)))
@@ -140,6 +151,11 @@ def _cp_doc_starts(module, kwargs: dict, dims: ParallelDims) -> None:
 
     comm = module._cp_comm
     comm.varlen = False
+    resolved = kwargs.pop("cp_documents", None)
+    if resolved is not None:  # resolved before the forwards: no collective here (parallel/interleave.py)
+        kwargs["doc_ids"], kwargs["doc_starts"] = None, resolved[0]
+        comm.varlen = resolved[1]
+        return
     if kwargs.get("cu_seqlens") is not None:
         raise ValueError("under context parallelism mark documents with doc_ids [batch, seq] (numbered over the "
                          "whole row) or doc_starts, not cu_seqlens")

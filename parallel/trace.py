@@ -229,10 +229,12 @@ def attach_tracer(model, rank: int | None = None) -> Tracer:
             m._trace_tracer, m._trace_idx = tracer, idx
             m.__class__ = type(f"Traced{cls.__name__}", bases, {})
             undo.append(lambda m=m, cls=cls: setattr(m, "__class__", cls))
-    comm = getattr(model, "_cp_comm", None)
-    if comm is not None:
+    # the CP channel, and under cp_mode="2d" the sequence groups' state channel (parallel/context2d.py)
+    comms = {id(c): c for c in [getattr(model, "_cp_comm", None)]
+             + [getattr(b.mixer, "_cp_seq_comm", None) for b in base.layers] if c is not None}
+    for comm in comms.values():
         comm.tracer = tracer
-        undo.append(lambda: setattr(comm, "tracer", None))
+        undo.append(lambda comm=comm: setattr(comm, "tracer", None))
     model._tracer = tracer
     model._tracer_undo = (handles, undo)
     return tracer

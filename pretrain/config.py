@@ -28,7 +28,7 @@ HARMLESS_KEYS = frozenset({
     "peak_tflops", "max_bad_steps", "spike_k", "spike_window", "skip_spikes", "allow_change",
     # the layout: an elastic resume (pretrain.elastic) re-shards onto another TP × CP × DP or ZeRO stage and
     # keeps the global batch (the trajectory key) by re-deriving micro-batch × accumulation
-    "tp", "cp", "zero_stage", "offload", "deepspeed_config", "micro_batch", "grad_accum", "activation_checkpointing",
+    "tp", "cp", "cp_heads", "cp_interleave", "zero_stage", "offload", "deepspeed_config", "micro_batch", "grad_accum", "activation_checkpointing",
 })
 
 
@@ -53,6 +53,11 @@ class TrainConfig:
     # ------------------------------------------------------------------ parallelism
     tp: int = _f(1, "tensor-parallel size (must divide the number of heads)")
     cp: int = _f(1, "context-parallel size (must divide seq_len); DP = world / (TP × CP)")
+    cp_heads: int = _f(1, "two-dimensional CP: P_h ranks of each CP group exchange head shards (all-to-all) while the "
+                       "cp / P_h sequence ranks pass their heads' state (must divide --cp and the heads per TP rank; "
+                       "1 = the plain state pass; docs/parallelism.md)")
+    cp_interleave: bool = _f(False, "CP with --grad-accum M > 1: run the M micro-batches' forwards back to back, then "
+                             "their backwards, so the wavefront fills once per step (holds M micro-batches' activations)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0 = replicated optimizer, DDP-equivalent)", [0, 1, 2, 3])
     offload: bool = _f(False, "offload optimizer states (and ZeRO-3 parameters) to CPU memory")
     deepspeed_config: str = _f("", "DeepSpeed JSON to use instead of configs/deepspeed/zero<stage>[_offload].json "
@@ -108,7 +113,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks that need no model, data or processes (those come in train.py)."""
-        positive = ("steps", "seq_len", "micro_batch", "grad_accum", "tp", "cp", "save_every", "log_every",
+        positive = ("steps", "seq_len", "micro_batch", "grad_accum", "tp", "cp", "cp_heads", "save_every", "log_every",
                     "eval_batches")
         for name in positive:
             if getattr(self, name) < 1:
@@ -147,6 +152,10 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.cp % self.cp_heads:
+            raise ConfigError(f"--cp-heads {self.cp_heads} does not divide --cp {self.cp} (CP = heads × sequence ranks)")
+        if self.cp_interleave and self.cp == 1:
+            raise ConfigError("--cp-interleave interleaves the micro-batches of the CP wavefront: it needs --cp > 1")
         if self.seq_len % self.cp:
             raise ConfigError(f"--cp {self.cp} does not fit the sequence: --seq-len {self.seq_len} is not divisible by it")
         kind, every = reset_policy(self.reset)

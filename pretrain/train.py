@@ -60,6 +60,9 @@ def build_model_config(cfg: TrainConfig):
         raise ConfigError(f"cannot read the model configuration of {cfg.model}: {str(exc).splitlines()[0]}") from None
     if mcfg.num_attention_heads % cfg.tp:
         raise ConfigError(f"--tp {cfg.tp} does not divide the model's {mcfg.num_attention_heads} heads")
+    if (mcfg.num_attention_heads // cfg.tp) % cfg.cp_heads:
+        raise ConfigError(f"--cp-heads {cfg.cp_heads} does not divide the model's {mcfg.num_attention_heads // cfg.tp} "
+                          f"heads per TP rank")
     if cfg.scan_checkpoint_group >= 0:
         mcfg.scan_checkpoint_group_size = cfg.scan_checkpoint_group
     if cfg.tnt_local_chunk_sizes:
@@ -269,10 +272,11 @@ def train(cfg: TrainConfig) -> int:
     import deepspeed
 
     from parallel import init_parallel, parallel_cross_entropy, parallelize
+    from parallel.interleave import global_counts, hold_sends, resolve_documents
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    dims = init_parallel(cfg.tp, cfg.cp)
+    dims = init_parallel(cfg.tp, cfg.cp, cp_heads=cfg.cp_heads)
     stop = StopRequested()
     saved = checkpoint.read_trainer_state(resume[0]) if resume is not None else None
     saved_layout = elastic.saved_layout(saved, resume[1]) if saved is not None else None
@@ -300,7 +304,10 @@ def train(cfg: TrainConfig) -> int:
     if cfg.precision == "fp8":
         fp8.convert(model, cfg.fp8_backend)
     if cfg.tp > 1 or cfg.cp > 1:
-        parallelize(model, dims, cp_mode="pass")
+        try:
+            parallelize(model, dims, cp_mode="2d" if cfg.cp_heads > 1 else "pass")
+        except ValueError as exc:  # a layer the CP mode does not support
+            raise ConfigError(str(exc)) from None
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     schedule = LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.decay_fraction)
     scheduler = build_scheduler(optimizer, schedule)
@@ -354,12 +361,47 @@ def train(cfg: TrainConfig) -> int:
     carried = CarriedState(loader.sampler.batches_per_epoch, start_step * cfg.grad_accum,
                            None if memory_state is None else memory_state.map(lambda t: t.to(engine.device))) \
         if reset_policy(cfg.reset)[0] == "never" else None
+
+    def backward_step(loss):  # one micro-batch's backward; the optimizer step at the boundary
+        nonlocal grad_norm, flags
+        engine.backward(touch_all_parameters(loss * dims.dp * dims.cp, engine.module))
+        if engine.is_gradient_accumulation_boundary():
+            if cfg.zero_stage == 0:
+                grad_norm = gradient_norm(engine.module, dims)  # DeepSpeed has reduced the gradients here
+            code = (guard.LOSS if local_bad else 0) | \
+                (guard.GRAD if cfg.zero_stage == 0 and not poisoned and not math.isfinite(grad_norm) else 0)
+            flags = guard.agree_on_flags(code, engine.device)  # every rank takes the same decision
+            with guard.skip_optimizer_step(engine, any(flags) or poisoned):
+                engine.step()
+        else:
+            engine.step()
+
     step = start_step
     while step < cfg.steps:
         t0 = time.perf_counter()
-        loss_total, local_bad, spike, poisoned = 0.0, False, False, False
+        loss_total, local_bad, spike, poisoned, flags = 0.0, False, False, False, ()
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        for micro in range(cfg.grad_accum):
+        if cfg.cp_interleave:  # parallel/interleave.py: M forwards, then M backwards (last first)
+            batches = [{k: v.to(engine.device, non_blocking=True) for k, v in next(loader).items()}
+                       for _ in range(cfg.grad_accum)]
+            # token counts and documents before the forwards: no collective may synchronise the ranks between them
+            counts = global_counts([b["labels"] for b in batches], dims).clamp_min(1)
+            docs = resolve_documents([reset_inputs(cfg, b, dims.cp_rank).get("doc_ids") for b in batches], dims)
+            with hold_sends(engine.module):
+                losses = []
+                for b, n, doc in zip(batches, counts, docs):
+                    with autocast(cfg):
+                        out = engine(b["input_ids"], **({} if doc is None else {"cp_documents": doc}))
+                    losses.append(parallel_cross_entropy(out.logits, b["labels"], dims)[0] / n)
+                reported = torch.stack([loss.detach() for loss in losses])
+                local_bad = not bool(torch.isfinite(reported).all())
+                dist.all_reduce(reported, group=dims.dp_cp_group)
+                loss_total = reported.sum().item() / cfg.grad_accum
+                spike = spikes.is_spike(loss_total)
+                poisoned = spike and cfg.skip_spikes
+                for m in reversed(range(cfg.grad_accum)):
+                    backward_step(losses[m] * math.nan if poisoned and m == 0 else losses[m])
+        for micro in range(0 if cfg.cp_interleave else cfg.grad_accum):
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(loader).items()}
             kwargs = reset_inputs(cfg, batch, dims.cp_rank)
             if carried is not None:
@@ -384,17 +426,7 @@ def train(cfg: TrainConfig) -> int:
                 poisoned = spike and cfg.skip_spikes
                 if poisoned:  # non-finite gradients: DeepSpeed skips the update as that of any bad step
                     loss = loss * math.nan
-            engine.backward(touch_all_parameters(loss * dims.dp * dims.cp, engine.module))
-            if engine.is_gradient_accumulation_boundary():
-                if cfg.zero_stage == 0:
-                    grad_norm = gradient_norm(engine.module, dims)  # DeepSpeed has reduced the gradients here
-                code = (guard.LOSS if local_bad else 0) | \
-                    (guard.GRAD if cfg.zero_stage == 0 and not poisoned and not math.isfinite(grad_norm) else 0)
-                flags = guard.agree_on_flags(code, engine.device)  # every rank takes the same decision
-                with guard.skip_optimizer_step(engine, any(flags) or poisoned):
-                    engine.step()
-            else:
-                engine.step()
+            backward_step(loss)
         step += 1
         tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0

@@ -68,6 +68,22 @@ def test_two_process_losses_equal_single_process(single_process_losses, tmp_path
     assert single_process_losses[-1] < single_process_losses[0]  # and it is learning
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,nproc", [
+    (("--cp", 2, "--micro-batch", 2, "--grad-accum", 2, "--cp-interleave", "--zero-stage", 1), 2),
+    (("--cp", 4, "--cp-heads", 2, "--micro-batch", 4), 4),
+], ids=["cp2-interleaved-accum2", "cp4-2d-2x2"])
+def test_cp_schedules_losses_equal_single_process(single_process_losses, tmp_path, layout, nproc):
+    """Micro-batch interleaving (2 micro-batches of 2 sequences) and 2-D CP (heads 2 × sequence 2):
+    the same global batch, the same first losses."""
+    res = run(tmp_path, "--steps", 4, *layout, nproc=nproc)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = losses(tmp_path)
+    assert len(got) == 4
+    for a, b in zip(got, single_process_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, single_process_losses)
+
+
 def _interrupt(tmp_path, sig, *args, nproc=1):
     args = args or ("--micro-batch", 4)
     proc = subprocess.Popen(command(tmp_path, "--steps", 15, "--save-every", 5, *args, nproc=nproc), cwd=REPO,
@@ -154,6 +170,9 @@ BAD_ARGUMENTS = [
     (("--data", "/nonexistent/data"), "not found"),
     (("--tp", 3), "does not divide"),
     (("--cp", 3), "does not fit the sequence"),
+    (("--cp", 4, "--cp-heads", 3), "--cp-heads 3 does not divide --cp 4"),
+    (("--cp", 8, "--cp-heads", 8), "--cp-heads 8 does not divide the model's 4 heads per TP rank"),
+    (("--cp-interleave",), "--cp-interleave interleaves"),
     (("--model", "nonexistent-preset"), "neither a preset"),
     (("--precision", "fp8"), "FP8"),
     (("--steps", 0), "--steps"),
