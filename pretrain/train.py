@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import shutil
 import signal
 import sys
