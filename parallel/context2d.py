@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import KIND_QK_CONV, KIND_STATE, CPComm
+from .context import KIND_HALO, KIND_STATE, CPComm
 from .groups import ParallelDims
 from .ulysses import heads_to_seq, seq_to_heads
 
@@ -167,10 +167,10 @@ class CP2DMixer:
         if names and comm.prev is not None:
             convs = [getattr(self, f"conv_{n}") for n in names]
             tmpl = [(torch.Size((B, c.weight.shape[0], c.kernel_size - 1)), x.dtype) for c in convs]
-            conv = dict(zip(names, comm.recv_prev(tmpl, idx, KIND_QK_CONV, x.device)))
+            conv = dict(zip(names, comm.recv_prev(tmpl, idx, KIND_HALO, x.device)))
         inputs, new_conv = fam.prepare(self, x, conv, dims.cp_rank * T)
         if names:  # anchored on q: in backward the wait for c+1's tail gradient comes after the all-to-all
-            inputs[0] = comm.send_next(inputs[0], [new_conv[n] for n in names], idx, KIND_QK_CONV)
+            inputs[0] = comm.send_next(inputs[0], [new_conv[n] for n in names], idx, KIND_HALO)
         widths = [t.shape[-1] for t in inputs]
         packed = torch.cat(inputs, dim=-1)  # one all-to-all for all per-head inputs
         if Ph > 1:
@@ -184,8 +184,12 @@ class CP2DMixer:
             st = fam.initial(self, B, heads, dtype)
         else:
             st = list(seq.recv_prev(fam.templates(self, B, hp, position, dtype), idx, KIND_STATE, x.device))
-        out, st = fam.scan(self, inputs, st, position, heads)
+        out, st = self._scan2d(inputs, st, position, heads)
         out = seq.send_next(out, st, idx, KIND_STATE)
         if Ph > 1:
             out = heads_to_seq(out, dims.cp_head_group, Ph)
         return self.output(x, out), fam.state(self, st, new_conv, position + Ph * T)
+
+    def _scan2d(self, inputs, state, position: int, heads: slice):
+        """This rank's head group scanned from ``state`` (a method of its own: parallel/trace.py spans it)."""
+        return self._cp_scan2d.scan(self, inputs, state, position, heads)

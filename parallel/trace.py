@@ -164,10 +164,10 @@ def _wrap_module(module, tracer: Tracer, name: str, layer: int):
     return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
 
-def _traced_scan(layer, tracer: Tracer, idx: int):
-    """The mixer's ``scan(inputs, state)`` (models/state.py) with a span around it (forward) and
-    marks on its top-level input and output tensors (backward)."""
-    scan = type(layer).scan
+def _traced_scan(layer, tracer: Tracer, idx: int, name: str = "scan"):
+    """The mixer's ``scan(inputs, state)`` (models/state.py; under 2-D CP ``_scan2d(inputs, state, …)``)
+    with a span around it (forward) and marks on its top-level input and output tensors (backward)."""
+    scan = getattr(type(layer), name)
     begin, end = _bwd_pair(tracer, "scan", idx)
 
     def marked(items, fn):
@@ -179,10 +179,10 @@ def _traced_scan(layer, tracer: Tracer, idx: int):
             items[i] = t
         return tuple(items)
 
-    def traced(inputs, state):
+    def traced(inputs, *rest):
         inputs = marked(inputs, end)
         t0 = now()
-        out, state = scan(layer, inputs, state)
+        out, state = scan(layer, inputs, *rest)
         tracer.span(f"L{idx} scan", t0, now(), layer=idx)
         return marked(out, begin), state
 
@@ -220,8 +220,9 @@ def attach_tracer(model, rank: int | None = None) -> Tracer:
         handles += _wrap_module(block.mlp, tracer, "mlp", idx)
         m = block.mixer
         if isinstance(m, Mixer):
-            m.scan = _traced_scan(m, tracer, idx)
-            undo.append(lambda m=m: m.__dict__.pop("scan", None))
+            name = "_scan2d" if hasattr(m, "_cp_scan2d") else "scan"
+            setattr(m, name, _traced_scan(m, tracer, idx, name))
+            undo.append(lambda m=m, name=name: m.__dict__.pop(name, None))
         else:  # attention: its own forward
             cls = type(m)
             own = getattr(m, "_cp_base_cls", cls)
