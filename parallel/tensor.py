@@ -483,8 +483,9 @@ def tp_titans_block(block: nn.Module, dims: ParallelDims) -> None:
         tp_gate(block.gate, dims)
         _copy_input(block, dims)
     elif isinstance(block, TitansMAL):  # memory(x), then attention(norm(m)): two replicated inputs
-        tp_titans_memory(block.memory, dims)
+        tp_titans_memory(block.memory, dims, copy_input=False)  # MAL calls memory.prepare, not memory(x)
         tp_attention(block.attention, dims)
+        _copy_input(block, dims)
     elif isinstance(block, TitansMAC):
         tp_titans_memory(block.memory, dims)  # reads RMSNorm(y): y replicated
         tp_attention(block.attention, dims, copy_input=False)  # reads x (copied below) and r (gathered)
