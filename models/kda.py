@@ -29,7 +29,7 @@ from torch import nn
 from .deltanet import _inv_softplus
 from .modules import CausalConv1d, HeadRMSNorm
 from .parts import copy_param, l2_normalize
-from .state import LayerState
+from .state import LayerState, Mixer
 
 
 def kda_reference(q, k, v, beta, log_alpha, S):
@@ -79,8 +79,9 @@ def kda_chunked(q, k, v, beta, log_alpha, S, chunk_size: int):
     return torch.stack(outs, 2).flatten(2, 3)[:, :, :T], S
 
 
-class KDALayer(nn.Module):
-    """Kimi Delta Attention sequence mixer: ``forward(x, state) -> (y, state)`` = prepare → scan → output."""
+class KDALayer(Mixer):
+    """Kimi Delta Attention sequence mixer: ``forward(x, state) -> (y, state)`` = prepare → scan → output
+    (the contract of models/state.py)."""
 
     def __init__(self, hidden_size: int, num_heads: int, chunk_size: int = 32, conv_kernel: int = 4,
                  norm_eps: float = 1e-6, scan_impl: str = "chunk"):
@@ -125,7 +126,8 @@ class KDALayer(nn.Module):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def prepare(self, x: torch.Tensor, state: LayerState):
-        """q, k, v, log α [B, H, T, d] and β [B, H, T] in the compute dtype (≥ float32), the conv tails."""
+        """q, k, v, β [B, H, T], log α [B, H, T, d] in the compute dtype (≥ float32), and the halo
+        {"conv": the new conv tails}."""
         conv = {}
         q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
         k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
@@ -136,27 +138,23 @@ class KDALayer(nn.Module):
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2).to(compute)
         rate = F.softplus((self.f_proj(x) + self.dt_bias).to(compute))
         log_alpha = -self.A_log.exp().to(compute)[:, None, None] * self._heads(rate)
-        return q, k, v, beta, log_alpha, conv
+        return q, k, v, beta, log_alpha, {"conv": conv}
 
-    def scan(self, q, k, v, beta, log_alpha, S):
-        """The delta rule with channel-wise decay from state S; returns (o [B, H, T, d], S)."""
+    def scan(self, inputs: tuple, state: LayerState):
+        """The delta rule with channel-wise decay from ``state``: (o [B, H, T, d], the state after)."""
+        q, k, v, beta, log_alpha, halo = inputs
+        S = state.weights["S"].to(q.dtype)
         if self.scan_impl == "chunk":
-            return kda_chunked(q, k, v, beta, log_alpha, S, self.chunk_size)
-        return kda_reference(q, k, v, beta, log_alpha, S)
+            o, S = kda_chunked(q, k, v, beta, log_alpha, S, self.chunk_size)
+        else:
+            o, S = kda_reference(q, k, v, beta, log_alpha, S)
+        return o, LayerState(weights={"S": S}, conv=halo["conv"], position=state.position + q.shape[2])
 
     def output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm, σ gate, output projection."""
         o = self.o_norm(o.to(x.dtype)).transpose(1, 2)  # [B, T, H, d]
         o = o * torch.sigmoid(self._heads(self.g_proj(x)).transpose(1, 2))
         return self.o_proj(o.flatten(2))
-
-    def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        """x: [B, T, C] → (y [B, T, C], state: {S}, conv tails, position)."""
-        B, T, _ = x.shape
-        state = state if state is not None else self.init_state(B)
-        q, k, v, beta, log_alpha, conv = self.prepare(x, state)
-        o, S = self.scan(q, k, v, beta, log_alpha, state.weights["S"].to(q.dtype))
-        return self.output(x, o), LayerState(weights={"S": S}, conv=conv, position=state.position + T)
 
 
 def build_kda_mixer(config, layer_idx: int) -> KDALayer:
