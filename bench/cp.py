@@ -148,7 +148,15 @@ def scan_fraction(args) -> float:
 
     state = layer.init_state(1)
     inputs = layer.prepare(x.detach(), state)
-    leaves = [t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
+
+    def leaf(t):  # every prepared tensor, nested ones too (LaCT's halo holds its window's keys/values)
+        if torch.is_tensor(t):
+            return t.detach().requires_grad_() if t.is_floating_point() else t
+        if isinstance(t, (tuple, list)):
+            return type(t)(leaf(u) for u in t)
+        return {k: leaf(u) for k, u in t.items()} if isinstance(t, dict) else t
+
+    leaves = [leaf(t) for t in inputs]
 
     def scan():
         out, _ = layer.scan(tuple(leaves), state)

@@ -1,6 +1,7 @@
 """Training quality of layer types at one budget: the same model with one mixer type at a time.
 
     python -m bench.quality --layers attention,gated_deltanet,titans --steps 150 --out runs/quality
+    python -m bench.quality --layers swa --set attention_window=128 --steps 150 --out runs/quality_swa128
     python -m bench.quality --layers attention,titans --model test --num-layers 2 --seq-len 32 \\
         --micro-batch 2 --steps 3 --data synthetic --vocab-size 256 --recall-lengths 32 --out /tmp/q   # a toy check
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import statistics
@@ -36,9 +38,23 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def parse_set(items: list[str]) -> dict:
+    """``KEY=VALUE`` config fields (VALUE read as JSON, else kept as a string): ``titans_base_lr=0.03``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def model_overrides(args) -> dict:
     return {**({"num_hidden_layers": args.num_layers} if args.num_layers else {}),
-            **({"vocab_size": args.vocab_size} if args.vocab_size else {})}
+            **({"vocab_size": args.vocab_size} if args.vocab_size else {}), **parse_set(args.set)}
 
 
 def train_layer(args, layer: str, out: Path) -> dict:
@@ -175,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tiny", help="size preset (its family defaults apply) or WIDTHxDEPTH")
     p.add_argument("--num-layers", type=int, default=2, help="blocks (0 = the preset's)")
     p.add_argument("--vocab-size", type=int, default=0, help="vocabulary (0 = the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field for every layer (repeatable; VALUE as JSON), e.g. attention_window=128; "
+                        "give each setting its own --out (a model already written there is reused)")
     p.add_argument("--data", default="default")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -191,9 +210,13 @@ def main(argv=None) -> int:
     if not layers or args.steps < 1:
         print("error: need at least one layer type and --steps ≥ 1", file=sys.stderr)
         return 2
+    from models import MemoryLMConfig
     from pretrain.sweep.plan import PlanError, model_config
 
     try:
+        unknown = sorted(set(parse_set(args.set)) - set(MemoryLMConfig().to_dict()))
+        if unknown:
+            raise ValueError(f"--set: {', '.join(unknown)} is not a MemoryLMConfig field")
         for layer in layers:  # every name checked before any training starts
             model_config(args.model, layer, **model_overrides(args))
     except (PlanError, ValueError) as exc:

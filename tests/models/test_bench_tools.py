@@ -91,3 +91,19 @@ def test_profile_step_reports_the_step_and_its_operators(capsys):
     assert "documents of mean length 8" in out and "tokens/s" in out and "Self CPU" in out
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
+
+
+def test_bench_quality_set(tmp_path, capsys):
+    """--set KEY=VALUE: JSON values reach the model config; a field MemoryLMConfig lacks is one error line."""
+    from bench import quality
+    from pretrain.sweep.plan import model_config
+
+    over = quality.parse_set(["attention_window=128", "titans_base_lr=0.03", "hope_cms_chunk_sizes=[32, 64]"])
+    assert over == {"attention_window": 128, "titans_base_lr": 0.03, "hope_cms_chunk_sizes": [32, 64]}
+    assert model_config("tiny", "swa", **over).attention_window == 128
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        quality.parse_set(["attention_window"])
+    assert quality.main(["--layers", "swa", "--set", "atention_window=128", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "atention_window" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

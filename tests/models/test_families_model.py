@@ -124,5 +124,7 @@ def test_tiny_family_defaults_update_every_part_in_512_tokens():
     assert 2 * max(tnt.tnt_global_chunk_size, *tnt.tnt_local_chunk_sizes) <= seq
     assert 2 * max(preset_config("tiny", memory_layer="hope").hope_cms_chunk_sizes) <= seq
     assert preset_config("tiny", memory_layer="atlas").head_dim == 32
+    assert preset_config("tiny", memory_layer="titans_mal").titans_base_lr == 0.003  # MAL's measured inner step
+    assert preset_config("125m", memory_layer="titans_mal").titans_base_lr == 0.01  # paper sizes unchanged
     assert preset_config("tiny", memory_layer="lact", lact_chunk_size=512).lact_chunk_size == 512  # overrides win
     assert preset_config("test", memory_layer="lact").lact_chunk_size == 2048  # other sizes unchanged
