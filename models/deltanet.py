@@ -132,6 +132,16 @@ def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+def init_mamba2_decay(A_log: nn.Parameter, dt_bias: nn.Parameter, init=None) -> None:
+    """Mamba2's decay initialisation, log α = −exp(A_log)·softplus(· + dt_bias): A ~ U(1, 16) per
+    entry of A_log, dt ~ logU(1e-3, 0.1) per entry of dt_bias, stored through the inverse softplus."""
+    with torch.no_grad():
+        A = torch.empty(A_log.shape).uniform_(1, 16)
+        dt = torch.exp(torch.rand(dt_bias.shape) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    copy_param(A_log, torch.log(A), init)
+    copy_param(dt_bias, _inv_softplus(dt.clamp_min(1e-4)), init)
+
+
 class DeltaNetLayer(Mixer):
     """DeltaNet (``gated=False``) or Gated DeltaNet (``gated=True``) sequence mixer."""
 
@@ -174,13 +184,8 @@ class DeltaNetLayer(Mixer):
 
     def reset_memory_parameters(self, init=None) -> None:
         """Mamba2's gate initialisation: A ~ U(1, 16), dt ~ logU(1e-3, 0.1) (through softplus)."""
-        if not self.gated:
-            return
-        with torch.no_grad():
-            A = torch.empty(self.num_heads).uniform_(1, 16)
-            dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        copy_param(self.A_log, torch.log(A), init)
-        copy_param(self.dt_bias, _inv_softplus(dt.clamp_min(1e-4)), init)
+        if self.gated:
+            init_mamba2_decay(self.A_log, self.dt_bias, init)
 
     def init_state(self, batch_size: int) -> LayerState:
         S = torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=self.q_proj.weight.device)

@@ -20,15 +20,13 @@ output gated by σ(x W_g), the output projection; here the decay and gate projec
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .deltanet import _inv_softplus
+from .deltanet import init_mamba2_decay
 from .modules import CausalConv1d, HeadRMSNorm
-from .parts import copy_param, l2_normalize
+from .parts import l2_normalize
 from .state import LayerState, Mixer
 
 
@@ -112,11 +110,7 @@ class KDALayer(Mixer):
 
     def reset_memory_parameters(self, init=None) -> None:
         """Mamba2's gate initialisation: A ~ U(1, 16) per head, dt ~ logU(1e-3, 0.1) per channel."""
-        with torch.no_grad():
-            A = torch.empty(self.num_heads).uniform_(1, 16)
-            dt = torch.exp(torch.rand(self.dt_bias.shape[0]) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        copy_param(self.A_log, torch.log(A), init)
-        copy_param(self.dt_bias, _inv_softplus(dt.clamp_min(1e-4)), init)
+        init_mamba2_decay(self.A_log, self.dt_bias, init)
 
     def init_state(self, batch_size: int) -> LayerState:
         S = torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=self.q_proj.weight.device)
