@@ -54,9 +54,10 @@ class MemoryLMConfig(PretrainedConfig):
 
     The defaults are the official TTT code's (TTT-1B sizes); presets live in ``models.presets``.
     Args beyond the usual decoder ones:
-        memory_layer: any key of ``MEMORY_LAYERS`` (TTT-Linear/MLP, DeltaNet/GDN, Titans and its MAC/MAG/MAL
-            variants, Moneta/Yaad/Memora, ATLAS, LaCT, TNT, Hope); the family's own options are the
-            ``<family>_*`` fields below.
+        memory_layer: any registered memory layer, a key of ``MEMORY_LAYERS`` (TTT-Linear/MLP, DeltaNet/GDN,
+            Titans and its MAC/MAG/MAL variants, Moneta/Yaad/Memora, ATLAS, LaCT, TNT, Hope, KDA); the
+            family's own options are the ``<family>_*`` fields below, or those its ``LayerSpec.options``
+            registers (models/registry.py; KDA's ``kda_chunk_size``), accepted as keyword arguments.
         mini_batch_size: tokens per inner mini-batch (TTT's b).
         ttt_base_lr: base inner learning rate (η = base_lr/head_dim · σ(·) · s_i).
         inner_expansion: hidden width factor of the TTT-MLP inner model.

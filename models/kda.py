@@ -58,8 +58,9 @@ def kda_chunked(q, k, v, beta, log_alpha, S, chunk_size: int):
     G = g.cumsum(-2)  # log γ_t per channel
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     E = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[..., None], float("-inf")).exp()  # [.., t, j, c]
-    KK = torch.einsum("...tc,...jc,...tjc->...tj", k, k, E)
-    QK = torch.einsum("...tc,...jc,...tjc->...tj", q, k, E)  # j ≤ t
+    kE = k[..., None, :, :] * E  # k_jc e^{G_tc − G_jc}
+    KK = (kE @ k[..., None]).squeeze(-1)  # [.., t, j]
+    QK = (kE @ q[..., None]).squeeze(-1)  # j ≤ t
     gamma = G.exp()
     L = (beta[..., None] * KK).tril(-1)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
