@@ -137,7 +137,7 @@ def worker(args, cp: int):
 
 def scan_fraction(args) -> float:
     """f: share of one block's forward+backward spent in the serial part (1 thread, full
-    sequence): the mixer's ``scan`` (models/state.py), from its prepared inputs."""
+    sequence): the mixer's ``scan`` (models/common/state.py), from its prepared inputs."""
     block = build(args).model.layers[0]
     layer = block.mixer
     x = torch.randn(1, args.seq, args.hidden, requires_grad=True)

@@ -13,7 +13,7 @@ every rank as far as its program allows until all have finished; the step time i
 rank's end. A layer's compute is three parts, each ``tokens × seconds-per-token`` (``Costs``):
 
     pre    everything before the serial part (pre-conv, norm, the mixer's ``prepare``)
-    scan   the serial part: the mixer's ``scan`` (models/state.py)
+    scan   the serial part: the mixer's ``scan`` (models/common/state.py)
     post   everything after it (the mixer's ``output``, the residual, the MLP)
 
 plus the embedding/LM head/loss once per micro-batch, each with its own backward cost. Schedules
@@ -449,7 +449,7 @@ def measure_block(args, n: int, repeats: int = 3) -> Costs:
     def tensors(tree):
         return [t for t in (tree if isinstance(tree, (tuple, list)) else [tree]) if isinstance(t, torch.Tensor)]
 
-    def pre():  # everything before the scan: pre-conv, norm, the mixer's prepare (models/state.py)
+    def pre():  # everything before the scan: pre-conv, norm, the mixer's prepare (models/common/state.py)
         h = x
         if block.pre_conv is not None:
             h = h + block.pre_conv(x, None)[0]

@@ -26,10 +26,10 @@ from bench.layer import ALL_LAYERS, build
 
 # where each layer calls its Triton entry point: (module, attribute)
 ENTRY_POINTS = {
-    "ttt_linear": [("models.ttt_chunk", "triton_linear_scan")],
-    "ttt_mlp": [("models.ttt_chunk", "triton_mlp_scan")],
-    "titans": [("models.titans", "triton_titans_scan")],
-    "lact": [("models.lact", "triton_lact_chunk")],
+    "ttt_linear": [("models.ops.ttt.chunk", "triton_linear_scan")],
+    "ttt_mlp": [("models.ops.ttt.chunk", "triton_mlp_scan")],
+    "titans": [("models.ops.titans.chunk", "triton_titans_scan")],
+    "lact": [("models.ops.lact.chunk", "triton_lact_chunk")],
 }
 
 

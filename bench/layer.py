@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from models.registry import LAYERS as REGISTERED
+from models.layers.registry import LAYERS as REGISTERED
 
 LAYERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}  # TTT layer name → inner model
-# every registered mixer type (models/registry.py; chunk sizes etc. from MemoryLMConfig defaults) and ViT³
+# every registered mixer type (models/layers/registry.py; chunk sizes etc. from MemoryLMConfig defaults) and ViT³
 # (non-causal, vision: seq-len tokens on the most square h×w grid)
 ALL_LAYERS = [*REGISTERED, "vit3"]
 FLA_LAYERS = ("deltanet", "gated_deltanet", "ttt_linear", "titans")  # bench/fla_ops.LAYERS (fla imported lazily)
@@ -65,7 +65,7 @@ def build(impl: str, layer: str, args):
         return fla_ops.build(layer, args.hidden, args.heads, torch.device(args.device))
     if layer not in LAYERS:
         return _generic(impl, layer, args)
-    from models.ttt import TTTLayer
+    from models.layers.ttt import TTTLayer
 
     ttt = TTTLayer(args.hidden, args.heads, inner=LAYERS[layer], mini_batch_size=args.mini_batch,
                    scan_checkpoint_group_size=args.scan_checkpoint, scan_impl="reference" if impl == "reference" else "chunk")
@@ -110,8 +110,8 @@ def _generic(impl: str, layer: str, args):
     """Any other mixer, built by the model's own factory from a config with this size."""
     if layer == "vit3":
         return _vit3(impl, args)
-    from models.configuration_memory import MemoryLMConfig
-    from models.modeling_memory import build_mixer
+    from models.hf.configuration_memory import MemoryLMConfig
+    from models.hf.modeling_memory import build_mixer
 
     kind = "ttt_linear" if REGISTERED[layer].kind == "attention" else layer
     cfg = dict(hidden_size=args.hidden, num_attention_heads=args.heads, num_hidden_layers=1, memory_layer=kind,
@@ -138,7 +138,7 @@ def _generic(impl: str, layer: str, args):
 
 def _vit3(impl: str, args):
     """ViT³'s mixer: one inner step on all seq_len tokens, laid out on the most square h×w grid."""
-    from models.vit3 import ViT3Layer
+    from models.layers.vit3 import ViT3Layer
 
     h = max(i for i in range(1, int(args.seq_len**0.5) + 1) if args.seq_len % i == 0)
     layer = ViT3Layer(args.hidden, args.heads, scan_impl="reference" if impl == "reference" else "chunk")

@@ -8,7 +8,7 @@ Each point runs in a fresh process: peak resident-set growth over the model and 
 (ru_maxrss − RSS before the step) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. For scale,
 every row also prints what one (B, H, T, d, d) tensor of per-token fast weights would take: the
 chunked scan keeps the fast weights every 16 mini-batches (T/(16b) · d²; the backward recovers the
-others, ``ttt_fused._Anchors``), and with checkpointing only once per group of mini-batches.
+others, ``ops.ttt.fused._Anchors``), and with checkpointing only once per group of mini-batches.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from bench.layer import LAYERS, _rss_mb
 
 
 def measure(layer: str, seq: int, group: int, args) -> dict:
-    from models.ttt import TTTLayer
+    from models.layers.ttt import TTTLayer
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
                    help="bfloat16: autocast around the forward, as pretrain.train --precision bf16")
     p.add_argument("--docs", type=int, default=0, metavar="MEAN_LEN",
                    help="pack documents of random length (mean MEAN_LEN tokens, as --data synthetic) into each "
-                        "row; every memory layer restarts at their starts (models/varlen.py). 0: one document a row")
+                        "row; every memory layer restarts at their starts (models/common/varlen.py). 0: one document a row")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="operators listed per table")

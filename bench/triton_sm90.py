@@ -6,8 +6,8 @@ without one, and report what the compiler allotted: shared memory, registers and
     python -m bench.triton_sm90 --lact 2048,64,64          # n, d, d_h
     python -m bench.triton_sm90 --ttt linear,16,64 --ttt mlp,16,64   # inner, mini-batch, head dim (MLP: 4d)
 
-Uses triton's own ptxas and the tile sizes and launch options of models/triton_memory.py
-(``titans_meta``, ``lact_meta``; TTT: ``triton_ttt.ttt_meta``). A kernel whose shared memory exceeds the GPU's (227 KB per block on
+Uses triton's own ptxas and the tile sizes and launch options of models/ops/{titans,lact}/triton.py
+(``titans_meta``, ``lact_meta``; TTT: ``ops.ttt.triton.ttt_meta``). A kernel whose shared memory exceeds the GPU's (227 KB per block on
 H100/H200) cannot launch; a large stack means register spills. Nothing here runs a kernel: speed
 needs a GPU. Prints one JSON row per kernel.
 """
@@ -48,27 +48,27 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, **option
 
 
 def titans_rows(chunk, dk, dh, dv, depth, mom=True, clamp=True):
-    from models import triton_memory, triton_memory_kernels as K
+    from models.ops.titans import triton as triton_titans, triton_kernels as K
 
-    meta = triton_memory.titans_meta(chunk, dk, dh if depth == 2 else dv, dv)
+    meta = triton_titans.titans_meta(chunk, dk, dh if depth == 2 else dv, dv)
     nw, ns = meta.pop("num_warps"), meta.pop("num_stages")
     c = dict(meta, DEPTH=depth, MOM=mom, CLAMP=clamp)
     return [compile_sm90(fn, c, nw, ns) for fn in (K._titans_fwd, K._titans_bwd)]
 
 
 def lact_rows(n, d, dh):
-    from models import triton_memory, triton_memory_kernels as K
+    from models.ops.lact import triton as triton_lact, triton_kernels as K
 
     rows = []
     for backward, fns in ((False, (K._lact_apply, K._lact_grads)), (True, (K._lact_bwd_w, K._lact_bwd_x))):
-        meta = triton_memory.lact_meta(n, d, dh, backward)
+        meta = triton_lact.lact_meta(n, d, dh, backward)
         nw, ns = meta.pop("num_warps"), meta.pop("num_stages")
         rows += [compile_sm90(fn, meta, nw, ns) for fn in fns]
     return rows
 
 
 def ttt_rows(inner, b, d):
-    from models import triton_ttt, triton_ttt_kernels as K
+    from models.ops.ttt import triton as triton_ttt, triton_kernels as K
 
     h = d if inner == "linear" else 4 * d
     rows = []

@@ -1,4 +1,4 @@
-"""Cost of document resets (models/varlen.py): forward+backward of one block with packed
+"""Cost of document resets (models/common/varlen.py): forward+backward of one block with packed
 documents vs the same rows without resets.
 
     python -m bench.varlen --layers ttt_linear gated_deltanet titans lact --seq-len 2048 --batch 4
@@ -49,7 +49,7 @@ def compare(block, x, starts, steps: int) -> tuple[float, float]:
 
 def padding_ratio(starts: torch.Tensor, need_state: bool) -> tuple[float, int]:
     """(tokens the segment batches run / real tokens, number of mixer calls) of the plan."""
-    from models.varlen import run_segments
+    from models.common.varlen import run_segments
 
     runs = []
 
@@ -63,9 +63,9 @@ def padding_ratio(starts: torch.Tensor, need_state: bool) -> tuple[float, int]:
 
 def main(argv=None) -> None:
     from models import preset_config
-    from models.configuration_memory import MEMORY_LAYERS
-    from models.modeling_memory import MemoryBlock
-    from models.varlen import doc_starts_from_ids
+    from models.hf.configuration_memory import MEMORY_LAYERS
+    from models.hf.modeling_memory import MemoryBlock
+    from models.common.varlen import doc_starts_from_ids
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", nargs="+", default=["ttt_linear", "gated_deltanet", "titans", "lact", "swa"])

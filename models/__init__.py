@@ -6,13 +6,13 @@ Importing this package registers ``memory_lm`` with the transformers Auto classe
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
-from .configuration_memory import MEMORY_LAYERS, MemoryLMConfig
-from .modeling_memory import MemoryBlock, MemoryLMForCausalLM, MemoryLMModel, MemoryLMOutput, MemoryState
+from .hf.configuration_memory import MEMORY_LAYERS, MemoryLMConfig
+from .hf.modeling_memory import MemoryBlock, MemoryLMForCausalLM, MemoryLMModel, MemoryLMOutput, MemoryState
 from .presets import PRESETS, preset_config
-from .ttt import TTTLayer, TTTState
-from .configuration_vit3 import VIT3_PRESETS, ViT3Config, vit3_preset_config
-from .modeling_vit3 import ViT3ForImageClassification, ViT3Model
-from .vit3 import ViT3Layer
+from .layers.ttt import TTTLayer, TTTState
+from .hf.configuration_vit3 import VIT3_PRESETS, ViT3Config, vit3_preset_config
+from .hf.modeling_vit3 import ViT3ForImageClassification, ViT3Model
+from .layers.vit3 import ViT3Layer
 
 AutoConfig.register(MemoryLMConfig.model_type, MemoryLMConfig, exist_ok=True)
 AutoModel.register(MemoryLMConfig, MemoryLMModel, exist_ok=True)

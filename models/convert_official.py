@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_memory import MemoryLMConfig
+from .hf.configuration_memory import MemoryLMConfig
 from .hf_folder import FolderError, atomic_output_dir, save_model_folder
 
 # Defaults of the official TTTConfig, for keys an official config.json may omit.
@@ -126,7 +126,7 @@ def rename_official(weights: dict[str, torch.Tensor], config: MemoryLMConfig) ->
 
 def build_model(src: Path, dtype: torch.dtype = torch.float32):
     """Loads an official folder as this project's MemoryLMForCausalLM (strict: every tensor accounted for)."""
-    from .modeling_memory import MemoryLMForCausalLM
+    from .hf.modeling_memory import MemoryLMForCausalLM
 
     config = to_project_config(read_official_config(src))
     state = rename_official(load_official_weights(src), config)

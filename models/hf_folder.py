@@ -1,22 +1,27 @@
 """Writing self-contained Hugging Face folders: weights, config, and the model code itself.
 
-The model files of this package import only torch and transformers and use sibling-relative
-imports, so copying them next to ``config.json`` (with an ``auto_map``) makes the folder
-loadable with ``trust_remote_code=True`` where this project is not installed.
+The model files of this package import only torch, transformers and each other (relative imports), so
+writing them next to ``config.json`` (with an ``auto_map``) makes the folder loadable with
+``trust_remote_code=True`` where this project is not installed. transformers wants the code flat — one
+folder, siblings imported as ``from .name import x`` — so the nested package (common/, ops/<family>/,
+layers/, hf/) is written with one flat name per file (``ops/ttt/chunk.py`` → ``ops_ttt_chunk.py``; the
+hf/ files keep their names, which ``auto_map`` points at) and every relative import rewritten to it.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .registry import model_files
+from .layers.registry import model_files
 
-# The files an exported folder needs (each imports only torch, transformers and its siblings): those
-# of every registered layer type and the shared ones (models/registry.py), and the ViT³ classifier's.
-MODEL_CODE_FILES = sorted({*model_files(), "configuration_vit3.py", "modeling_vit3.py", "vit3.py"})
+PACKAGE = Path(__file__).resolve().parent
+# The files an exported folder needs: those of every registered layer type and the shared ones
+# (models/layers/registry.py), the ViT³ classifier's, and every file they import (package-relative paths).
+ROOTS = (*model_files(), "hf/configuration_vit3.py", "hf/modeling_vit3.py", "layers/vit3.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_memory.MemoryLMConfig",
     "AutoModel": "modeling_memory.MemoryLMModel",
@@ -66,10 +71,62 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def flat_name(path: str) -> str:
+    """The file's name in an exported folder: ``ops/ttt/chunk.py`` → ``ops_ttt_chunk.py``, ``hf/x.py`` → ``x.py``."""
+    return path[len("hf/"):] if path.startswith("hf/") else path.replace("/", "_")
+
+
+def _relative_imports(path: str, tree: ast.Module):
+    """(node, package-relative path of the imported module) of every relative import of ``path``."""
+    package = Path(path).parent.parts
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            if not node.module:
+                raise FolderError(f"models/{path}:{node.lineno}: write `from .module import name` (not "
+                                  f"`from . import module`): the flat folder of an export has no packages")
+            base = package[: len(package) - node.level + 1]
+            yield node, "/".join((*base, *node.module.split("."))) + ".py"
+
+
+def code_files() -> list[str]:
+    """The package-relative paths of every model file an exported folder needs: ``ROOTS`` and, recursively,
+    every file they import."""
+    todo, seen = list(ROOTS), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += [dep for _, dep in _relative_imports(path, ast.parse((PACKAGE / path).read_text()))]
+    names = {}
+    for path in seen:
+        if names.setdefault(flat_name(path), path) != path:
+            raise FolderError(f"models/{path} and models/{names[flat_name(path)]} have the same flat name")
+    return sorted(seen)
+
+
+def flat_source(path: str) -> str:
+    """The source of ``models/<path>`` with its relative imports rewritten to flat siblings
+    (``from ..common.parts import x`` → ``from .common_parts import x``), the form transformers copies."""
+    source = (PACKAGE / path).read_text()
+    lines = source.splitlines(keepends=True)
+    edits = []
+    for node, dep in _relative_imports(path, ast.parse(source)):
+        names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
+        indent = lines[node.lineno - 1][: node.col_offset]
+        edits.append((node.lineno, node.end_lineno, f"{indent}from .{flat_name(dep)[:-3]} import {names}\n"))
+    for first, last, text in sorted(edits, reverse=True):
+        lines[first - 1:last] = [text]
+    return "".join(lines)
+
+
+MODEL_CODE_FILES = code_files()
+
+
 def copy_model_code(out_dir: str | Path) -> None:
-    here = Path(__file__).resolve().parent
-    for name in MODEL_CODE_FILES:
-        shutil.copyfile(here / name, Path(out_dir) / name)
+    """Writes every model file flat into ``out_dir`` (:func:`flat_name`, :func:`flat_source`)."""
+    for path in MODEL_CODE_FILES:
+        (Path(out_dir) / flat_name(path)).write_text(flat_source(path))
 
 
 def save_model_folder(model, out_dir: str | Path, max_shard_size: str = "5GB") -> None:

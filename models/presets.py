@@ -7,7 +7,7 @@ same 125M/350M/760M/1.3B shapes the DeltaNet, Titans and LaCT papers compare at)
 """
 from __future__ import annotations
 
-from .configuration_memory import MemoryLMConfig
+from .hf.configuration_memory import MemoryLMConfig
 
 # name -> MemoryLMConfig fields (the official TTT_STANDARD_CONFIGS, plus tiny ones for tests/CPU)
 PRESETS: dict[str, dict] = {

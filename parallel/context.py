@@ -10,7 +10,7 @@ reached at the end of its piece of layer l:
     rank2: .  .  L1 L2 L3 L4 .                rank2: .  B4 B3 B2 B1 .  .
     rank3: .  .  .  L1 L2 L3 L4               rank3: B4 B3 B2 B1 .  .  .
 
-Every memory mixer is prepare → scan → output (models/state.py). Each state is sent (``isend``)
+Every memory mixer is prepare → scan → output (models/common/state.py). Each state is sent (``isend``)
 the moment its layer's scan finishes, so rank r+1 scans layer l while rank r scans layer l+1; only
 the scan is serial (bubble (P−1)/(L+P−1) of the scan time), the projections, norms and MLPs never
 wait. Three things cross a rank boundary per block:
@@ -209,7 +209,7 @@ class CPBlock:
 
     Packed documents (``comm.varlen``, set per forward when any CP rank's piece holds a document
     start): the block's whole sequence part (pre-conv + mixer, its plain single-device forward)
-    runs on the rank's documents as models/varlen.py does, from the block state received from
+    runs on the rank's documents as models/common/varlen.py does, from the block state received from
     rank r−1 (pickled structure + tensors, as the mixer state); a row whose piece starts a document at
     some column ignores that state from there on, and the state sent on reflects only the row's
     current document. The narrower exchanges (scan-level state, halos, all-gather attention)
@@ -249,7 +249,7 @@ class CPBlock:
         return x + y, new_state
 
     def _varlen_forward(self, x: torch.Tensor, doc_starts):
-        from models.varlen import needs_segments, run_segments
+        from models.common.varlen import needs_segments, run_segments
 
         comm, idx = self._cp_comm, self.layer_idx
         need = comm.next is not None
@@ -293,7 +293,7 @@ def _decode(buf: torch.Tensor):
 
 
 def _map(tree, fn):
-    from models.state import map_tree
+    from models.common.state import map_tree
 
     return map_tree(tree, fn)
 
@@ -337,7 +337,7 @@ def _on_first_tensor(tree, fn):
 
 
 class CPPassMixer:
-    """Mixin for every mixer of the contract (models/state.py) under cp_mode="pass":
+    """Mixin for every mixer of the contract (models/common/state.py) under cp_mode="pass":
 
         [recv halo from r−1] → prepare → [isend halo to r+1] → [recv state from r−1] → scan
         → [isend state to r+1] → output
@@ -423,8 +423,8 @@ class CPAttention:
     """
 
     def forward(self, x: torch.Tensor, state=None):
-        from models.attention import windowed_attention
-        from models.state import LayerState
+        from models.common.attention import windowed_attention
+        from models.common.state import LayerState
 
         if state is not None:
             raise ValueError("under context parallelism pass memory_state=None")
@@ -468,8 +468,8 @@ class CPPrefixDeltaNet:
     the fold; the gathered summaries' gradients are summed over CP (prefix.py)."""
 
     def forward(self, x: torch.Tensor, state=None):
-        from models.deltanet import delta_rule_prepare, delta_rule_run, delta_rule_summary
-        from models.state import LayerState
+        from models.ops.delta_rule.chunk import delta_rule_prepare, delta_rule_run, delta_rule_summary
+        from models.common.state import LayerState
 
         from .prefix import prefix_state
 

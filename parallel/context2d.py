@@ -40,7 +40,7 @@ class _TTTScan:
 
     @staticmethod
     def prepare(layer, x, conv, position):
-        from models.ttt import TTTState
+        from models.layers.ttt import TTTState
 
         q, k, v, lr, halo = layer.prepare(x, TTTState(weights={}, conv=conv, position=position))
         return [q, k, v, lr.unsqueeze(-1)], halo["conv"]
@@ -66,7 +66,7 @@ class _TTTScan:
 
     @staticmethod
     def state(layer, state, conv, position):
-        from models.ttt import TTTState
+        from models.layers.ttt import TTTState
 
         names = layer.fast_weight_names
         pending = dict(zip(names, state[len(names):])) if len(state) > len(names) else None
@@ -80,7 +80,7 @@ class _DeltaScan:
 
     @staticmethod
     def prepare(layer, x, conv, position):
-        from models.state import LayerState
+        from models.common.state import LayerState
 
         q, k, v, beta, log_alpha, halo = layer.prepare(x, LayerState(conv=conv, position=position))
         return [q, k, v, beta.unsqueeze(-1)] + ([] if log_alpha is None else [log_alpha.unsqueeze(-1)]), halo["conv"]
@@ -103,14 +103,14 @@ class _DeltaScan:
 
     @staticmethod
     def state(layer, state, conv, position):
-        from models.state import LayerState
+        from models.common.state import LayerState
 
         return LayerState(weights={"S": state[0]}, conv=conv, position=position)
 
 
 def _scan_adapters() -> dict:
-    from models.deltanet import DeltaNetLayer
-    from models.ttt import TTTLayer
+    from models.layers.deltanet import DeltaNetLayer
+    from models.layers.ttt import TTTLayer
 
     return {TTTLayer: _TTTScan, DeltaNetLayer: _DeltaScan}
 
@@ -123,7 +123,7 @@ def scan_adapter(mixer):
 def check_2d(model, dims: ParallelDims) -> None:
     """cp_mode="2d": every non-attention mixer has an adapter, P_h divides its heads per TP rank, no
     knobs (called on the unsharded model)."""
-    from models.attention import AttentionLayer
+    from models.common.attention import AttentionLayer
 
     base = model.model if hasattr(model, "model") else model
     for block in base.layers:

@@ -78,7 +78,7 @@ def resolve_documents(doc_ids: Sequence[torch.Tensor | None], dims: ParallelDims
     piece; whether any CP rank's piece holds a start) but with one all-gather and one all-reduce for
     all M before the forwards. Give each as ``model(ids, cp_documents=resolved[m])`` (None: no
     documents)."""
-    from models.varlen import doc_starts_from_ids
+    from models.common.varlen import doc_starts_from_ids
 
     given = [d for d in doc_ids if d is not None]
     if not given:

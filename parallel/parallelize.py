@@ -39,14 +39,14 @@ CP_MODES = ("pass", "ulysses", "prefix", "2d")
 def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
     """Makes every block of ``model`` context-parallel, in place; returns the channel.
 
-    Every memory mixer (models/state.py: prepare → scan → output) gets the scan-level state pass
+    Every memory mixer (models/common/state.py: prepare → scan → output) gets the scan-level state pass
     (``"pass"``); TTT can take Ulysses instead, DeltaNet layers the prefix combine under
     ``"prefix"``; under ``"2d"`` every memory mixer gets ``CP2DMixer`` (heads × sequence,
     parallel/context2d.py); attention layers: all-gather (full) or halo (sliding window) attention."""
-    from models.attention import AttentionLayer
-    from models.deltanet import DeltaNetLayer
-    from models.state import Mixer
-    from models.ttt import TTTLayer
+    from models.common.attention import AttentionLayer
+    from models.layers.deltanet import DeltaNetLayer
+    from models.common.state import Mixer
+    from models.layers.ttt import TTTLayer
 
     base = model.model if hasattr(model, "model") else model
     comm = CPComm(dims)
@@ -67,7 +67,7 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
         elif isinstance(m, Mixer):
             mixin = CPPassMixer
         else:
-            raise ValueError(f"{type(m).__name__} is not a models.state.Mixer (prepare/scan/output): no context "
+            raise ValueError(f"{type(m).__name__} is not a models.common.state.Mixer (prepare/scan/output): no context "
                              "parallelism for it")
         m._cp_base_cls = type(m)  # its forward without CP exchanges (CPBlock's packed-document path)
         swap_class(m, mixin)
@@ -76,9 +76,9 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
 
 def _mixer_kinds(model):
     """{"ttt" | "affine" | "attention" | "other": mixer class names}, from each layer type's registered
-    CP strategy (models/registry.py): the scan-level TTT pass, prefix-capable (affine state update),
+    CP strategy (models/layers/registry.py): the scan-level TTT pass, prefix-capable (affine state update),
     attention, or the generic state pass."""
-    from models.registry import layer_spec
+    from models.layers.registry import layer_spec
 
     base = model.model if hasattr(model, "model") else model
     kinds = {}
@@ -147,7 +147,7 @@ def _cp_doc_starts(module, kwargs: dict, dims: ParallelDims) -> None:
     rank r−1's piece: one all-gather); ``comm.varlen`` ← whether any rank's piece holds a start (one
     all-reduce), so that every rank takes the same exchange path. All CP ranks pass the same kind of
     argument; with neither, nothing is exchanged."""
-    from models.varlen import doc_starts_from_ids
+    from models.common.varlen import doc_starts_from_ids
 
     comm = module._cp_comm
     comm.varlen = False

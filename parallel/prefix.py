@@ -12,7 +12,7 @@ rank r folds the ones before it into its incoming state (P−1 small matmuls):
 
 then runs (or corrects) its piece from S_in(r). Rank-to-rank latency is one all-gather instead of
 P−1 hops. Used by ``parallel.context.CPPrefixDeltaNet`` (cp_mode="prefix") for DeltaNet and
-Gated DeltaNet, whose summaries come from their WY chunk form (models/deltanet.py
+Gated DeltaNet, whose summaries come from their WY chunk form (models/ops/delta_rule/chunk.py
 ``delta_rule_summary``); TTT, Titans and LaCT are not affine, so ``parallelize`` refuses
 cp_mode="prefix" for them. Also tested on a token-loop DeltaNet in tests/parallel.
 

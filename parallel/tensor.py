@@ -323,7 +323,7 @@ def check_tp(config, dims: ParallelDims) -> None:
         ("vocab_size", config.vocab_size),
         ("intermediate_size", config.intermediate_size),
     ]
-    from models.registry import layer_spec
+    from models.layers.registry import layer_spec
 
     for name in sorted({n for t in set(getattr(config, "mixer_types", ())) for n in layer_spec(t).tp_divisible}):
         checks.append((name, getattr(config, name)))
@@ -358,7 +358,7 @@ def _shard_conv(conv: nn.Module, dims: ParallelDims) -> None:
 
 
 def tp_ttt_layer(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
-    """Shards a models.ttt.TTTLayer by heads, in place."""
+    """Shards a models.layers.ttt.TTTLayer by heads, in place."""
     H, tp = layer.num_heads, dims.tp
     _check_heads("num_heads", H, dims)
     for name in ("q_proj", "k_proj", "v_proj", "g_proj", "lr_gate"):
@@ -379,7 +379,7 @@ def tp_ttt_layer(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) 
 
 
 def apply_tp_plan(layer: nn.Module, plan, dims: ParallelDims, copy_input: bool = True) -> None:
-    """A declarative plan (models.registry.TPPlan) by heads: its column-parallel projections, the
+    """A declarative plan (models.layers.registry.TPPlan) by heads: its column-parallel projections, the
     short convs' channels, per-head parameters; the shared parameters' gradients summed over TP; the
     row-parallel output projection. Names a module does not have are skipped."""
     _check_heads("num_heads", layer.num_heads, dims)
@@ -403,7 +403,7 @@ def apply_tp_plan(layer: nn.Module, plan, dims: ParallelDims, copy_input: bool =
 
 
 def tp_attention(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
-    """models.attention.AttentionLayer by heads (q/k/v column-, o row-parallel). The persistent
+    """models.common.attention.AttentionLayer by heads (q/k/v column-, o row-parallel). The persistent
     tokens and the q/k RMSNorm weights are shared by all heads: gradients summed over TP."""
     _check_heads("num_heads", layer.num_heads, dims)
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -421,7 +421,7 @@ def tp_attention(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) 
 
 
 def tp_titans_memory(mem: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
-    """models.titans.TitansMemory by heads. ``gates`` is [θ | η | α] × heads: sharded with stride 3
+    """models.layers.titans.TitansMemory by heads. ``gates`` is [θ | η | α] × heads: sharded with stride 3
     (each rank keeps its heads' rows of all three). Memory weights W1..WL by head."""
     _check_heads("num_heads", mem.num_heads, dims)
     for name in ("q_proj", "k_proj", "v_proj", "g_proj"):
@@ -471,9 +471,9 @@ class TPTitansMAC:
 
 
 def tp_titans_block(block: nn.Module, dims: ParallelDims) -> None:
-    """TitansMAG / TitansMAL / TitansMAC (models/titans.py): memory and attention by heads, the
+    """TitansMAG / TitansMAL / TitansMAC (models/layers/titans.py): memory and attention by heads, the
     full-width norms and gates exact (they act on all-reduced, replicated tensors)."""
-    from models.titans import TitansMAC, TitansMAG, TitansMAL
+    from models.layers.titans import TitansMAC, TitansMAG, TitansMAL
 
     from .context import swap_class
 
@@ -500,7 +500,7 @@ def tp_titans_block(block: nn.Module, dims: ParallelDims) -> None:
 
 
 def tp_lact(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
-    """models.lact.LaCTLayer by heads. The shared [q | k | v] projection is sharded with stride 3;
+    """models.layers.lact.LaCTLayer by heads. The shared [q | k | v] projection is sharded with stride 3;
     rank r's channels are attention heads r·nh/tp.. and fast-weight heads r·nl/tp.. at once (both
     must be divisible by tp). Per-channel q/k scale/offset by channel, W0/W1/W2 by fast head,
     per-head gates column-parallel; the fast-weight RMSNorm's weight is shared (gradient summed)."""
@@ -524,7 +524,7 @@ def tp_lact(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> No
 
 
 def tp_tnt(layer: nn.Module, dims: ParallelDims, copy_input: bool = True) -> None:
-    """models.tnt.TNTLayer by heads, as a Titans memory: q/k/v/g column-parallel, ``gates`` is
+    """models.layers.tnt.TNTLayer by heads, as a Titans memory: q/k/v/g column-parallel, ``gates`` is
     [θ | η | α] × heads for each of the 1 + N memories (stride 3·(1 + N)), every memory's initial
     weights and the convs by head/channel, o_proj row-parallel."""
     _check_heads("num_heads", layer.num_heads, dims)
@@ -556,7 +556,7 @@ class TPCMSLevel:
 
 
 def tp_hope(layer: nn.Module, dims: ParallelDims) -> None:
-    """models.hope.HopeLayer by heads: q/u/g column-parallel, the five memories' initial weights and
+    """models.layers.hope.HopeLayer by heads: q/u/g column-parallel, the five memories' initial weights and
     the rate biases by head, o_proj row-parallel; each CMS level: v_proj/lr_gate column-parallel,
     its fast weights by head, o_proj row-parallel, its heads read this rank's channels (TPCMSLevel)."""
     from .context import swap_class
@@ -587,7 +587,7 @@ def tp_hope(layer: nn.Module, dims: ParallelDims) -> None:
 
 
 def tp_miras_atlas(layer: nn.Module, dims: ParallelDims) -> None:
-    """models.miras.MirasLayer (Moneta/Yaad/Memora) and models.atlas.AtlasLayer by heads: q/k/v/g
+    """models.layers.miras.MirasLayer (Moneta/Yaad/Memora) and models.layers.atlas.AtlasLayer by heads: q/k/v/g
     column-parallel, ``gates`` ([η | retention | (δ)] or [η | θ | α | γ] × heads) sharded with the
     number of gate blocks as stride, convs by channel, the memory's initial weights (and Miras's LN,
     ATLAS's feature coefficients) by head, o_proj row-parallel."""
@@ -608,9 +608,9 @@ def tp_miras_atlas(layer: nn.Module, dims: ParallelDims) -> None:
 
 
 def tp_mixer(mixer: nn.Module, dims: ParallelDims, layer_type: str) -> None:
-    """The TP plan its layer type registered (models/registry.py): a TPPlan, or one of the plan
+    """The TP plan its layer type registered (models/layers/registry.py): a TPPlan, or one of the plan
     functions of this file by name. Splitting by heads needs heads that do not interact in the scan."""
-    from models.registry import layer_spec
+    from models.layers.registry import layer_spec
 
     spec = layer_spec(layer_type)
     if not spec.heads_independent:

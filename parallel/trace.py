@@ -10,7 +10,7 @@ Recorded per rank (pid = rank; tid 0 compute, tid 1 communication; times in µs 
 monotonic clock, the same for every process of one machine):
 
     L{l} block      / L{l} block.bwd     a block's forward / backward
-    L{l} scan       / L{l} scan.bwd      the serial part: the mixer's ``scan`` (models/state.py);
+    L{l} scan       / L{l} scan.bwd      the serial part: the mixer's ``scan`` (models/common/state.py);
                                          an attention layer's own forward
     L{l} mlp        / L{l} mlp.bwd       the block's MLP
     send/recv {state,pre_conv,halo,meta,halo_meta} L{l} [grad]
@@ -165,7 +165,7 @@ def _wrap_module(module, tracer: Tracer, name: str, layer: int):
 
 
 def _traced_scan(layer, tracer: Tracer, idx: int, name: str = "scan"):
-    """The mixer's ``scan(inputs, state)`` (models/state.py; under 2-D CP ``_scan2d(inputs, state, …)``)
+    """The mixer's ``scan(inputs, state)`` (models/common/state.py; under 2-D CP ``_scan2d(inputs, state, …)``)
     with a span around it (forward) and marks on its top-level input and output tensors (backward)."""
     scan = getattr(type(layer), name)
     begin, end = _bwd_pair(tracer, "scan", idx)
@@ -205,7 +205,7 @@ class _ScanSpan:
 
 def attach_tracer(model, rank: int | None = None) -> Tracer:
     """Installs the recorder on ``model`` (plain or parallelized) and returns it."""
-    from models.state import Mixer
+    from models.common.state import Mixer
 
     if getattr(model, "_tracer", None) is not None:
         raise ValueError("a tracer is already attached to this model")

@@ -70,7 +70,7 @@ class UlyssesTTT:
     """Mixin swapped into a TTTLayer's class (see :func:`parallel.context.swap_class`)."""
 
     def forward(self, x: torch.Tensor, state=None):
-        from models.ttt import TTTState
+        from models.layers.ttt import TTTState
 
         if state is not None:
             raise ValueError("under context parallelism pass memory_state=None")

@@ -48,8 +48,8 @@ _GPU_PEAKS = {  # substring of torch.cuda.get_device_name() → {precision: peak
 
 def _scan_flops(config, kind: str, seq_len: int) -> float:
     """Forward FLOPs per token of one layer's sequence mixing (everything but its Linear layers): the
-    formula its layer type registered (models/registry.py)."""
-    from models.registry import layer_spec
+    formula its layer type registered (models/layers/registry.py)."""
+    from models.layers.registry import layer_spec
 
     return layer_spec(kind).flops(config, seq_len)
 
@@ -62,7 +62,7 @@ def flops_per_token(config, seq_len: int | None = None) -> dict:
     each layer type's formula in :func:`_scan_flops`.
     """
     from models import MemoryLMForCausalLM
-    from models.modules import CausalConv1d
+    from models.common.modules import CausalConv1d
 
     seq_len = seq_len or config.max_position_embeddings
     with torch.device("meta"):

@@ -55,10 +55,10 @@ def guard_deepspeed_loads(engine) -> None:
 
 # ------------------------------------------------------------------------- trees in safetensors
 def _STATE_CLASSES() -> dict:
-    from models.modeling_memory import MemoryState
-    from models.state import LayerState
-    from models.ttt import TTTState
-    from models.varlen import RowStates
+    from models.hf.modeling_memory import MemoryState
+    from models.common.state import LayerState
+    from models.layers.ttt import TTTState
+    from models.common.varlen import RowStates
 
     return {c.__name__: c for c in (MemoryState, LayerState, TTTState, RowStates)}
 

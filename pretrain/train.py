@@ -73,7 +73,7 @@ def build_model_config(cfg: TrainConfig):
 def set_tnt_local_chunk_sizes(mcfg, value: str) -> None:
     """TNT stage 2 (fine-tuning): new chunk sizes of the local memories. Only the frozen-gradient
     scope changes, no parameter, so the number of local memories must stay the model's."""
-    from models.configuration_memory import _int_list
+    from models.hf.configuration_memory import _int_list
 
     if "tnt" not in mcfg.mixer_types:
         raise ConfigError(f"--tnt-local-chunk-sizes applies to TNT models; this one has {sorted(set(mcfg.mixer_types))}")

@@ -33,7 +33,7 @@ class PlanError(ValueError):
 def model_config(size: str, layer: str, base_model: str = "tiny", **overrides):
     """MemoryLMConfig for a size spec and a memory-layer type."""
     from models import MEMORY_LAYERS, PRESETS, preset_config
-    from models.configuration_memory import ATTENTION_LAYERS
+    from models.hf.configuration_memory import ATTENTION_LAYERS
 
     if layer in ATTENTION_LAYERS:  # the attention baseline: every block's mixer is attention
         overrides = {"layer_pattern": layer, **overrides}

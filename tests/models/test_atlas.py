@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from models import MemoryLMConfig
-from models.atlas import AtlasLayer, atlas_scan_chunked, atlas_scan_reference, poly_feature_dim, poly_features
-from models.modeling_memory import build_mixer
+from models.layers.atlas import AtlasLayer
+from models.ops.atlas.chunk import atlas_scan_chunked, poly_feature_dim, poly_features
+from models.ops.atlas.naive import atlas_scan_reference
+from models.hf.modeling_memory import build_mixer
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, run_pieces)
 

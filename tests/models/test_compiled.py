@@ -4,7 +4,7 @@ compiled graph (``torch.compiler.disable``); everything around them is compiled.
 import pytest
 import torch
 
-from models.ttt import TTTLayer
+from models.layers.ttt import TTTLayer
 from tests.models.helpers import perturb
 
 pytestmark = pytest.mark.slow  # inductor compiles C++ on the CPU: ~20-60 s per layer

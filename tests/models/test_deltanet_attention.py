@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from models.attention import AttentionLayer, windowed_attention
-from models.deltanet import DeltaNetLayer, delta_rule_chunked, delta_rule_reference
-from models.parts import l2_normalize
-from models.scan import linear_scan, torch_linear_scan
+from models.common.attention import AttentionLayer, windowed_attention
+from models.layers.deltanet import DeltaNetLayer
+from models.ops.delta_rule.chunk import delta_rule_chunked
+from models.ops.delta_rule.naive import delta_rule_reference
+from models.common.parts import l2_normalize
+from models.common.scan import linear_scan, torch_linear_scan
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, random_cuts)
 

@@ -1,5 +1,6 @@
 """Every mixer type inside the HF model: an exported folder (model code inside) loads and runs
 without this project installed, presets of the families, and their parameter counts."""
+import ast
 import importlib.util
 import os
 import subprocess
@@ -10,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from models import MemoryLMForCausalLM, preset_config
-from models.hf_folder import MODEL_CODE_FILES, save_model_folder
-from models.registry import LAYERS
+from models.hf_folder import MODEL_CODE_FILES, copy_model_code, flat_name, save_model_folder
+from models.layers.registry import LAYERS
 from tests.models.test_convert_official import REPO, STANDALONE
 
-ALL_TYPES = list(LAYERS)  # every registered mixer type (models/registry.py)
+ALL_TYPES = list(LAYERS)  # every registered mixer type (models/layers/registry.py)
 
 
 def all_types_model():
@@ -26,8 +27,20 @@ def all_types_model():
 
 def test_every_model_file_is_exported():
     here = REPO / "models"
-    code = {p.name for p in here.glob("*.py")} - {"__init__.py", "presets.py", "convert_official.py", "hf_folder.py"}
+    code = {str(p.relative_to(here)) for p in here.rglob("*.py")} - {"presets.py", "convert_official.py", "hf_folder.py"}
+    code = {c for c in code if not c.endswith("__init__.py")}
     assert code <= set(MODEL_CODE_FILES), sorted(code - set(MODEL_CODE_FILES))
+
+
+def test_export_is_flat_with_rewritten_imports(tmp_path):
+    """The nested package is written flat (one name per file) and every relative import names a flat sibling."""
+    copy_model_code(tmp_path)
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {flat_name(p) for p in MODEL_CODE_FILES} and "ops_ttt_chunk.py" in written
+    for path in tmp_path.iterdir():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in written, (path.name, node.lineno)
 
 
 def test_all_layer_types_train_under_bf16_autocast():
@@ -44,8 +57,9 @@ def test_all_layer_types_train_under_bf16_autocast():
     assert not bad, bad
 
 
-def test_all_layer_types_standalone_remote_code(tmp_path):
-    model = all_types_model()
+def _standalone(model, tmp_path, extra: str, block_triton: bool = False):
+    """Exports ``model``, loads it in a fresh process without this project's packages (and, with
+    ``block_triton``, without triton) and returns (max logit error, loss error, the last line ``extra`` printed)."""
     ids = torch.randint(0, 128, (2, 19))
     with torch.no_grad():
         out = model(ids, labels=ids)
@@ -54,27 +68,57 @@ def test_all_layer_types_standalone_remote_code(tmp_path):
     save_file({"input_ids": ids, "logits": out.logits, "loss": out.loss}, tmp_path / "io.safetensors")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    res = subprocess.run([sys.executable, "-c", STANDALONE.replace("REPO_PATH", repr(str(REPO))) + KERNELS_FOUND,
-                          str(dst), str(tmp_path / "io.safetensors")], capture_output=True, text=True, cwd=tmp_path,
-                         env=env, timeout=300)
+    script = (BLOCK_TRITON if block_triton else "") + STANDALONE.replace("REPO_PATH", repr(str(REPO))) + extra
+    res = subprocess.run([sys.executable, "-c", script, str(dst), str(tmp_path / "io.safetensors")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    errors, kernels = res.stdout.strip().splitlines()[-2:]
+    errors, found = res.stdout.strip().splitlines()[-2:]
     logit_err, loss_err = map(float, errors.split())
+    return logit_err, loss_err, found
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton importable")
+def test_all_layer_types_standalone_remote_code(tmp_path):
+    """The exported folder loads with trust_remote_code and gives the same logits; its Triton kernel files reach
+    transformers' remote-code cache and load there (TTT, Titans, LaCT)."""
+    logit_err, loss_err, kernels = _standalone(all_types_model(), tmp_path, KERNELS_FOUND)
     assert logit_err <= 1e-5 and loss_err <= 1e-6
-    # the Triton kernel files reach transformers' remote-code cache (where triton is importable, they load)
-    if importlib.util.find_spec("triton") is not None:
-        assert kernels == "triton_ttt:True triton_memory:True", kernels
+    assert kernels == "ops_ttt_triton:True ops_titans_triton:True ops_lact_triton:True", kernels
 
 
-# appended to STANDALONE: the exported model's package finds its Triton kernels modules
+def test_all_layer_types_standalone_without_triton(tmp_path):
+    """Where triton is not importable the exported folder still loads (transformers' import check skips the
+    kernel files' guarded ``import triton``), every Triton path reports unavailable and the PyTorch path gives
+    the same logits."""
+    logit_err, loss_err, kernels = _standalone(all_types_model(), tmp_path, NO_KERNELS, block_triton=True)
+    assert logit_err <= 1e-5 and loss_err <= 1e-6
+    assert kernels == "ops_ttt_triton:False ops_titans_triton:False ops_lact_triton:False", kernels
+
+
+# prepended to STANDALONE: triton cannot be imported
+BLOCK_TRITON = """
+import sys
+sys.modules["triton"] = None
+"""
+# appended to STANDALONE: the exported model's package finds its Triton kernels modules (from the remote-code
+# cache: the kernels module is a sibling of the model's module there)
 KERNELS_FOUND = """
 import importlib
 package = type(model).__module__.rsplit(".", 1)[0]
 found = []
-for name, kernel in (("triton_ttt", "_ttt_linear_fwd"), ("triton_memory", "_titans_fwd")):
+for name, kernel in (("ops_ttt_triton", "_ttt_linear_fwd"), ("ops_titans_triton", "_titans_fwd"),
+                     ("ops_lact_triton", "_lact_apply")):
     module = importlib.import_module(package + "." + name)
-    found.append(f"{name}:{module.AVAILABLE and hasattr(module._kernels(), kernel)}")
+    kernels = module._kernels()
+    ok = module.AVAILABLE and hasattr(kernels, kernel) and kernels.__name__.startswith(package + ".")
+    found.append(f"{name}:{ok}")
 print(*found)
+"""
+NO_KERNELS = """
+import importlib
+package = type(model).__module__.rsplit(".", 1)[0]
+print(*(f"{n}:{importlib.import_module(package + '.' + n).AVAILABLE}"
+        for n in ("ops_ttt_triton", "ops_titans_triton", "ops_lact_triton")))
 """
 
 

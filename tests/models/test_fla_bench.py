@@ -9,7 +9,7 @@ import torch.nn.functional as F
 pytest.importorskip("fla")
 
 from bench import fla_ops  # noqa: E402
-from models.deltanet import delta_rule_chunked  # noqa: E402
+from models.ops.delta_rule.chunk import delta_rule_chunked  # noqa: E402
 
 
 @pytest.mark.parametrize("layer", ["deltanet", "gated_deltanet"])

@@ -1,12 +1,13 @@
-"""Hope (models/hope.py): the self-modifying memory and the continuum memory system — chunked =
+"""Hope (models/layers/hope.py): the self-modifying memory and the continuum memory system — chunked =
 token-by-token reference, one call = pieces, gradcheck, CMS update timing."""
 import pytest
 import torch
 
 from models import MemoryLMConfig
-from models.hope import (HopeLayer, cms_level_chunked, cms_level_reference, self_modifying_chunked,
-                         self_modifying_reference)
-from models.modeling_memory import build_mixer
+from models.layers.hope import HopeLayer
+from models.ops.hope.chunk import cms_level_chunked, self_modifying_chunked
+from models.ops.hope.naive import cms_level_reference, self_modifying_reference
+from models.hf.modeling_memory import build_mixer
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, random_cuts, run_pieces)
 

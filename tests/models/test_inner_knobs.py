@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from models import MemoryLMConfig, MemoryLMForCausalLM, preset_config
-from models.configuration_memory import INNER_KNOB_LAYERS, MEMORY_LAYERS
-from models.deltanet import DeltaNetLayer, delta_rule_recipe
-from models.lact import LaCTLayer
-from models.modeling_memory import build_mixer
-from models.parts import InnerKnobs, clip_grad_per_layer
-from models.reference import memory_scan_reference
-from models.titans import TitansMemory
-from models.ttt import TTTLayer
+from models.hf.configuration_memory import INNER_KNOB_LAYERS, MEMORY_LAYERS
+from models.layers.deltanet import DeltaNetLayer
+from models.ops.delta_rule.naive import delta_rule_recipe
+from models.layers.lact import LaCTLayer
+from models.hf.modeling_memory import build_mixer
+from models.common.parts import InnerKnobs, clip_grad_per_layer
+from models.common.reference import memory_scan_reference
+from models.layers.titans import TitansMemory
+from models.layers.ttt import TTTLayer
 from tests.models.helpers import check_one_call_equals_pieces, max_state_diff, perturb, run_pieces
 
 F64 = torch.float64
@@ -148,7 +149,7 @@ def test_reference_delta_product_pull_schedule_by_hand():
 def test_reference_ttt_steps_by_hand(b):
     """TTT-Linear (mse) with K = 3: θ_t^(s) = θ₀ − s_i Σ_{j≤t} η_j Σ_{k≤s} ∇ℓ_j(θ_j^(k−1)) within each
     mini-batch (θ_j^(0) = θ₀), o_t = q_t + q̃_t θ_t^(K); for b = 1 these are K plain GD steps."""
-    from models.reference import ttt_scan_reference
+    from models.ops.ttt.naive import ttt_scan_reference
 
     g = torch.Generator().manual_seed(2)
     T, d, K = 9, 3, 3
@@ -268,7 +269,7 @@ def test_knob_table_names_registered_layers_and_attention_is_ignored():
                                          ("titans", dict(inner_grad_clip=0.1, inner_lr_schedule="inverse:0.2",
                                                          inner_loss="next_token"))])
 def test_packed_documents_restart_schedule_and_next_token(layer, knobs):
-    """With document resets (models/varlen.py) t of the schedule restarts at 0 and a document's first
+    """With document resets (models/common/varlen.py) t of the schedule restarts at 0 and a document's first
     token has no next_token pair: a packed row = each document alone."""
     torch.manual_seed(0)
     cfg = preset_config("test", memory_layer=layer, mini_batch_size=4, deltanet_chunk_size=4, titans_chunk_size=4,

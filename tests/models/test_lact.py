@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from models import MemoryLMConfig
-from models.lact import LaCTLayer, lact_scan_chunked, lact_scan_reference
-from models.parts import newton_schulz
+from models.layers.lact import LaCTLayer
+from models.ops.lact.chunk import lact_scan_chunked
+from models.ops.lact.naive import lact_scan_reference
+from models.common.parts import newton_schulz
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, random_cuts)
 

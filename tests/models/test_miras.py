@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from models import MemoryLMConfig
-from models.miras import (MirasLayer, decay_coefficients, huber_grad, huber_loss, lp_grad, lp_loss, lq_normaliser,
-                          miras_scan_chunked, miras_scan_reference, softmax_memory)
-from models.modeling_memory import build_mixer
+from models.layers.miras import MirasLayer
+from models.ops.miras.chunk import (decay_coefficients, huber_grad, huber_loss, lp_grad, lp_loss, lq_normaliser,
+                                    miras_scan_chunked, softmax_memory)
+from models.ops.miras.naive import miras_scan_reference
+from models.hf.modeling_memory import build_mixer
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, run_pieces)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.modules import CausalConv1d, causal_conv1d_reference
+from models.common.modules import CausalConv1d, causal_conv1d_reference
 
 F64 = torch.float64
 

@@ -1,5 +1,5 @@
 """Padded batches (attention_mask): a left-padded row is a document that starts at its first real
-token (models/varlen.py restarts every mixer there), so forward, greedy generation and the loss of a
+token (models/common/varlen.py restarts every mixer there), so forward, greedy generation and the loss of a
 padded batch equal those of each row alone, for every mixer; what cannot be exact is one clear error."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every registered layer type (models/registry.py) at its registered test sizes, float64: the chunked
+"""Every registered layer type (models/layers/registry.py) at its registered test sizes, float64: the chunked
 form equals the token-by-token reference, one call equals the same tokens fed in pieces through the state, greedy decoding token by token equals the
 full forward, the declared fast-weight rule holds, the config round-trips the layer's own fields.
 (Packed documents: tests/models/test_varlen.py; the exported folder: tests/models/test_families_model.py;
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import MemoryLMConfig, MemoryLMForCausalLM, preset_config
-from models.registry import LAYERS
+from models.layers.registry import LAYERS
 from tests.models.helpers import perturb
 
 NAMES = list(LAYERS)

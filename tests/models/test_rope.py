@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.modules import apply_interleaved_rope, rope_cos_sin
+from models.common.modules import apply_interleaved_rope, rope_cos_sin
 
 
 def _real_form(x, cos, sin):

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from models import MemoryLMConfig
-from models.modeling_memory import build_mixer
-from models.titans import (TitansMemory, _segment, _whole_chunks, decay_products, decay_products_reference,
-                           titans_coefficients, titans_coefficients_scan,
-                           titans_scan_chunked, titans_scan_reference)
-from models.titans_fused import TitansChunkScan, gelu_parts
+from models.hf.modeling_memory import build_mixer
+from models.layers.titans import TitansMemory
+from models.ops.titans.chunk import (_segment, _whole_chunks, decay_products, titans_coefficients,
+                                     titans_coefficients_scan, titans_scan_chunked)
+from models.ops.titans.naive import decay_products_reference, titans_scan_reference
+from models.ops.titans.fused import TitansChunkScan, gelu_parts
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, random_cuts)
 
@@ -168,7 +169,7 @@ def _scan_inputs(g, B, H, T, dims, momentum, position=0, b=4):
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("tau", [None, 1.0, 0.05])
 def test_fused_whole_chunks_equal_autograd_of_segments(depth, momentum, tau):
-    """titans_fused.TitansChunkScan (hand-written backward) = autograd through one _segment per chunk:
+    """ops.titans.fused.TitansChunkScan (hand-written backward) = autograd through one _segment per chunk:
     outputs, memory after the chunks and the gradients of every input (float64)."""
     g = torch.Generator().manual_seed(depth + 10 * momentum)
     N, B, H, b, d = 3, 2, 2, 4, 3

@@ -1,13 +1,15 @@
-"""TNT (models/tnt.py): chunked = token-by-token reference, one call = pieces, gradcheck, resets,
+"""TNT (models/layers/tnt.py): chunked = token-by-token reference, one call = pieces, gradcheck, resets,
 and the two-stage recipe (a model trained with one local chunk size runs with another)."""
 import pytest
 import torch
 
 from models import MemoryLMConfig, MemoryLMForCausalLM, preset_config
-from models.modeling_memory import build_mixer
-from models.titans import titans_coefficients
-from models.tnt import TNTLayer, chunk_end_coefficients, tnt_scan_chunked, tnt_scan_reference
-from models.state import LayerState
+from models.hf.modeling_memory import build_mixer
+from models.ops.titans.chunk import titans_coefficients
+from models.layers.tnt import TNTLayer
+from models.ops.tnt.chunk import chunk_end_coefficients, tnt_scan_chunked
+from models.ops.tnt.naive import tnt_scan_reference
+from models.common.state import LayerState
 from tests.models.helpers import (check_gradients_reach_every_parameter, check_one_call_equals_pieces, max_state_diff,
                                   perturb, random_cuts, run_pieces)
 
@@ -183,7 +185,7 @@ def test_initial_fast_weights_get_no_weight_decay():
 
 def test_qk_projection_in_chunks(monkeypatch):
     """The chunked linear attention of the Q-K projection (chunks of 3 here) = the token loop."""
-    import models.tnt as tnt
+    import models.ops.tnt.chunk as tnt
 
     monkeypatch.setattr(tnt, "QK_CHUNK", 3)
     layer = mixer(tnt_global_chunk_size=16, tnt_local_chunk_sizes=[2], tnt_reset_period=16)

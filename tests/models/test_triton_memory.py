@@ -1,4 +1,4 @@
-"""The Triton kernels of Titans and LaCT (models/triton_memory.py) under TRITON_INTERPRET=1 on CPU,
+"""The Triton kernels of Titans and LaCT (models/ops/titans/triton.py, models/ops/lact/triton.py) under TRITON_INTERPRET=1 on CPU,
 against the PyTorch path: outputs, final state and every gradient (≤ 1e-4 relative to the largest
 value of each tensor), fp32 and bf16 inputs, padded shapes, and whole layers called in two pieces
 with their state (the partial chunks go through PyTorch).
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import triton_memory
+from models.ops.lact import triton as lact_triton
+from models.ops.titans import triton as titans_triton
 from tests.models.helpers import run_interpreted
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def _two_call_errors(layer, x, cut=21):
 def _titans_case(depth=2, mom=True, tau=1.0, N=3, B=1, H=2, b=16, d=16, h=32, dtype=torch.float32, seed=0):
     """The kernel against the PyTorch chunk loop (titans._segment per chunk); gradients of q, k, v,
     the gates θ, η, α, every coefficient tensor and the initial weights and momenta."""
-    from models import titans
+    from models.ops.titans import chunk as titans
 
     g = torch.Generator().manual_seed(seed)
 
@@ -88,7 +89,7 @@ def _titans_case(depth=2, mom=True, tau=1.0, N=3, B=1, H=2, b=16, d=16, h=32, dt
     for fused in (False, True):
         co = titans.titans_coefficients(lr, eta, alpha)
         if fused:
-            o, w, s = triton_memory.triton_titans_scan(W, S, q, k, v, *co, tau)
+            o, w, s = titans_triton.triton_titans_scan(W, S, q, k, v, *co, tau)
         else:
             cur, mm, outs = W, S, []
             for i in range(N):
@@ -113,7 +114,7 @@ def _titans_case(depth=2, mom=True, tau=1.0, N=3, B=1, H=2, b=16, d=16, h=32, dt
 def _titans_layer(depth=2, optimizer="momentum", max_grad_norm=1.0):
     """A whole TitansMemory (head dim 16, chunk 16) in two calls, 21 + 35 tokens: 1 full chunk + a tail,
     then a head that finishes it, 1 full chunk and a tail; kernels (MEMTRAIN_TRITON=1) against PyTorch (=0)."""
-    from models.titans import TitansMemory
+    from models.layers.titans import TitansMemory
     from tests.models.helpers import perturb
 
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def _mixer_layer(kind, **cfg):
     """TNT and Hope call titans_scan_chunked for their memories, so they run the kernel too: the whole
     mixer in two calls (21 + 19 tokens), output, floating state and every gradient, kernel against PyTorch."""
     from models import MemoryLMConfig
-    from models.modeling_memory import build_mixer
+    from models.hf.modeling_memory import build_mixer
     from tests.models.helpers import perturb
 
     torch.manual_seed(0)
@@ -141,8 +142,8 @@ def _mixer_layer(kind, **cfg):
 def _lact_case(B=1, H=2, n=40, d=16, dh=32, dtype=torch.float32, block_t=16, block_j=16, seed=0):
     """The fused apply + gradient sums against swiglu_memory + lact_grads (n = 40: three token blocks,
     the last partial; d_h = 32: two d_h blocks)."""
-    from models.lact import lact_grads
-    from models.parts import swiglu_memory
+    from models.ops.lact.chunk import lact_grads
+    from models.common.parts import swiglu_memory
 
     g = torch.Generator().manual_seed(seed)
     shapes = {"W0": (d, dh), "W1": (dh, d), "W2": (d, dh)}
@@ -153,7 +154,7 @@ def _lact_case(B=1, H=2, n=40, d=16, dh=32, dtype=torch.float32, block_t=16, blo
     res = {}
     for fused in (False, True):
         if fused:
-            o, G = triton_memory.triton_lact_chunk(W, q, k, v, *lrs, block_t=block_t, block_j=block_j)
+            o, G = lact_triton.triton_lact_chunk(W, q, k, v, *lrs, block_t=block_t, block_j=block_j)
         else:
             o, G = swiglu_memory(W, q.float()), lact_grads(W, k.float(), v.float(), *[t.float() for t in lrs])
         outs = [o, G["W0"], G["W1"], G["W2"]]
@@ -169,7 +170,7 @@ def _lact_case(B=1, H=2, n=40, d=16, dh=32, dtype=torch.float32, block_t=16, blo
 def _lact_layer(optimizer="muon", momentum=True):
     """A whole LaCTLayer (fast head dim 16, d_h 32, chunk 16) in two calls, 21 + 19 tokens (a chunk,
     a piece that the second call finishes, a chunk, a tail); kernels against PyTorch."""
-    from models.lact import LaCTLayer
+    from models.layers.lact import LaCTLayer
     from tests.models.helpers import perturb
 
     torch.manual_seed(0)
@@ -238,19 +239,20 @@ def test_selection(monkeypatch):
     w = [torch.zeros(1, 2, 64, 128), torch.zeros(1, 2, 128, 64)]
     lw = {"W0": torch.zeros(1, 2, 64, 64), "W1": torch.zeros(1, 2, 64, 64), "W2": torch.zeros(1, 2, 64, 64)}
     monkeypatch.delenv("MEMTRAIN_TRITON", raising=False)
-    assert not triton_memory.use_triton_titans(x, w, 64)  # CPU tensors: the PyTorch path
-    assert not triton_memory.use_triton_lact(x, lw)
+    assert not titans_triton.use_triton_titans(x, w, 64)  # CPU tensors: the PyTorch path
+    assert not lact_triton.use_triton_lact(x, lw)
     monkeypatch.setenv("MEMTRAIN_TRITON", "1")
-    on = triton_memory.AVAILABLE
-    assert triton_memory.use_triton_titans(x, w, 64) == on
-    assert triton_memory.use_triton_titans(x, w[:1], 7) == on  # depth 1, any chunk (padded)
-    assert not triton_memory.use_triton_titans(x, w + w[:1], 64)  # depth 3: the PyTorch loop
-    assert not triton_memory.use_triton_titans(x.double(), w, 64)  # fp32 kernels
-    assert triton_memory.use_triton_lact(x, lw) == on
-    assert not triton_memory.use_triton_lact(x.double(), lw)
+    on = titans_triton.AVAILABLE
+    assert lact_triton.AVAILABLE == on
+    assert titans_triton.use_triton_titans(x, w, 64) == on
+    assert titans_triton.use_triton_titans(x, w[:1], 7) == on  # depth 1, any chunk (padded)
+    assert not titans_triton.use_triton_titans(x, w + w[:1], 64)  # depth 3: the PyTorch loop
+    assert not titans_triton.use_triton_titans(x.double(), w, 64)  # fp32 kernels
+    assert lact_triton.use_triton_lact(x, lw) == on
+    assert not lact_triton.use_triton_lact(x.double(), lw)
     monkeypatch.setenv("MEMTRAIN_TRITON", "0")
-    assert not triton_memory.use_triton_titans(x, w, 64)
-    assert not triton_memory.use_triton_lact(x, lw)
+    assert not titans_triton.use_triton_titans(x, w, 64)
+    assert not lact_triton.use_triton_lact(x, lw)
 
 
 def test_cuda_selection_bounds(monkeypatch):
@@ -258,7 +260,8 @@ def test_cuda_selection_bounds(monkeypatch):
     beyond (the default 64×128 + 128×64 memory needs 304 KB of shared memory on sm_90); LaCT automatic up
     to d = 128, asked-for up to 256; neither where the device's blocks have less shared memory."""
     monkeypatch.delenv("MEMTRAIN_TRITON", raising=False)
-    monkeypatch.setattr(triton_memory, "AVAILABLE", True)
+    monkeypatch.setattr(titans_triton, "AVAILABLE", True)
+    monkeypatch.setattr(lact_triton, "AVAILABLE", True)
     shared = {"bytes": 227 * 1024}  # an H100/H200 block
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: type("Props", (), {"shared_memory_per_block_optin": shared["bytes"]}))
@@ -272,7 +275,7 @@ def test_cuda_selection_bounds(monkeypatch):
     def mats(*dims):
         return [torch.zeros(1, 1, a, b) for a, b in zip(dims[:-1], dims[1:])]
 
-    titans, lact, x = triton_memory.use_triton_titans, triton_memory.use_triton_lact, Cuda(1)
+    titans, lact, x = titans_triton.use_triton_titans, lact_triton.use_triton_lact, Cuda(1)
     lw = {n: torch.zeros(1, 1, 128, 128) for n in ("W0", "W1", "W2")}
     assert titans(x, mats(64, 64), 64) and titans(x, mats(32, 64, 32), 64) and titans(x, mats(12, 24, 12), 5)
     assert not titans(x, mats(64, 64, 64), 16)  # 2·64×64: asked-for only

@@ -1,4 +1,4 @@
-"""The Triton chunk kernels of TTT-Linear and TTT-MLP (models/triton_ttt.py) under TRITON_INTERPRET=1
+"""The Triton chunk kernels of TTT-Linear and TTT-MLP (models/ops/ttt/triton.py) under TRITON_INTERPRET=1
 on CPU, against the PyTorch chunked path: outputs, final weights and every gradient (fp32, ≤ 1e-4 relative
 to the largest value).
 
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from models import triton_ttt
+from models.ops.ttt import triton as triton_ttt
 from tests.models.helpers import run_interpreted
 
 TOL = 1e-4
@@ -41,8 +41,8 @@ def _mlp_inputs(N=3, B=1, H=2, b=16, d=16, h=64, seed=0):
 
 
 def _run_mlp(fused, W1, W2, q, k, tgt, lr, scale, ln_w, ln_b):
-    from models import ttt_chunk
-    from models.ttt_fused import mlp_scan
+    from models.ops.ttt import chunk as ttt_chunk
+    from models.ops.ttt.fused import mlp_scan
 
     eta = ttt_chunk._causal_eta(scale, lr)
     mix1 = eta * (q @ k.transpose(-1, -2) + 1.0)
@@ -54,8 +54,8 @@ def _run_mlp(fused, W1, W2, q, k, tgt, lr, scale, ln_w, ln_b):
 
 
 def _run(fused, W, q, k, tgt, lr, scale, ln_w, ln_b):
-    from models import ttt_chunk
-    from models.ttt_fused import linear_scan
+    from models.ops.ttt import chunk as ttt_chunk
+    from models.ops.ttt.fused import linear_scan
 
     q32, k32, t32 = q.float(), k.float(), tgt.float()
     mix = ttt_chunk._causal_eta(scale, lr) * (q32 @ k32.transpose(-1, -2) + 1.0)
@@ -104,7 +104,7 @@ def _mlp_kernel_errors(N=3):
 def _layer_errors(inner="linear"):
     """A whole TTT layer (2 full mini-batches + a tail of 8) with the kernels selected
     (MEMTRAIN_TRITON=1) against the PyTorch path (=0): output, state, every gradient."""
-    from models.ttt import TTTLayer
+    from models.layers.ttt import TTTLayer
     from tests.models.helpers import perturb
 
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
-"""The hand-written backward of the chunked TTT scan (models/ttt_fused.py) = autograd of the reference."""
+"""The hand-written backward of the chunked TTT scan (models/ops/ttt/fused.py) = autograd of the reference."""
 import pytest
 import torch
 
-from models.ttt import TTTLayer
+from models.layers.ttt import TTTLayer
 from tests.models.helpers import perturb
 
 

@@ -4,9 +4,9 @@ import itertools
 import pytest
 import torch
 
-from models.reference import ttt_scan_reference
-from models.ttt import TTTLayer
-from models.ttt_chunk import ttt_scan_chunked
+from models.ops.ttt.naive import ttt_scan_reference
+from models.layers.ttt import TTTLayer
+from models.ops.ttt.chunk import ttt_scan_chunked
 from tests.models.helpers import max_state_diff, run_pieces
 
 INNERS = ["linear", "mlp"]

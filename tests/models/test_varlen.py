@@ -1,4 +1,4 @@
-"""Packed documents (models/varlen.py): a row of documents gives exactly the outputs, gradients and
+"""Packed documents (models/common/varlen.py): a row of documents gives exactly the outputs, gradients and
 final states of running each document alone — for every registered mixer (pre-conv, q/k convs,
 momentum, attention windows, RoPE and chunk grids restart at the document start), with an incoming
 state, while decoding, and for the training reset policies."""
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from models import MemoryLMForCausalLM, preset_config
-from models.configuration_memory import ATTENTION_LAYERS, MEMORY_LAYERS
-from models.modeling_memory import MemoryState
-from models.varlen import RowStates, _length_groups, doc_starts_from_cu_seqlens, doc_starts_from_ids, run_segments
+from models.hf.configuration_memory import ATTENTION_LAYERS, MEMORY_LAYERS
+from models.hf.modeling_memory import MemoryState
+from models.common.varlen import (RowStates, _length_groups, doc_starts_from_cu_seqlens, doc_starts_from_ids,
+                                  run_segments)
 from tests.models.helpers import max_state_diff, perturb
 
 KINDS = sorted(MEMORY_LAYERS) + sorted(ATTENTION_LAYERS)
@@ -50,19 +51,19 @@ def segments(starts=STARTS, T=T):
 
 def state_row(state, b):
     """Row b of a model state (batched or RowStates blocks) as batch-1 blocks."""
-    from models.varlen import split_rows
+    from models.common.varlen import split_rows
 
     return [split_rows(blk, len(blk.rows) if isinstance(blk, RowStates) else _batch(blk))[b] for blk in state.layers]
 
 
 def _batch(blk):
-    from models.varlen import _leaves
+    from models.common.varlen import _leaves
 
     return _leaves(blk)[0].shape[0]
 
 
 def block_diff(a, b):
-    from models.varlen import named_tensors, position_of
+    from models.common.varlen import named_tensors, position_of
 
     ta, tb = named_tensors(a), named_tensors(b)
     assert ta.keys() == tb.keys() and position_of(a) == position_of(b)
@@ -99,7 +100,7 @@ def test_packed_row_equals_documents_alone(kind):
 @pytest.mark.parametrize("kind", ["ttt_linear", "gated_deltanet", "titans", "lact", "attention"])
 def test_gpu_grouping_is_exact(kind, monkeypatch):
     """The CUDA plan (coarse groups, padded lengths rounded up to 16) on CPU: still exact."""
-    from models import varlen
+    from models.common import varlen
 
     monkeypatch.setitem(varlen.CALL_COST_TOKENS, "cpu", varlen.CALL_COST_TOKENS["cuda"])
     monkeypatch.setitem(varlen.PAD_MULTIPLE, "cpu", varlen.PAD_MULTIPLE["cuda"])

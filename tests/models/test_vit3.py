@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from models import ViT3Config, ViT3ForImageClassification, ViT3Layer, vit3_preset_config
 from models.hf_folder import save_model_folder
-from models.vit3 import dwconv_apply, vit3_inner_step, simplified_swiglu_memory, swiglu_grads, dwconv_grad
+from models.ops.vit3.chunk import dwconv_apply, vit3_inner_step, simplified_swiglu_memory, swiglu_grads, dwconv_grad
 from tests.models.helpers import max_state_diff, perturb
 
 F64 = torch.float64

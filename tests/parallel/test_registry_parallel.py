@@ -1,11 +1,11 @@
-"""Every registered layer type (models/registry.py) at its registered test sizes: TP=2 (its TP plan)
+"""Every registered layer type (models/layers/registry.py) at its registered test sizes: TP=2 (its TP plan)
 and CP=2 (its CP strategy, ``cp_mode="pass"``) each equal the single-process model — logits, loss and
 every parameter's gradient (float32 ≤ 1e-5; float64 ≤ 1e-10 for the layers checked in float64) — and
 the full state dict gathers and loads back under TP=2. One 2-process gloo job per layer type, so
 ``-k <name>`` runs one layer."""
 import pytest
 
-from models.registry import LAYERS
+from models.layers.registry import LAYERS
 from parallel.launch import run_distributed
 from tests.parallel import workers
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models.registry import LAYERS
+from models.layers.registry import LAYERS
 
 VARIANTS = {
     "linear": dict(memory_layer="ttt_linear"),

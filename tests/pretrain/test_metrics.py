@@ -2,7 +2,7 @@
 import pytest
 
 from models import preset_config
-from models.configuration_memory import MEMORY_LAYERS
+from models.hf.configuration_memory import MEMORY_LAYERS
 from pretrain.metrics import flops_per_token
 
 

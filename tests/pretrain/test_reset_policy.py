@@ -65,7 +65,7 @@ def test_never_carries_the_state_across_steps():
 
 
 def _leaves(state):
-    from models.varlen import _leaves
+    from models.common.varlen import _leaves
 
     return [t for blk in state.layers for t in _leaves(blk)]
 
