@@ -226,7 +226,7 @@ def to_hf_tokenizer(model_path: str | os.PathLike, out_dir: str | os.PathLike) -
     special = {"unk_token": spec.unk_piece, "bos_token": spec.bos_piece, "eos_token": spec.eos_piece}
     if spec.pad_id >= 0:
         special["pad_token"] = spec.pad_piece
-    # left padding: a padded batch then runs each row exactly as alone (models/varlen.py), in generate and training
+    # left padding: a padded batch then runs each row exactly as alone (models/common/varlen.py), in generate and training
     hf = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, padding_side="left",
                                  **special)
     out = Path(out_dir)
