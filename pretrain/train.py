@@ -62,6 +62,13 @@ def build_model_config(cfg: TrainConfig):
     if (mcfg.num_attention_heads // cfg.tp) % cfg.cp_heads:
         raise ConfigError(f"--cp-heads {cfg.cp_heads} does not divide the model's {mcfg.num_attention_heads // cfg.tp} "
                           f"heads per TP rank")
+    if cfg.cp_heads > 1:
+        from parallel.context2d import check_2d_config
+
+        try:  # a layer whose heads interact in its scan, or whose heads cp_heads does not divide
+            check_2d_config(mcfg, cfg.tp, cfg.cp_heads)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.scan_checkpoint_group >= 0:
         mcfg.scan_checkpoint_group_size = cfg.scan_checkpoint_group
     if cfg.tnt_local_chunk_sizes:
