@@ -314,6 +314,16 @@ def train(cfg: TrainConfig) -> int:
             parallelize(model, dims, cp_mode="2d" if cfg.cp_heads > 1 else "pass")
         except ValueError as exc:  # a layer the CP mode does not support
             raise ConfigError(str(exc)) from None
+    if cfg.zero_stage == 3 and cfg.cp > 1:
+        # ZeRO-3 all-gathers a module's parameters at each call over DP × CP, so every CP rank must call
+        # the same modules in the same order; inside a CP block they do not (packed documents: a rank
+        # runs its mixer once per document segment). As leaves, blocks gather their parameters once
+        # per call, and every rank calls every block once per forward.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from parallel.context import CPBlock
+
+        set_z3_leaf_modules(model, [CPBlock])
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     schedule = LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.decay_fraction)
     scheduler = build_scheduler(optimizer, schedule)
