@@ -4,6 +4,15 @@
     python -m bench.cp --layer gated_deltanet --mode prefix     # the all-gather + prefix-combine scheme
     python -m bench.cp --docs 300-1000     # packed documents: every block takes the block-state pass
     python -m bench.cp --trace runs/cp_trace   # per-rank Chrome traces + merged trace.json (parallel/trace.py)
+    python -m bench.cp --cp 4 --cp-mode 2d --cp-heads 2 --against-pass    # 2-D CP (2 × 2) and the pass at 4
+    python -m bench.cp --cp 4 --cp-interleave 4 --against-pass            # 4 interleaved micro-batches per step
+
+``--cp P`` sets the CP size of the parallel run (default 2); ``--cp-mode 2d --cp-heads N`` runs the
+two-dimensional schedule (N × P/N, parallel/context2d.py); ``--cp-interleave M`` makes a step M
+micro-batches of one sequence each, run interleaved (parallel/interleave.py) — the CP=1 runs then
+accumulate the same M micro-batches; ``--against-pass`` also times the plain pass at the same P in
+the same command (same M, not interleaved), so a schedule and the pass are measured under the same load.
+Every run reports tokens/s = M·seq / step time.
 
 ``--trace DIR`` (or the environment variable MEMTRAIN_CP_TRACE=DIR) records every timed step of
 the CP=1 and CP=2 runs: DIR/cp{P}_rank{r}.json per rank and DIR/cp{P}.json merged (open in
@@ -55,37 +64,42 @@ def _steps(step, n):
     return times
 
 
-def setup(args, cp: int):
+def setup(args, cp: int, schedule: tuple = ("pass", 1, False)):
     """(model, step) of one rank of the CP=cp run (cp=1: the plain model, no process group);
-    with ``args.trace`` a tracer is attached and each step records its forward/backward spans."""
-    from parallel import cp_slice, causal_targets, global_mean_loss, init_parallel, parallel_cross_entropy, parallelize
+    ``schedule``: (cp_mode, cp_heads, interleaved); a step is ``args.cp_interleave`` micro-batches.
+    With ``args.trace`` a tracer is attached and each step records its forward/backward spans."""
+    from parallel import cp_slice, causal_targets, init_parallel, parallel_cross_entropy, parallelize
+    from parallel.interleave import global_counts, interleaved_step
 
+    mode, heads, interleave = schedule
     model = build(args).train()
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (1, args.seq), generator=gen)
-    tgt = causal_targets(ids)
+    M = getattr(args, "cp_interleave", 1)
+    batches = [torch.randint(0, args.vocab, (1, args.seq), generator=gen) for _ in range(M)]
     doc = {}
     if args.docs:  # packed documents (bench/varlen.py): doc_ids numbered over the whole row
         from bench.varlen import packed_doc_ids
 
         lo, hi = map(int, args.docs.split("-"))
         doc = {"doc_ids": packed_doc_ids(1, args.seq, lo, hi)}
+    micro = [(i, causal_targets(i)) for i in batches]
     if cp == 1:
-        def fwd():
-            logits = model(ids, **doc, use_cache=False).logits
-            return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        def fwd(mb):
+            logits = model(mb[0], **doc, use_cache=False).logits
+            return F.cross_entropy(logits.flatten(0, 1), mb[1].flatten(), ignore_index=-100, reduction="sum") / n
+        n = sum((t != -100).sum() for _, t in micro)
         sync = (lambda: None)
     else:
         import torch.distributed as dist
 
-        dims = init_parallel(tp=1, cp=cp)
-        parallelize(model, dims, cp_mode=args.mode)
-        ids_l, tgt_l = cp_slice(ids, dims), cp_slice(tgt, dims)
+        dims = init_parallel(tp=1, cp=cp, cp_heads=heads)
+        parallelize(model, dims, cp_mode=mode)
+        micro = [(cp_slice(i, dims), cp_slice(t, dims)) for i, t in micro]
         doc_l = {k: cp_slice(v, dims) for k, v in doc.items()}
+        n = global_counts([t for _, t in micro], dims).sum()
 
-        def fwd():
-            loss_sum, n = parallel_cross_entropy(model(ids_l, **doc_l).logits, tgt_l, dims)
-            return global_mean_loss(loss_sum, n, dims)
+        def fwd(mb):
+            return parallel_cross_entropy(model(mb[0], **doc_l).logits, mb[1], dims)[0] / n
         sync = dist.barrier  # a step starts together and ends when the slowest rank is done
     tracer = None
     if getattr(args, "trace", None):
@@ -96,13 +110,17 @@ def setup(args, cp: int):
     def step():
         sync()
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss = fwd()
-        t1 = time.perf_counter()
-        loss.backward()
-        if tracer is not None:
-            tracer.step_span("forward", t0, t1)
-            tracer.step_span("backward", t1, time.perf_counter())
+        if interleave:
+            interleaved_step(model, micro, fwd)
+        else:
+            for mb in micro:
+                t0 = time.perf_counter()
+                loss = fwd(mb)
+                t1 = time.perf_counter()
+                loss.backward()
+                if tracer is not None:
+                    tracer.step_span("forward", t0, t1)
+                    tracer.step_span("backward", t1, time.perf_counter())
         sync()
 
     return model, step
@@ -127,9 +145,9 @@ def merge_run(args, cp: int) -> str | None:
                         os.path.join(args.trace, f"cp{cp}.json"))
 
 
-def worker(args, cp: int):
+def worker(args, cp: int, schedule: tuple = ("pass", 1, False)):
     """One rank of the CP=cp run: its step times."""
-    model, step = setup(args, cp)
+    model, step = setup(args, cp, schedule)
     times = _steps(step, args.steps)
     save_trace(model, args, cp)
     return times
@@ -179,51 +197,72 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--mini-batch", type=int, default=16)
     p.add_argument("--layer", default="ttt_linear", choices=LAYERS)
-    p.add_argument("--mode", default="pass", choices=["pass", "prefix"], help="CP scheme (prefix: DeltaNet family)")
+    p.add_argument("--cp", type=int, default=2, help="CP size of the parallel run")
+    p.add_argument("--mode", "--cp-mode", dest="mode", default="pass", choices=["pass", "prefix", "2d"],
+                   help="CP scheme (prefix: DeltaNet family; 2d: with --cp-heads)")
+    p.add_argument("--cp-heads", type=int, default=1, help="2d: head ranks P_h (P = P_h × P_s)")
+    p.add_argument("--cp-interleave", type=int, default=1, metavar="M",
+                   help="M micro-batches per step, interleaved under CP (accumulated at CP=1)")
+    p.add_argument("--against-pass", action="store_true", help="also time the plain pass at the same --cp")
+    p.add_argument("--no-cp1", action="store_true", help="skip the CP=1 runs")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--docs", default="", metavar="MIN-MAX", help="pack documents of MIN–MAX tokens (doc_ids)")
     p.add_argument("--json", default=None)
     p.add_argument("--trace", default=os.environ.get("MEMTRAIN_CP_TRACE") or None, metavar="DIR",
                    help="write per-rank Chrome traces of the timed steps to DIR (default: $MEMTRAIN_CP_TRACE)")
     args = p.parse_args(argv)
+    if (args.mode == "2d") != (args.cp_heads > 1) or args.cp % args.cp_heads:
+        p.error("--cp-mode 2d takes --cp-heads N > 1 dividing --cp (and --cp-heads needs --cp-mode 2d)")
 
     from parallel.launch import run_distributed
 
-    print(f"model: {args.layer} (cp_mode={args.mode}), {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
-          f"mini-batch {args.mini_batch}, vocab {args.vocab}; one sequence of {args.seq} tokens; float32"
+    P, M = args.cp, args.cp_interleave
+    schedule = (args.mode, args.cp_heads, M > 1)
+    name = (f"{args.mode}" + (f" {args.cp_heads}x{P // args.cp_heads}" if args.mode == "2d" else "")
+            + (f" interleaved M={M}" if M > 1 else ""))
+    print(f"model: {args.layer}, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, mini-batch "
+          f"{args.mini_batch}, vocab {args.vocab}; a step: {M} sequence(s) of {args.seq} tokens; float32"
           + (f"; documents of {args.docs} tokens" if args.docs else ""))
-    print("torch threads: 1 per rank in every CP run (plus CP=1 with 2 threads for reference)")
+    print(f"CP={P}: {name}; torch threads: 1 per rank (plus CP=1 with 2 threads for reference)")
     # best of --steps (the machine is shared: the minimum is the least disturbed measurement)
-    r1 = run_distributed(worker, 1, args=(args, 1), timeout=1200, threads=1)[0]
-    r1_2 = run_distributed(worker, 1, args=(argparse.Namespace(**{**vars(args), "trace": None}), 1),
-                           timeout=1200, threads=2)[0]
-    r2 = [max(ts) for ts in zip(*run_distributed(worker, 2, args=(args, 2), timeout=1200, threads=1))]
-    for cp in (1, 2):
+    runs = {}
+    if not args.no_cp1:
+        runs["CP=1, 1 process x 1 thread"] = run_distributed(worker, 1, args=(args, 1), timeout=1200, threads=1)[0]
+        runs["CP=1, 1 process x 2 threads"] = run_distributed(
+            worker, 1, args=(argparse.Namespace(**{**vars(args), "trace": None}), 1), timeout=1200, threads=2)[0]
+    runs[f"CP={P}, {name}"] = [max(ts) for ts in zip(*run_distributed(worker, P, args=(args, P, schedule),
+                                                                    timeout=1200, threads=1))]
+    if args.against_pass and schedule != ("pass", 1, False):
+        plain = argparse.Namespace(**{**vars(args), "trace": None})
+        runs[f"CP={P}, pass"] = [max(ts) for ts in zip(*run_distributed(worker, P, args=(plain, P), timeout=1200,
+                                                                        threads=1))]
+    for cp in (1, P):
         merged = merge_run(args, cp)
         if merged:
             print(f"trace: {merged}")
-    t1, t1_2, t2 = min(r1), min(r1_2), min(r2)
-    print("step times (s): CP=1 " + " ".join(f"{t:.3f}" for t in r1) + " | CP=1 2 threads "
-          + " ".join(f"{t:.3f}" for t in r1_2) + " | CP=2 " + " ".join(f"{t:.3f}" for t in r2))
-    f = run_distributed(scan_fraction, 1, args=(args,), timeout=1200, threads=1)[0]
-    modelled = 2 * efficiency(args.layers, 2, f)
-    print(f"CP=1, 1 process x 1 thread : {t1:7.3f} s/step (fwd+bwd)")
-    print(f"CP=1, 1 process x 2 threads: {t1_2:7.3f} s/step")
-    print(f"CP=2, 2 processes x 1 thread: {t2:7.3f} s/step")
-    print(f"speed-up CP=2 vs CP=1 (1 thread/rank): {t1 / t2:.2f}x   (target >= 1.6x; modelled {modelled:.2f}x)")
-    print(f"speed-up CP=2 vs CP=1 with 2 threads : {t1_2 / t2:.2f}x")
-    print(f"scan share of a block's fwd+bwd (f): {f:.2f}")
-    rows = []
-    L = 24
-    print(f"modelled wavefront efficiency, L = {L} layers (of the scan: L/(L+P-1); of a step: L/(L+(P-1)f)):")
-    for P in (8, 32, 128):
-        e_scan, e_step = efficiency(L, P), efficiency(L, P, f)
-        rows.append(dict(P=P, L=L, scan=e_scan, step=e_step))
-        print(f"  P={P:4d}: scan {e_scan:6.1%}   step (f={f:.2f}) {e_step:6.1%}   speed-up {P * e_step:6.1f}x")
+    tokens = M * args.seq
+    for label, ts in runs.items():
+        print(f"{label:34s}: {min(ts):7.3f} s/step {tokens / min(ts):9.0f} tokens/s   (steps: "
+              + " ".join(f"{t:.3f}" for t in ts) + ")")
+    out = dict(args=vars(args), steps=runs, best={k: min(v) for k, v in runs.items()})
+    if not args.no_cp1 and P == 2 and schedule == ("pass", 1, False):
+        t1, t1_2, t2 = (min(v) for v in runs.values())
+        f = run_distributed(scan_fraction, 1, args=(args,), timeout=1200, threads=1)[0]
+        modelled = 2 * efficiency(args.layers, 2, f)
+        print(f"speed-up CP=2 vs CP=1 (1 thread/rank): {t1 / t2:.2f}x   (target >= 1.6x; modelled {modelled:.2f}x)")
+        print(f"speed-up CP=2 vs CP=1 with 2 threads : {t1_2 / t2:.2f}x")
+        print(f"scan share of a block's fwd+bwd (f): {f:.2f}")
+        rows = []
+        L = 24
+        print(f"modelled wavefront efficiency, L = {L} layers (of the scan: L/(L+P-1); of a step: L/(L+(P-1)f)):")
+        for Pm in (8, 32, 128):
+            e_scan, e_step = efficiency(L, Pm), efficiency(L, Pm, f)
+            rows.append(dict(P=Pm, L=L, scan=e_scan, step=e_step))
+            print(f"  P={Pm:4d}: scan {e_scan:6.1%}   step (f={f:.2f}) {e_step:6.1%}   speed-up {Pm * e_step:6.1f}x")
+        out.update(speedup=t1 / t2, speedup_vs_2threads=t1_2 / t2, scan_fraction=f, modelled=rows)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(args=vars(args), steps=dict(cp1=r1, cp1_2threads=r1_2, cp2=r2), cp1=t1, cp1_2threads=t1_2, cp2=t2, speedup=t1 / t2,
-                           speedup_vs_2threads=t1_2 / t2, scan_fraction=f, modelled=rows), fh, indent=1)
+            json.dump(out, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 cp_mode: ``"pass"`` — the state-passing wavefront (parallel/context.py, any CP size);
 ``"ulysses"`` — head all-to-all (parallel/ulysses.py, CP must divide heads/TP);
 ``"2d"`` — Ulysses inside head groups of ``dims.cp_heads`` ranks, the state pass of each head shard
-along the sequence groups (parallel/context2d.py; TTT and the DeltaNet family);
+along the sequence groups (parallel/context2d.py; every layer whose scan runs on a slice of its heads);
 ``"prefix"`` — all-gather + prefix combine, only for memory layers whose update is affine in the
 state (DeltaNet, Gated DeltaNet; attention layers beside them use all-gather / halo attention);
 TTT, Titans and LaCT are not affine in their state, so it is refused for them (parallel/prefix.py).
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .context import CPAttention, CPBlock, CPComm, CPPassMixer, CPPrefixDeltaNet, swap_class
-from .context2d import CP2DMixer, check_2d, scan_adapter, seq_channel
+from .context2d import CP2DMixer, check_2d, scan_heads_of, seq_channel
 from .groups import ParallelDims
 from .tensor import apply_tp, check_tp, shard_of, unshard
 from .ulysses import UlyssesTTT, check_ulysses
@@ -51,7 +51,7 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
     base = model.model if hasattr(model, "model") else model
     comm = CPComm(dims)
     seq = seq_channel(dims) if cp_mode == "2d" else None
-    for block in base.layers:
+    for block, layer_type in zip(base.layers, model.config.mixer_types):
         block._cp_comm = comm
         m = block.mixer
         m._cp_comm, m._cp_layer_idx = comm, block.layer_idx
@@ -59,7 +59,8 @@ def apply_cp(model, dims: ParallelDims, cp_mode: str = "pass") -> CPComm:
         if isinstance(m, AttentionLayer):
             mixin = CPAttention
         elif seq is not None:
-            m._cp_seq_comm, m._cp_scan2d, mixin = seq, scan_adapter(m), CP2DMixer
+            m._cp_scan2d, m._cp_heads2d = scan_heads_of(model.config, layer_type, dims.tp)
+            m._cp_seq_comm, mixin = seq, CP2DMixer
         elif isinstance(m, TTTLayer) and cp_mode == "ulysses":
             mixin = UlyssesTTT
         elif isinstance(m, DeltaNetLayer) and cp_mode == "prefix":

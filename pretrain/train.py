@@ -62,6 +62,13 @@ def build_model_config(cfg: TrainConfig):
     if (mcfg.num_attention_heads // cfg.tp) % cfg.cp_heads:
         raise ConfigError(f"--cp-heads {cfg.cp_heads} does not divide the model's {mcfg.num_attention_heads // cfg.tp} "
                           f"heads per TP rank")
+    if cfg.cp_heads > 1:
+        from parallel.context2d import check_2d_config
+
+        try:  # a layer whose heads interact in its scan, or whose heads cp_heads does not divide
+            check_2d_config(mcfg, cfg.tp, cfg.cp_heads)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.scan_checkpoint_group >= 0:
         mcfg.scan_checkpoint_group_size = cfg.scan_checkpoint_group
     if cfg.tnt_local_chunk_sizes:
@@ -307,6 +314,16 @@ def train(cfg: TrainConfig) -> int:
             parallelize(model, dims, cp_mode="2d" if cfg.cp_heads > 1 else "pass")
         except ValueError as exc:  # a layer the CP mode does not support
             raise ConfigError(str(exc)) from None
+    if cfg.zero_stage == 3 and cfg.cp > 1:
+        # ZeRO-3 all-gathers a module's parameters at each call over DP × CP, so every CP rank must call
+        # the same modules in the same order; inside a CP block they do not (packed documents: a rank
+        # runs its mixer once per document segment). As leaves, blocks gather their parameters once
+        # per call, and every rank calls every block once per forward.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from parallel.context import CPBlock
+
+        set_z3_leaf_modules(model, [CPBlock])
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     schedule = LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.decay_fraction)
     scheduler = build_scheduler(optimizer, schedule)

@@ -50,6 +50,24 @@ class TPPlan:
     row: tuple[str, ...] = ("o_proj",)
 
 
+@dataclass(frozen=True)
+class ScanHeads:
+    """Where the heads are in a mixer's scan, so that the scan runs on a slice of them (``cp_mode="2d"``,
+    parallel/context2d.py). One axes string per item of ``prepare``'s tuple before the halo (empty:
+    ``"bht"`` for every item; a string covers every tensor of a dict/list item):
+
+    ``"bht"`` [B, H, T, …] · ``"btc"`` [B, T, C], C cut into H channel groups (exchanged as a per-head
+    tensor) · ``"bh"`` [B, H, …] and ``"h"`` [H, …]: the same on every token, sliced, not exchanged.
+    outputs: the same for ``scan``'s outputs (one string per item of a tuple); params: ``fnmatch``
+    patterns of the parameters ``scan`` reads per head (dim 0); heads: the config field holding H.
+    Every tensor of the state (``LayerState``'s convention) is [B, H, …]."""
+
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    heads: str = "num_attention_heads"
+
+
 CP_STRATEGIES = ("ttt_pass", "generic_pass", "attention")
 
 
@@ -78,6 +96,8 @@ class LayerSpec:
     flops:       ``(config, seq_len) -> float``: forward FLOPs per token of the sequence mixing
                  (everything but the layer's nn.Linear and conv layers, which are counted apart)
     heads_independent: heads do not interact inside the scan (TP by heads needs no exchange there)
+    scan_heads:  :class:`ScanHeads` (the scan runs on any slice of the heads: ``cp_mode="2d"``), or a
+                 sentence saying why it cannot (2-D CP refuses the layer with it)
     inner_knobs: the inner-loop knobs the layer takes (keys of ``INNER_KNOB_LAYERS``)
     inner_optimizers: accepted ``inner_optimizer`` values, the first the default (empty = fixed)
     chunk_options: config fields that ``bench.layer --chunk`` sets
@@ -99,6 +119,7 @@ class LayerSpec:
     prefix: bool = False
     ulysses: bool = False
     heads_independent: bool = True
+    scan_heads: ScanHeads | str = ScanHeads()
     inner_knobs: tuple[str, ...] = ()
     inner_optimizers: tuple[str, ...] = ()
     chunk_options: tuple[str, ...] = ()
@@ -197,6 +218,7 @@ for _name, _inner, _flops in (("ttt_linear", "linear", _flops_ttt_linear), ("ttt
     register_layer(LayerSpec(
         _name, _inner, _build_ttt, _TTT_FILES, _flops, validate=_no_steps_with_pull, tp="tp_ttt_layer",
         cp="ttt_pass", ulysses=True, inner_knobs=("inner_steps", *_ALL_KNOBS, "inner_loss=ln_recon"),
+        scan_heads=ScanHeads(params=("ttt_norm_weight", "ttt_norm_bias")),
         chunk_options=(), test_config=dict(mini_batch_size=4)))
 
 
@@ -272,6 +294,10 @@ def _titans_flops_of(kind):
     return flops
 
 
+_TITANS_HEADS = {  # MAG's attention output passes through its scan; MAL's and MAC's scans mix the heads
+    "titans": ScanHeads(), "titans_mag": ScanHeads(inputs=("bht",) * 6 + ("btc",), outputs=("bht", "btc")),
+    "titans_mal": "its scan runs the memory's output projection (all heads) and the attention on it",
+    "titans_mac": "its scan runs each segment's attention and output projection (all heads) before the memory"}
 _TITANS_FILES = ("layers/titans.py",
                  *ops_files("titans", "naive", "chunk", "fused", "knobs", "triton", "triton_kernels"))
 for _name in ("titans", "titans_mac", "titans_mag", "titans_mal"):
@@ -280,7 +306,7 @@ for _name in ("titans", "titans_mac", "titans_mag", "titans_mal"):
         validate=_validate_titans_mac if _name == "titans_mac" else _validate_titans,
         tp="tp_titans_memory" if _name == "titans" else "tp_titans_block",
         inner_knobs=("inner_steps", *_ALL_KNOBS), inner_optimizers=("momentum", "sgd"),
-        chunk_options=("titans_chunk_size",),
+        chunk_options=("titans_chunk_size",), scan_heads=_TITANS_HEADS[_name],
         test_config=dict(titans_chunk_size=4, titans_segment_size=8, attention_window=5, num_persistent_tokens=2)))
 
 
@@ -316,7 +342,8 @@ for _name in ("moneta", "yaad", "memora"):
     register_layer(LayerSpec(
         _name, "miras", _build_miras, ("layers/miras.py", *ops_files("miras", "naive", "chunk")),
         _miras_flops_of(_name), validate=_validate_miras,
-        tp="tp_miras_atlas", chunk_options=("miras_chunk_size",), test_config=dict(miras_chunk_size=4)))
+        tp="tp_miras_atlas", chunk_options=("miras_chunk_size",), test_config=dict(miras_chunk_size=4),
+        scan_heads=ScanHeads(inputs=("bht",) * 4 + ("bh", "bh"))))
 
 
 # ------------------------------------------------------------------------------------------- ATLAS
@@ -379,6 +406,7 @@ register_layer(LayerSpec(
     ("layers/lact.py", *ops_files("lact", "naive", "chunk", "knobs", "triton", "triton_kernels")),
     _flops_lact, validate=_validate_lact, tp="tp_lact", tp_divisible=("lact_num_heads",),
     inner_knobs=_ALL_KNOBS, inner_optimizers=("muon", "sgd"), chunk_options=("lact_chunk_size",),
+    scan_heads=ScanHeads(inputs=("bht",) * 7 + ("h", "btc"), outputs=("bht", "btc"), heads="lact_num_heads"),
     test_config=dict(lact_chunk_size=6, lact_num_heads=2, attention_window=5)))
 
 
@@ -400,7 +428,7 @@ register_layer(LayerSpec(
     "tnt", "tnt", lambda config, layer_idx: build_tnt_mixer(config),
     ("layers/tnt.py", *ops_files("tnt", "naive", "chunk")), _flops_tnt,
     validate=_validate_tnt, tp="tp_tnt", inner_optimizers=("momentum", "sgd"),
-    chunk_options=("tnt_local_chunk_sizes",),
+    chunk_options=("tnt_local_chunk_sizes",), scan_heads=ScanHeads(params=("local*_W*",)),
     test_config=dict(tnt_global_chunk_size=8, tnt_local_chunk_sizes=[2, 4], tnt_reset_period=8)))
 
 
@@ -426,6 +454,7 @@ register_layer(LayerSpec(
     "hope", "hope", lambda config, layer_idx: build_hope_mixer(config),
     ("layers/hope.py", *ops_files("hope", "naive", "chunk")),
     _flops_hope, validate=_validate_hope, tp="tp_hope", chunk_options=("hope_chunk_size",),
+    scan_heads="its scan runs the output projection (all heads) and the CMS levels on it",
     test_config=dict(hope_chunk_size=4, hope_cms_chunk_sizes=[3, 8])))
 
 

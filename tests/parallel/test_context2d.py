@@ -8,7 +8,9 @@ documents included. One 4-process gloo job runs every layout:
     2 × 1, DP 2             the groups of two DP replicas
 
 Sequence 40 (mini-batch 8): pieces of 10, chunks of 20 per head group, so the state crosses
-mid-mini-batch (TTT's pending sum) and mid-chunk (DeltaNet)."""
+mid-mini-batch (TTT's pending sum) and mid-chunk (DeltaNet). A second 4-process job runs every other
+family whose scan runs on a head slice (models/registry.py ``ScanHeads``) at 2 × 2, plain and with
+packed documents, and one interleaved."""
 from __future__ import annotations
 
 import copy
@@ -27,6 +29,12 @@ PACKED = ("mlp+conv+shareqk+gate", "gated_deltanet+swa")
 DOC_STARTS = [[0, 7, 20, 26], [0, 13]]  # inside pieces, exactly at the head groups' cut (20), one across
 M = 3  # interleaved micro-batches
 LAYOUTS = {"2x2": (1, 4, 2), "1x4": (1, 4, 1), "tp2-2x1": (2, 2, 2), "dp2-2x1": (1, 2, 2)}
+# every other family with a ScanHeads entry (LaCT, Memora, ATLAS in float64 as in tests/parallel/workers.py:
+# their Newton–Schulz / softmax memory amplify float32 rounding past 1e-5 under any CP)
+FAMILIES = ("titans", "titans_mag", "lact", "moneta", "yaad", "memora", "atlas", "tnt", "kda")
+FAMILY_CASES = [("2x2", v, "2d", "plain") for v in FAMILIES] + [("2x2", v, "2d", "packed") for v in
+                                                                 ("titans_mag", "tnt", "kda")]
+FAMILY_CASES += [("2x2", "kda", "2d", "interleaved"), ("2x2", "titans_mag", "2d", "interleaved-packed")]
 
 
 CASES = [("2x2", v, "2d", "plain") for v in VARIANTS_2D] + [("2x2", v, "2d", "packed") for v in PACKED]
@@ -112,33 +120,33 @@ def _parallel(model, dims, mode, batches, interleave: bool):
     return par, logits, gather_full_grads(par, dims)
 
 
-def suite_worker():
+def suite_worker(variants=VARIANTS_2D, packed_variants=PACKED, cases=CASES, layouts=LAYOUTS, trace=True):
     from parallel import init_parallel
     from parallel.context import KIND_STATE
     from parallel.loss import causal_targets
 
     out = {}
     refs = {}
-    for v in VARIANTS_2D:
-        model = workers.build_reference(v)
+    for v in variants:
+        model = workers.build_reference(v, dtype=workers.DTYPES.get(v, torch.float32))
         gen = torch.Generator().manual_seed(7)
         ids = [torch.randint(0, model.config.vocab_size, (2, SEQ), generator=gen) for _ in range(M)]
         batches = [(i, causal_targets(i), {}) for i in ids]
         refs[v, "plain"] = (model, batches[:1], *_reference(model, batches[:1]))
         refs[v, "interleaved"] = (model, batches, *_reference(model, batches))
-        if v in PACKED:
+        if v in packed_variants:
             packed = [(ids[0], causal_targets(ids[0]), {"doc_ids": _doc_ids(2, SEQ)})]
             refs[v, "packed"] = (model, packed, *_reference(model, packed))
             # micro-batches with documents (the first), without a start (the second: plain path), shifted
             docs = [_doc_ids(2, SEQ), torch.zeros(2, SEQ, dtype=torch.long), _doc_ids(2, SEQ).roll(5, 1)]
             packed = [(i, causal_targets(i), {"doc_ids": d}) for i, d in zip(ids, docs)]
             refs[v, "interleaved-packed"] = (model, packed, *_reference(model, packed))
-    for name, (tp, cp, ph) in LAYOUTS.items():
+    for name, (tp, cp, ph) in layouts.items():
         dims = init_parallel(tp=tp, cp=cp, cp_heads=ph)
         out[name, "groups"] = dict(cp_rank=dims.cp_rank, head=dims.cp_head_rank, seq=dims.cp_seq_rank,
                                    seq_prev=dims.cp_seq_prev, seq_next=dims.cp_seq_next, rank=dims.rank,
                                    cp_global=dims.cp_global_ranks)
-        for layout, v, mode, kind in CASES:
+        for layout, v, mode, kind in cases:
             if layout != name:
                 continue
             model, batches, ref_logits, ref_grads = refs[v, kind]
@@ -151,7 +159,7 @@ def suite_worker():
                 r["recv_grads"] = [t for e, t in ev if e == "recv_grad"]
                 r["send_grads"] = [t for e, t in ev if e == "send_grad"]
             out[layout, v, mode, kind] = r
-        if name == "2x2":
+        if name == "2x2" and trace:
             out["trace"] = _traced_order(dims, refs["linear", "plain"])
     return out
 
@@ -179,6 +187,22 @@ def suite():
 @pytest.mark.parametrize("key", CASES, ids="-".join)
 def test_2d_and_interleaved_equal_single_process(suite, key):
     for rank, res in enumerate(suite):
+        r = res[key]
+        assert not r["zero_grads"], r["zero_grads"]
+        assert r["logits"] <= TOL and r["grad"] <= TOL, (rank, r)
+
+
+@pytest.fixture(scope="module")
+def family_suite():
+    packed = {v for _, v, _, k in FAMILY_CASES if k != "plain"}
+    return run_distributed(suite_worker, 4, args=(FAMILIES, packed, FAMILY_CASES, {"2x2": LAYOUTS["2x2"]}, False),
+                           timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", FAMILY_CASES, ids="-".join)
+def test_2d_every_head_independent_family_equals_single_process(family_suite, key):
+    for rank, res in enumerate(family_suite):
         r = res[key]
         assert not r["zero_grads"], r["zero_grads"]
         assert r["logits"] <= TOL and r["grad"] <= TOL, (rank, r)
@@ -221,9 +245,12 @@ def test_2d_schedule_matches_the_simulator(suite):
 
 
 # ------------------------------------------------------------------ errors (no process group)
-def test_2d_refuses_layers_without_an_adapter():
-    with pytest.raises(ValueError, match="cp_mode='2d'.*Titans"):
-        parallelize(workers.build_reference("titans_mag"), ParallelDims(cp=4, cp_heads=2), cp_mode="2d")
+@pytest.mark.parametrize("variant,why", [("titans_mal", "memory's output projection"),
+                                         ("titans_mac", "each segment's attention"), ("hope", "CMS levels")])
+def test_2d_refuses_layers_whose_heads_interact(variant, why):
+    with pytest.raises(ValueError, match=f"cp_mode='2d' runs each memory layer's scan on a slice of its heads; "
+                                         f"{variant}'s heads interact .*{why}"):
+        parallelize(workers.build_reference(variant), ParallelDims(cp=4, cp_heads=2), cp_mode="2d")
 
 
 def test_2d_refuses_inner_loop_knobs():
@@ -233,7 +260,7 @@ def test_2d_refuses_inner_loop_knobs():
 
 
 def test_2d_needs_cp_heads_dividing_the_local_heads():
-    with pytest.raises(ValueError, match=r"cp_heads \(4\) to divide the heads per TP rank \(2\) of TTTLayer"):
+    with pytest.raises(ValueError, match=r"cp_heads \(4\) to divide the heads per TP rank \(2\) of ttt_linear"):
         parallelize(workers.build_reference("linear"), ParallelDims(tp=2, cp=4, cp_heads=4), cp_mode="2d")
     with pytest.raises(ValueError, match="cp_heads=3 does not divide the context parallel size cp=4"):
         ParallelDims(cp=4, cp_heads=3)

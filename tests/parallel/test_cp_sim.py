@@ -166,3 +166,18 @@ def test_measure_block_costs_and_state_size():
     assert c.state_bytes == 4 * 4 * (d * d + d)  # W1 [H, d, d] + b1 [H, 1, d], float32, one sequence
     assert min(c.pre_f, c.scan_f, c.scan_b, c.post_f, c.head_f) > 0
     assert c.a2a_in_bytes == (3 * 64 + 4) * 4 and c.heads == 4
+
+
+def test_halo_makes_prepare_wait_for_the_previous_rank():
+    """Setup(halo=True) (what --calibrate simulates: CPPassMixer exchanges the halo, at least its header,
+    before each prepare): rank 1's prepare of a layer starts when rank 0's ends, and rank 0's prepare
+    backward waits for rank 1's halo gradient."""
+    import dataclasses
+
+    c = dataclasses.replace(C, pre_f=3e-6, pre_b=5e-6)  # prepare longer than the scan: the halo wait shows
+    for halo in (False, True):
+        ev = simulate(programs(c, Setup(64, 2, 4, 1, 2, 1, "pass", halo=halo), FREE), FREE)
+        pre0, pre1 = (next(e for e in ev[r] if e.name == "L0 pre") for r in (0, 1))
+        assert pre1.t0 == (pre0.t1 if halo else 0.0)
+        bwd0, bwd1 = (next(e for e in ev[r] if e.name == "L0 pre.bwd") for r in (0, 1))
+        assert (bwd0.t0 >= bwd1.t1) if halo else (bwd0.t0 < bwd1.t1)

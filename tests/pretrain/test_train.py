@@ -71,10 +71,12 @@ def test_two_process_losses_equal_single_process(single_process_losses, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,nproc", [
     (("--cp", 2, "--micro-batch", 2, "--grad-accum", 2, "--cp-interleave", "--zero-stage", 1), 2),
+    (("--cp", 2, "--micro-batch", 4, "--zero-stage", 3), 2),
     (("--cp", 4, "--cp-heads", 2, "--micro-batch", 4), 4),
-], ids=["cp2-interleaved-accum2", "cp4-2d-2x2"])
+], ids=["cp2-interleaved-accum2", "cp2-zero3", "cp4-2d-2x2"])
 def test_cp_schedules_losses_equal_single_process(single_process_losses, tmp_path, layout, nproc):
-    """Micro-batch interleaving (2 micro-batches of 2 sequences) and 2-D CP (heads 2 × sequence 2):
+    """Micro-batch interleaving (2 micro-batches of 2 sequences), CP under ZeRO-3
+    (packed synthetic documents: the CP blocks are ZeRO-3 leaves) and 2-D CP (heads 2 × sequence 2):
     the same global batch, the same first losses."""
     res = run(tmp_path, "--steps", 4, *layout, nproc=nproc)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -173,6 +175,7 @@ BAD_ARGUMENTS = [
     (("--cp", 4, "--cp-heads", 3), "--cp-heads 3 does not divide --cp 4"),
     (("--cp", 8, "--cp-heads", 8), "--cp-heads 8 does not divide the model's 4 heads per TP rank"),
     (("--cp-interleave",), "--cp-interleave interleaves"),
+    (("--cp", 2, "--grad-accum", 2, "--cp-interleave", "--zero-stage", 3), "--cp-interleave with ZeRO-3 is not exact"),
     (("--model", "nonexistent-preset"), "neither a preset"),
     (("--precision", "fp8"), "FP8"),
     (("--steps", 0), "--steps"),
@@ -195,6 +198,23 @@ def test_bad_arguments_are_one_clear_error(tmp_path, monkeypatch, capsys, args, 
     assert len(lines) == 1 and "Traceback" not in err, err
     assert message in lines[0], lines[0]
     assert not out.exists()  # nothing written
+
+
+def test_2d_cp_refuses_a_layer_whose_heads_interact(tmp_path, monkeypatch, capsys):
+    """--cp-heads with a layer whose scan mixes its heads (Hope): one error line, before any process group."""
+    from models import preset_config
+    from pretrain.train import main
+
+    folder = tmp_path / "hope"
+    preset_config("test", memory_layer="hope").save_pretrained(folder)
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu").items():
+        monkeypatch.setenv(key, value)
+    argv = [*BASE, "--out", str(tmp_path / "run"), "--steps", "2", "--model", str(folder), "--cp", "4", "--cp-heads", "2"]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "cp_mode='2d' runs each memory layer's scan on a slice of its heads; hope's heads " \
+                               "interact" in lines[0], lines
 
 
 def test_bad_argument_from_the_command_line(tmp_path):
