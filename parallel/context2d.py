@@ -18,7 +18,7 @@ as T/P tokens of H heads). P_h = 1 is the plain pass, P_s = 1 plain Ulysses. Bac
 the all-to-alls are their own transposes, the state gradient goes from (h, s+1) to (h, s).
 
 Written once against the mixer contract (models/state.py) for every layer whose scan runs on any
-slice of its heads: its registry entry's ``ScanHeads`` (models/registry.py) says where the heads are
+slice of its heads: its registry entry's ``ScanHeads`` (models/layers/registry.py) says where the heads are
 in the scan's inputs and outputs and which parameters the scan reads per head; every state tensor is
 [B, H, …]. The scan runs unchanged on the rank's head slice: inputs exchanged (or sliced), the initial
 state sliced, the per-head parameters the scan reads swapped for their slice
@@ -134,7 +134,7 @@ def _heads_in(items: tuple, layout, H: int, heads: slice, group, Ph: int, name: 
     """The scan inputs of this rank's heads over its head group's chunk."""
     axes = layout.inputs or ("bht",) * len(items)
     if len(axes) != len(items):
-        raise ValueError(f"{name}: its ScanHeads (models/registry.py) names {len(axes)} scan inputs, prepare gives "
+        raise ValueError(f"{name}: its ScanHeads (models/layers/registry.py) names {len(axes)} scan inputs, prepare gives "
                          f"{len(items)}")
     moved, like, kinds = [], [], []
 

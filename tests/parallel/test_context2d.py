@@ -9,7 +9,7 @@ documents included. One 4-process gloo job runs every layout:
 
 Sequence 40 (mini-batch 8): pieces of 10, chunks of 20 per head group, so the state crosses
 mid-mini-batch (TTT's pending sum) and mid-chunk (DeltaNet). A second 4-process job runs every other
-family whose scan runs on a head slice (models/registry.py ``ScanHeads``) at 2 × 2, plain and with
+family whose scan runs on a head slice (models/layers/registry.py ``ScanHeads``) at 2 × 2, plain and with
 packed documents, and one interleaved."""
 from __future__ import annotations
 
