@@ -77,6 +77,10 @@ SMALL_FAMILY_DEFAULTS: dict[str, dict] = {
     # MAL's attention reads only the memory's output: a smaller inner step (issue 22, 60 steps: val
     # 6.62 at 0.01, 6.40 at 0.003, attention 6.43)
     "titans_mal": dict(titans_base_lr=0.003),
+    # Memora materialises every token's softmax weights ([n, d, E·d] per head and chunk): at E = 4 a
+    # step is 27–32× attention's time, at E = 1 2.7–3.3× and it learns (issue 22, 60 steps: val 6.02,
+    # attention 6.43); the KL retention and the 2-layer memory stay
+    "memora": dict(miras_memory_expansion=1),
 }
 SMALL_SIZES = ("tiny",)
 
