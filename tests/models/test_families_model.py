@@ -127,6 +127,7 @@ def test_tiny_family_defaults_update_every_part_in_512_tokens():
     assert preset_config("tiny", memory_layer="titans_mal").titans_base_lr == 0.003  # MAL's measured inner step
     assert preset_config("125m", memory_layer="titans_mal").titans_base_lr == 0.01  # paper sizes unchanged
     assert preset_config("tiny", memory_layer="memora").miras_memory_expansion == 1  # Memora's per-token softmax
+    assert preset_config("tiny", memory_layer="hope").hope_base_lr == 0.01  # 0.1 went NaN at step 34
     assert preset_config("tiny", memory_layer="yaad").miras_memory_expansion == 4  # the other Miras keep ×4
     assert preset_config("125m", memory_layer="memora").miras_memory_expansion == 4
     assert preset_config("tiny", memory_layer="lact", lact_chunk_size=512).lact_chunk_size == 512  # overrides win
