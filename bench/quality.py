@@ -89,7 +89,7 @@ def train_layer(args, layer: str, out: Path) -> dict:
             lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
             row["error"] = (lines[-1] if lines else f"exit status {res.returncode}")[:200]
     lines = read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in lines if "loss" in r]
+    train = [{**r, "loss": math.nan if r["loss"] is None else r["loss"]} for r in lines if "loss" in r]  # NaN: null
     val = [r for r in lines if "val_loss" in r]
     if train:
         k = max(1, len(train) // 10)
@@ -134,7 +134,7 @@ def plot(out: Path, layers: list[str]) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, layer in enumerate(layers):
         lines = read_metrics(out / "runs" / layer / "metrics.jsonl")
-        train = [(r["step"], r["loss"]) for r in lines if "loss" in r and math.isfinite(r["loss"])]
+        train = [(r["step"], r["loss"]) for r in lines if r.get("loss") is not None and math.isfinite(r["loss"])]
         val = [(r["step"], r["val_loss"]) for r in lines if "val_loss" in r]
         if not train:
             continue

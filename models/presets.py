@@ -72,11 +72,17 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 SMALL_FAMILY_DEFAULTS: dict[str, dict] = {
     "lact": dict(lact_chunk_size=128, attention_window=128),
     "tnt": dict(tnt_global_chunk_size=128, tnt_local_chunk_sizes=[16, 32], tnt_reset_period=None),
-    "hope": dict(hope_cms_chunk_sizes=[32, 128, 256]),
+    # Hope's inner losses are summed over the features (as Titans'): at base_lr 0.1 a tiny run went
+    # NaN at step 34 (issue 22; gradient norms 25–72 from step 17), at 0.01 it trains smoothly
+    "hope": dict(hope_cms_chunk_sizes=[32, 128, 256], hope_base_lr=0.01),
     "atlas": dict(num_attention_heads=_heads_of(32)),
     # MAL's attention reads only the memory's output: a smaller inner step (issue 22, 60 steps: val
     # 6.62 at 0.01, 6.40 at 0.003, attention 6.43)
     "titans_mal": dict(titans_base_lr=0.003),
+    # Memora materialises every token's softmax weights ([n, d, E·d] per head and chunk): at E = 4 a
+    # step is 27–32× attention's time, at E = 1 2.7–3.3× and it learns (issue 22, 60 steps: val 6.02,
+    # attention 6.43); the KL retention and the 2-layer memory stay
+    "memora": dict(miras_memory_expansion=1),
 }
 SMALL_SIZES = ("tiny",)
 

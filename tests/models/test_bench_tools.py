@@ -107,3 +107,24 @@ def test_bench_quality_set(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "atention_window" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_bench_quality_row_of_a_diverged_run(tmp_path):
+    """A run whose loss became NaN (null in metrics.jsonl) gets a row with NaN train loss and a plot,
+    not a crash of the whole comparison."""
+    import argparse
+    import json
+    import math
+
+    from bench import quality
+
+    run = tmp_path / "runs" / "attention"
+    run.mkdir(parents=True)
+    rows = [{"step": 1, "loss": 9.0, "grad_norm": 2.0, "tokens_per_s": 100.0, "step_time_s": 1.0, "mem_gib": 1.0},
+            {"step": 2, "loss": None, "grad_norm": None, "tokens_per_s": 100.0, "step_time_s": 1.0, "mem_gib": 1.0},
+            {"step": 2, "val_loss": None}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = argparse.Namespace(model="test", num_layers=2, vocab_size=0, set=[], seed=0, steps=2)
+    row = quality.train_layer(args, "attention", tmp_path)  # finished: nothing trains
+    assert row["steps_done"] == 2 and math.isnan(row["train_loss"]) and row["grad_norm_step1"] == 2.0
+    assert quality.plot(tmp_path, ["attention"]).stat().st_size > 0

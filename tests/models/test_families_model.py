@@ -161,7 +161,7 @@ def test_family_presets_at_paper_sizes(layer):
 
 def test_tiny_family_defaults_update_every_part_in_512_tokens():
     """At ``tiny`` (512-token training sequences) every chunk of each layer ends inside the sequence at
-    least twice, so every memory updates in training; ATLAS keeps 32-wide heads (issue 22)."""
+    least twice, so every memory updates in training; ATLAS keeps 32-wide heads; Memora a ×1 memory (issue 22)."""
     seq = 512
     assert 2 * preset_config("tiny", memory_layer="lact").lact_chunk_size <= seq
     tnt = preset_config("tiny", memory_layer="tnt")
@@ -170,5 +170,9 @@ def test_tiny_family_defaults_update_every_part_in_512_tokens():
     assert preset_config("tiny", memory_layer="atlas").head_dim == 32
     assert preset_config("tiny", memory_layer="titans_mal").titans_base_lr == 0.003  # MAL's measured inner step
     assert preset_config("125m", memory_layer="titans_mal").titans_base_lr == 0.01  # paper sizes unchanged
+    assert preset_config("tiny", memory_layer="memora").miras_memory_expansion == 1  # Memora's per-token softmax
+    assert preset_config("tiny", memory_layer="hope").hope_base_lr == 0.01  # 0.1 went NaN at step 34
+    assert preset_config("tiny", memory_layer="yaad").miras_memory_expansion == 4  # the other Miras keep ×4
+    assert preset_config("125m", memory_layer="memora").miras_memory_expansion == 4
     assert preset_config("tiny", memory_layer="lact", lact_chunk_size=512).lact_chunk_size == 512  # overrides win
     assert preset_config("test", memory_layer="lact").lact_chunk_size == 2048  # other sizes unchanged
