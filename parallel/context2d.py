@@ -134,7 +134,7 @@ def _heads_in(items: tuple, layout, H: int, heads: slice, group, Ph: int, name: 
     """The scan inputs of this rank's heads over its head group's chunk."""
     axes = layout.inputs or ("bht",) * len(items)
     if not set(axes) <= {"bht", "btc", "bh", "h"} or not set(layout.outputs) <= {"bht", "btc"}:
-        raise ValueError(f"{name}: its ScanHeads (models/registry.py) has axes {layout.inputs} → {layout.outputs}; "
+        raise ValueError(f"{name}: its ScanHeads (models/layers/registry.py) has axes {layout.inputs} → {layout.outputs}; "
                          "inputs take 'bht', 'btc', 'bh' or 'h', outputs 'bht' or 'btc'")
     if len(axes) != len(items):
         raise ValueError(f"{name}: its ScanHeads (models/layers/registry.py) names {len(axes)} scan inputs, prepare gives "
