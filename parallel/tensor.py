@@ -463,9 +463,9 @@ class TPTitansMAC:
     over TP (backward: split) because the attention projects them like input tokens, then copied
     into the column-parallel q/k/v (backward: all-reduce of the heads' partial gradients)."""
 
-    def _retrieve(self, x, weights):
+    def retrieve(self, x, weights):
         tpl, _ = _megatron()
-        r = super()._retrieve(x, weights)
+        r = super().retrieve(x, weights)
         r = gather_from_tp(r, self._tp_group)
         return tpl.copy_to_tensor_model_parallel_region(r, group=self._tp_group)
 
@@ -548,7 +548,7 @@ class TPCMSLevel:
     heads read this rank's channels of it, its projections the whole of it, both through one
     copy_to_tp (the residual h + … keeps the uncopied h, so its gradient is not summed twice)."""
 
-    def _split_input(self, h):
+    def split_input(self, h):
         tpl, _ = _megatron()
         hc = tpl.copy_to_tensor_model_parallel_region(h, group=self._tp_group)
         C = self.hidden_size

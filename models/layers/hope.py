@@ -88,13 +88,13 @@ class CMSLevel(nn.Module):
     def _heads(self, t):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def _split_input(self, h):
+    def split_input(self, h):
         """(the input of this level's own heads, the input of its projections): both h here;
         tensor parallelism takes a rank's channels for the first (parallel/tensor.py)."""
         return h, h
 
     def forward(self, h, state: LayerState, scan, compute):
-        h_heads, h_proj = self._split_input(h)
+        h_heads, h_proj = self.split_input(h)
         k = l2_normalize(self._heads(h_heads).to(compute))
         v = self._heads(self.v_proj(h_proj)).to(compute)
         lr = self.base_lr * torch.sigmoid(self.lr_gate(h_proj).to(compute)).transpose(1, 2)

@@ -276,7 +276,9 @@ class TitansMAC(Mixer):
         self.memory_norm = HeadRMSNorm(C, eps)  # y enters the memory at unit scale, as x does in MAG/MAL
         self.gate = _Gate(C, eps)
 
-    def _retrieve(self, x, weights):
+    def retrieve(self, x, weights):
+        """r = RMSNorm(M*(q̃)), q̃ = L2(SiLU(W_q x)) per head, flattened back to [B, T, C]: the retrieved
+        tokens the segment's attention reads (tensor parallelism gathers them over heads, parallel/tensor.py)."""
         q = l2_normalize(self.memory._heads(F.silu(self.retrieve_q(x))).to(next(iter(weights.values())).dtype))
         r = self.retrieve_norm(self.memory.read(weights, q).to(x.dtype))
         return r.transpose(1, 2).flatten(2)
@@ -307,7 +309,7 @@ class TitansMAC(Mixer):
             if pos % self.segment_size == 0:  # a new segment: retrieve with the memory as it is now
                 seg_w, cache = mem.weights, {}
             xs = x[:, start:stop]
-            r = self._retrieve(xs, seg_w)
+            r = self.retrieve(xs, seg_w)
             q, kx, vx = att.project(xs, pos)
             _, kr, vr = att.project(r, pos)
             if cache:
