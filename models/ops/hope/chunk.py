@@ -8,7 +8,7 @@ import torch
 from ...common.backprop import backprop_at
 from ...common.parts import deep_mlp_memory, l2_normalize
 from ..titans.chunk import titans_scan_chunked
-from ..tnt.chunk import _advance, chunk_end_coefficients
+from ..tnt.chunk import advance_chunk, chunk_end_coefficients
 
 
 MEMORIES = ("key", "value", "lr", "decay", "memory")
@@ -50,7 +50,7 @@ def self_modifying_chunked(weights: dict, anchor: dict | None, q, u, lr_bias, de
         new = {}
         for m in MEMORIES[:-1]:
             names = sorted(cur[m])
-            w, _ = _advance([cur[m][n] for n in names], [anc[m][n] for n in names], None, k, targets[m], lr, eta,
+            w, _ = advance_chunk([cur[m][n] for n in names], [anc[m][n] for n in names], None, k, targets[m], lr, eta,
                             forget, max_grad_norm, coeffs)
             new[m] = dict(zip(names, w))
         y, new["memory"], _, _ = titans_scan_chunked(cur["memory"], None if pos % chunk_size == 0 else anc["memory"],

@@ -40,7 +40,7 @@ def chunk_end_coefficients(lr, eta, alpha):
     return -lr * r, eta[..., 0] * r[..., 0], beta, -lr * E, eta[..., 0] * E[..., 0]
 
 
-def _advance(cur: list, anchor: list, mom: list | None, k, v, lr, eta, alpha, max_norm, coeffs=None):
+def advance_chunk(cur: list, anchor: list, mom: list | None, k, v, lr, eta, alpha, max_norm, coeffs=None):
     """(M, S) after n tokens whose gradients are taken at ``anchor``; no per-token read.
     ``coeffs``: chunk_end_coefficients(lr, eta, alpha) when the caller already has them."""
     xs, ds = backprop_at(anchor, k, v, max_norm)
@@ -70,7 +70,7 @@ def global_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
             anc = cur
         sl = slice(t, stop)
         outs.append(deep_mlp_memory(dict(zip(names, anc)), q[:, :, sl]))
-        cur, mom = _advance(cur, anc, mom, k[:, :, sl], v[:, :, sl], lr[:, :, sl], eta[:, :, sl], alpha[:, :, sl],
+        cur, mom = advance_chunk(cur, anc, mom, k[:, :, sl], v[:, :, sl], lr[:, :, sl], eta[:, :, sl], alpha[:, :, sl],
                             max_grad_norm)
         t = stop
     at_boundary = (position + T) % chunk_size == 0
