@@ -51,7 +51,27 @@ def init_mamba2_decay(A_log: nn.Parameter, dt_bias: nn.Parameter, init=None) -> 
     copy_param(dt_bias, _inv_softplus(dt.clamp_min(1e-4)), init)
 
 
-class DeltaNetLayer(Mixer):
+class MatrixMemoryMixer(Mixer):
+    """What the delta-rule layers (DeltaNet / Gated DeltaNet, KDA) share: a d×d matrix memory S per
+    head, zero at the start, and q, k, v = ShortConv(W x) with their conv tails as the halo."""
+
+    def init_state(self, batch_size: int) -> LayerState:
+        S = torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=self.q_proj.weight.device)
+        return LayerState(weights={"S": S})
+
+    def _heads(self, t):
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def conv_qkv(self, x: torch.Tensor, state: LayerState) -> tuple:
+        """(q, k, v) [B, T, C] after the projections and short causal convs, and the new conv tails."""
+        conv = {}
+        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
+        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
+        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
+        return q, k, v, conv
+
+
+class DeltaNetLayer(MatrixMemoryMixer):
     """DeltaNet (``gated=False``) or Gated DeltaNet (``gated=True``) sequence mixer."""
 
     def __init__(self, hidden_size: int, num_heads: int, gated: bool = True, chunk_size: int = 64,
@@ -96,20 +116,10 @@ class DeltaNetLayer(Mixer):
         if self.gated:
             init_mamba2_decay(self.A_log, self.dt_bias, init)
 
-    def init_state(self, batch_size: int) -> LayerState:
-        S = torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=self.q_proj.weight.device)
-        return LayerState(weights={"S": S})
-
-    def _heads(self, t):
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-
     def prepare(self, x: torch.Tensor, state: LayerState):
         """Everything before the scan (models/common/state.py): q, k, v [B, H, T, d], β, log α [B, H, T]
         (None for DeltaNet) in the compute dtype (≥ float32), and the halo {"conv": new conv tails}."""
-        conv = {}
-        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
-        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
-        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
+        q, k, v, conv = self.conv_qkv(x, state)
         if self.knobs is not None:  # sub-step dims: k, v [B, H, T, K, d], β [B, H, T, K]
             K = self.knobs.steps
             q = self._heads(F.silu(q))

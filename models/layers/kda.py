@@ -26,13 +26,13 @@ from torch import nn
 
 from ..common.modules import CausalConv1d, HeadRMSNorm
 from ..common.parts import l2_normalize
-from ..common.state import LayerState, Mixer
+from ..common.state import LayerState
 from ..ops.kda.chunk import kda_chunked
 from ..ops.kda.naive import kda_reference
-from .deltanet import init_mamba2_decay
+from .deltanet import MatrixMemoryMixer, init_mamba2_decay
 
 
-class KDALayer(Mixer):
+class KDALayer(MatrixMemoryMixer):
     """Kimi Delta Attention sequence mixer: ``forward(x, state) -> (y, state)`` = prepare → scan → output
     (the contract of models/common/state.py)."""
 
@@ -67,20 +67,10 @@ class KDALayer(Mixer):
         """Mamba2's gate initialisation: A ~ U(1, 16) per head, dt ~ logU(1e-3, 0.1) per channel."""
         init_mamba2_decay(self.A_log, self.dt_bias, init)
 
-    def init_state(self, batch_size: int) -> LayerState:
-        S = torch.zeros(batch_size, self.num_heads, self.head_dim, self.head_dim, device=self.q_proj.weight.device)
-        return LayerState(weights={"S": S})
-
-    def _heads(self, t):
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-
     def prepare(self, x: torch.Tensor, state: LayerState):
         """q, k, v, β [B, H, T], log α [B, H, T, d] in the compute dtype (≥ float32), and the halo
         {"conv": the new conv tails}."""
-        conv = {}
-        q, conv["q"] = self.conv_q(self.q_proj(x), state.conv.get("q"))
-        k, conv["k"] = self.conv_k(self.k_proj(x), state.conv.get("k"))
-        v, conv["v"] = self.conv_v(self.v_proj(x), state.conv.get("v"))
+        q, k, v, conv = self.conv_qkv(x, state)
         compute = torch.promote_types(x.dtype, torch.float32)
         q, k, v = (self._heads(F.silu(t)).to(compute) for t in (q, k, v))
         q, k = l2_normalize(q) * self.head_dim**-0.5, l2_normalize(k)
