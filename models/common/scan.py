@@ -41,3 +41,24 @@ def linear_scan(gates: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     if tokens.is_cuda and _triton_scan is not None and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return _triton_scan(gates.contiguous(), tokens.contiguous())
     return torch_linear_scan(gates, tokens)
+
+
+def chunk_sizes(position: int, length: int, chunk: int) -> list[int]:
+    """Lengths of the pieces of ``length`` tokens that start at absolute ``position``, cut at every
+    multiple of ``chunk`` (the first piece ends the chunk begun before ``position``)."""
+    if length <= 0:
+        return []
+    cuts = [0, *range(chunk - position % chunk, length, chunk), length]
+    return [b - a for a, b in zip(cuts, cuts[1:])]
+
+
+def split_chunks(sizes: list[int], *items, dim: int = 2) -> list[tuple]:
+    """The items (tensors, or dicts of tensors) cut along ``dim`` into pieces of ``sizes``: one tuple
+    per piece. ``torch.split``, not a slice per chunk: its backward is one concatenation, where n
+    slices each write a zero-filled full-length gradient (n × the tensor in fill_ and adds)."""
+    def cut(item):
+        if isinstance(item, dict):
+            parts = {n: cut(t) for n, t in item.items()}
+            return [{n: p[i] for n, p in parts.items()} for i in range(len(sizes))]
+        return item.split(sizes, dim)
+    return list(zip(*(cut(item) for item in items)))

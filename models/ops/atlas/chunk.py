@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...common.backprop import gelu_tanh_grad
 from ...common.parts import gelu_tanh, newton_schulz
+from ...common.scan import chunk_sizes, split_chunks
 from ..miras.chunk import coefficient_outer, decay_coefficients
 
 
@@ -115,17 +116,15 @@ def atlas_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | None
     Returns (o [B, H, T, d], weights, anchor-or-None, momentum, window)."""
     b, T = chunk_size, q.shape[2]
     cur, anc = weights, (weights if anchor is None else anchor)
-    outs, start = [], 0
-    while start < T:
-        stop = min(T, start + b - (position + start) % b)
-        sl = slice(start, stop)
-        gs = {n: t[:, :, sl] for n, t in gates.items()}
-        seg = (cur, anc, momentum, window, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, c, optimizer)
+    outs, stop = [], 0
+    sizes = chunk_sizes(position, T, b)
+    for size, (qc, kc, vc, gs) in zip(sizes, split_chunks(sizes, q, k, v, gates)):
+        stop += size
+        seg = (cur, anc, momentum, window, qc, kc, vc, gs, c, optimizer)
         # Muon: S_t, NS(S_t), M_t of every token are recomputed in the backward instead of kept
         o, cur, momentum, window = (checkpoint(_segment, *seg, use_reentrant=False)
                                     if optimizer == "muon" and torch.is_grad_enabled() else _segment(*seg))
         if (position + stop) % b == 0:
             anc = cur
         outs.append(o)
-        start = stop
     return torch.cat(outs, 2), cur, None if (position + T) % b == 0 else anc, momentum, window

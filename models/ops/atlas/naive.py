@@ -39,7 +39,6 @@ def atlas_recipe(chunk_size: int, optimizer: str) -> Recipe:
 def atlas_scan_reference(weights, anchor, momentum, window, q, k, v, gates, position: int, chunk_size: int, c: int,
                          optimizer: str):
     """Same contract as :func:`atlas_scan_chunked`, token by token through the generic reference."""
-    T = q.shape[2]
     gv = torch.cat([v, gates["gamma"][..., None]], -1)
     if window is not None:
         k_ext = torch.cat([window["k"], k], 2)

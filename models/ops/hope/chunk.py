@@ -7,6 +7,7 @@ import torch
 
 from ...common.backprop import backprop_at
 from ...common.parts import deep_mlp_memory, l2_normalize
+from ...common.scan import chunk_sizes, split_chunks
 from ..titans.chunk import titans_scan_chunked
 from ..tnt.chunk import advance_chunk, chunk_end_coefficients
 
@@ -38,13 +39,12 @@ def self_modifying_chunked(weights: dict, anchor: dict | None, q, u, lr_bias, de
     Returns (o [B, H, T, d], weights, anchor-or-None)."""
     cur, anc = dict(weights), anchor
     T, outs, t = q.shape[2], [], 0
-    while t < T:
+    sizes = chunk_sizes(position, T, chunk_size)
+    for size, (qc, uc) in zip(sizes, split_chunks(sizes, q, u)):
         pos = position + t
-        stop = min(T, t + chunk_size - pos % chunk_size)
         if pos % chunk_size == 0:
             anc = cur
-        sl = slice(t, stop)
-        k, targets, lr, forget = hope_generate(anc, u[:, :, sl], lr_bias, decay_bias, base_lr)
+        k, targets, lr, forget = hope_generate(anc, uc, lr_bias, decay_bias, base_lr)
         eta = torch.zeros_like(lr)
         coeffs = chunk_end_coefficients(lr, eta, forget)  # shared by the four memories that are not read
         new = {}
@@ -54,11 +54,11 @@ def self_modifying_chunked(weights: dict, anchor: dict | None, q, u, lr_bias, de
                             forget, max_grad_norm, coeffs)
             new[m] = dict(zip(names, w))
         y, new["memory"], _, _ = titans_scan_chunked(cur["memory"], None if pos % chunk_size == 0 else anc["memory"],
-                                                     None, q[:, :, sl], k, targets["memory"], lr, eta, forget, pos,
+                                                     None, qc, k, targets["memory"], lr, eta, forget, pos,
                                                      chunk_size, max_grad_norm)
-        outs.append(q[:, :, sl] + y)
+        outs.append(qc + y)
         cur = new
-        t = stop
+        t += size
     return torch.cat(outs, 2), cur, None if (position + T) % chunk_size == 0 else anc
 
 
@@ -66,15 +66,14 @@ def cms_level_chunked(weights: dict, pending: dict, k, v, lr, position: int, spa
     """One CMS level: reads MLP_{θ_s}(k) and accumulates Σ η ∇ℓ at θ_s, applied at each span end.
     weights (θ_s) / pending: {W1, W2} [B, H, ...]; k, v [B, H, T, d]; lr [B, H, T]."""
     names = sorted(weights, key=lambda n: int(n[1:]))
-    T, outs, t = k.shape[2], [], 0
-    while t < T:
-        stop = min(T, t + span - (position + t) % span)
-        sl = slice(t, stop)
-        outs.append(deep_mlp_memory(weights, k[:, :, sl]))
-        xs, ds = backprop_at([weights[n] for n in names], k[:, :, sl], v[:, :, sl])
-        pending = {n: pending[n] + (lr[:, :, sl, None] * X).transpose(-1, -2) @ D for n, X, D in zip(names, xs, ds)}
+    T, outs, stop = k.shape[2], [], 0
+    sizes = chunk_sizes(position, T, span)
+    for size, (kc, vc, lc) in zip(sizes, split_chunks(sizes, k, v, lr)):
+        stop += size
+        outs.append(deep_mlp_memory(weights, kc))
+        xs, ds = backprop_at([weights[n] for n in names], kc, vc)
+        pending = {n: pending[n] + (lc[..., None] * X).transpose(-1, -2) @ D for n, X, D in zip(names, xs, ds)}
         if (position + stop) % span == 0:
             weights = {n: weights[n] - pending[n] for n in names}
             pending = {n: torch.zeros_like(p) for n, p in pending.items()}
-        t = stop
     return torch.cat(outs, 2), weights, pending

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...common.backprop import gelu_tanh_grad
 from ...common.parts import gelu_tanh, head_layer_norm
+from ...common.scan import chunk_sizes, split_chunks
 
 
 VARIANTS = ("moneta", "yaad", "memora")
@@ -154,21 +155,18 @@ def miras_scan_chunked(variant: str, weights: dict, anchor: dict | None, opt: di
     b, T = chunk_size, q.shape[2]
     cur, anc = weights, (weights if anchor is None else anchor)
     lw, lb = ln_w[:, :, None], ln_b[:, :, None]
-    outs, start = [], 0
-    while start < T:
-        stop = min(T, start + b - (position + start) % b)
-        sl = slice(start, stop)
+    outs, stop = [], 0
+    sizes = chunk_sizes(position, T, b)
+    for size, (qc, kc, vc, gs) in zip(sizes, split_chunks(sizes, q, k, v, gates)):
+        stop += size
         ends = (position + stop) % b == 0
-        gs = {n: t[:, :, sl] for n, t in gates.items()}
         if variant == "memora":  # per-token weights: recomputed in the backward instead of kept
-            seg = (cur, anc, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, lw, lb)
+            seg = (cur, anc, qc, kc, vc, gs, lw, lb)
             o, cur = checkpoint(_memora_segment, *seg, use_reentrant=False) if torch.is_grad_enabled() else \
                 _memora_segment(*seg)
         else:
-            o, cur, opt = _linear_segment(variant, cur, anc, opt, q[:, :, sl], k[:, :, sl], v[:, :, sl], gs, lw, lb,
-                                          ends, p, qn)
+            o, cur, opt = _linear_segment(variant, cur, anc, opt, qc, kc, vc, gs, lw, lb, ends, p, qn)
         if ends:
             anc = cur
         outs.append(o)
-        start = stop
     return torch.cat(outs, 2), cur, None if (position + T) % b == 0 else anc, opt

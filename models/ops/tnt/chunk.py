@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ...common.backprop import backprop_at
 from ...common.parts import deep_mlp_memory
-from ...common.scan import linear_scan
+from ...common.scan import chunk_sizes, linear_scan, split_chunks
 from ...common.state import LayerState
 from ..titans.chunk import titans_scan_chunked
 
@@ -64,15 +64,13 @@ def global_scan_chunked(weights: dict, anchor: dict | None, momentum: dict | Non
     if mom is None:
         eta = torch.zeros_like(eta)
     T, outs, t = q.shape[2], [], 0
-    while t < T:
-        stop = min(T, t + chunk_size - (position + t) % chunk_size)
+    sizes = chunk_sizes(position, T, chunk_size)
+    for size, (qc, kc, vc, lc, ec, ac) in zip(sizes, split_chunks(sizes, q, k, v, lr, eta, alpha)):
         if (position + t) % chunk_size == 0:
             anc = cur
-        sl = slice(t, stop)
-        outs.append(deep_mlp_memory(dict(zip(names, anc)), q[:, :, sl]))
-        cur, mom = advance_chunk(cur, anc, mom, k[:, :, sl], v[:, :, sl], lr[:, :, sl], eta[:, :, sl], alpha[:, :, sl],
-                            max_grad_norm)
-        t = stop
+        outs.append(deep_mlp_memory(dict(zip(names, anc)), qc))
+        cur, mom = advance_chunk(cur, anc, mom, kc, vc, lc, ec, ac, max_grad_norm)
+        t += size
     at_boundary = (position + T) % chunk_size == 0
     return (torch.cat(outs, 2), dict(zip(names, cur)), None if at_boundary else dict(zip(names, anc)),
             None if mom is None else dict(zip(names, mom)))
