@@ -69,7 +69,7 @@ class TrainConfig:
     fp8_backend: str = _f("te", "FP8 implementation: te (Transformer Engine) or torchao", ["te", "torchao"])
     fp8_recipe: str = _f("delayed", "FP8 scaling recipe: delayed or current (tensor-wise) scaling", ["delayed", "current"])
     activation_checkpointing: bool = _f(False, "recompute each block in backward instead of storing its activations")
-    scan_checkpoint_group: int = _f(-1, "mini-batches per recomputed group inside the memory-layer scan (-1 = model's value, 0 = off)")
+    scan_checkpoint_group: int = _f(-1, "scan checkpointing: the layer's chunks (TTT: mini-batches) per recomputed piece of the memory-layer scan (-1 = model's value, 0 = off)")
     tnt_local_chunk_sizes: str = _f("", "TNT two-stage training, stage 2: the local memories' chunk sizes (comma-separated, "
                                     "one per local memory) replacing the model's, e.g. 8,16 ('' = the model's value)")
     # ------------------------------------------------------------------ memory state

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .scan import chunk_sizes
 
 
 def map_tree(tree, fn):
@@ -96,7 +99,14 @@ class Mixer(nn.Module):
     """Base class of the memory mixers: ``forward(x, state) -> (y, state)`` = prepare → scan → output.
 
     A subclass defines ``init_state(batch_size)``, ``prepare``, ``scan`` and ``output``; its state
-    is a dataclass (``LayerState`` or ``TTTState``) with a ``position`` field and the halo groups."""
+    is a dataclass (``LayerState`` or ``TTTState``) with a ``position`` field and the halo groups.
+
+    ``checkpoint_tokens`` > 0 (set by ``build_mixer`` from ``scan_checkpoint_group_size``) is scan
+    checkpointing: in training the call runs in pieces of that many tokens (cut at multiples of it),
+    each under ``torch.utils.checkpoint``, so the backward keeps only the states between pieces and
+    recomputes one piece's inner loop at a time (the state API makes the pieces equal one call)."""
+
+    checkpoint_tokens: int = 0
 
     def init_state(self, batch_size: int):
         raise NotImplementedError(f"{type(self).__name__} defines no init_state")
@@ -117,5 +127,15 @@ class Mixer(nn.Module):
     def forward(self, x: torch.Tensor, state=None):
         """x: [B, T, C] → (y [B, T, C], the state after the last token)."""
         state = state if state is not None else self.init_state(x.shape[0])
+        span = self.checkpoint_tokens
+        if not (span and self.training and torch.is_grad_enabled() and x.shape[1] > span):
+            return self._call(x, state)
+        ys = []
+        for piece in x.split(chunk_sizes(state.position, x.shape[1], span), dim=1):  # split, not slices: one cat in the backward
+            y, state = checkpoint(self._call, piece, state, use_reentrant=False)
+            ys.append(y)
+        return torch.cat(ys, 1), state
+
+    def _call(self, x: torch.Tensor, state):
         outputs, state = self.scan(self.prepare(x, state), state)
         return self.output(x, outputs), state

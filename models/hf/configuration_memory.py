@@ -65,7 +65,7 @@ class MemoryLMConfig(PretrainedConfig):
         pre_conv / conv_kernel: causal depthwise conv before each memory layer (Mamba backbone).
         share_qk: one q/k projection followed by two causal convs.
         use_gate: GELU gate on the memory layer's output.
-        scan_checkpoint_group_size: mini-batches per recomputed group in the scan (0 = off).
+        scan_checkpoint_group_size: chunks (TTT: mini-batches) per recomputed piece of the scan in training (0 = off).
         scan_impl: ``chunk`` (dual form, default) or ``reference`` (token by token).
         layer_pattern: per-layer mixer types, cycled over the layers: a list or a comma/space-separated
             string of ``memory`` (= ``memory_layer``; also ``M``), ``swa`` (``S``), ``attention`` (``A``)
@@ -87,7 +87,9 @@ class MemoryLMConfig(PretrainedConfig):
         miras_p / miras_q: Moneta's ℓ_p attentional bias and ℓ_q retention exponents (p ≥ 1, q ≥ 2).
         atlas_chunk_size / atlas_window / atlas_poly_degree / atlas_memory_expansion / atlas_base_lr:
             ATLAS's frozen-gradient chunk, Omega-rule window c (c = 1: the current token only), degree
-            of the polynomial feature map of keys/queries, MLP width factor, upper bound of the step;
+            of the polynomial feature map of keys/queries, MLP width factor, upper bound of the step
+            (None: 0.1 with Muon, whose orthogonalised step has unit scale, 1e-4 with ``momentum`` /
+            ``sgd``, whose raw step sums the gradient over features and window: 0.1 is NaN at init);
             its ``inner_optimizer``: ``muon`` (default) | ``momentum`` | ``sgd`` (OmegaNet).
         inner_steps / inner_grad_clip / inner_init_pull / inner_lr_schedule / inner_loss: the inner
             loop's knobs (docs/models.md "Inner-loop knobs"; ``INNER_KNOB_LAYERS`` lists which layers
@@ -167,7 +169,7 @@ class MemoryLMConfig(PretrainedConfig):
         atlas_window: int = 8,
         atlas_poly_degree: int = 2,
         atlas_memory_expansion: int = 2,
-        atlas_base_lr: float = 0.1,
+        atlas_base_lr: float | None = None,
         tnt_global_chunk_size: int = 2048,
         tnt_local_chunk_sizes=(64,),
         tnt_reset_period: int | None = None,

@@ -23,7 +23,7 @@ from ..common.modules import CausalConv1d, RMSNorm, SwiGLUMLP
 from ..common.state import map_tree
 from ..common.varlen import (RowStates, doc_starts_from_cu_seqlens, doc_starts_from_ids, doc_starts_from_padding,
                              needs_segments, run_segments)
-from ..layers.registry import LAYERS
+from ..layers.registry import LAYERS, checkpoint_span
 from ..layers.ttt import TTTLayer
 from .configuration_memory import MemoryLMConfig
 
@@ -63,7 +63,12 @@ class MemoryLMOutput(ModelOutput):
 
 def build_mixer(config: MemoryLMConfig, layer_idx: int) -> nn.Module:
     """The sequence mixer of block ``layer_idx``: its type's registered builder (models/layers/registry.py)."""
-    return LAYERS[config.mixer_types[layer_idx]].build(config, layer_idx)
+    spec = LAYERS[config.mixer_types[layer_idx]]
+    mixer = spec.build(config, layer_idx)
+    span = checkpoint_span(spec, config)
+    if span:
+        mixer.checkpoint_tokens = span
+    return mixer
 
 
 class PreConv(nn.Module):

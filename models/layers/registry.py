@@ -100,7 +100,10 @@ class LayerSpec:
                  sentence saying why it cannot (2-D CP refuses the layer with it)
     inner_knobs: the inner-loop knobs the layer takes (keys of ``INNER_KNOB_LAYERS``)
     inner_optimizers: accepted ``inner_optimizer`` values, the first the default (empty = fixed)
-    chunk_options: config fields that ``bench.layer --chunk`` sets
+    chunk_options: config fields that ``bench.layer --chunk`` sets; the first is also the unit of scan
+                 checkpointing (``scan_checkpoint_group_size`` of these chunks per recomputed piece,
+                 :func:`checkpoint_span`; none: the layer checkpoints inside its own scan, as TTT, or
+                 has no scan)
     test_config: config overrides for tiny test models (chunks that end inside 20-token sequences)
     """
 
@@ -154,6 +157,16 @@ def ops_files(family: str, *names: str) -> tuple[str, ...]:
 def model_files() -> list[str]:
     """The model files of every registered layer and the shared ones (package-relative), sorted."""
     return sorted({*SHARED_FILES, *(f for s in LAYERS.values() for f in s.files)})
+
+
+def checkpoint_span(spec: LayerSpec, config) -> int:
+    """Tokens per recomputed piece of a mixer (``Mixer.checkpoint_tokens``): ``scan_checkpoint_group_size``
+    of its chunks (the largest, for a list of chunk sizes), 0 = off."""
+    group = int(getattr(config, "scan_checkpoint_group_size", 0) or 0)
+    if not group or not spec.chunk_options:
+        return 0
+    chunk = getattr(config, spec.chunk_options[0])
+    return group * int(max(chunk) if isinstance(chunk, (list, tuple)) else chunk)
 
 
 def registered_options() -> dict:
@@ -352,7 +365,7 @@ def _validate_atlas(config) -> None:
     if config.atlas_poly_degree > 4:
         raise ValueError(f"atlas_poly_degree must be ≤ 4 (the features grow as head_dim^degree), "
                          f"got {config.atlas_poly_degree}")
-    if config.atlas_base_lr <= 0:
+    if config.atlas_base_lr is not None and config.atlas_base_lr <= 0:
         raise ValueError(f"atlas_base_lr must be > 0, got {config.atlas_base_lr}")
 
 

@@ -22,6 +22,16 @@ def _json_rows(args, env=ENV):
 
 
 @pytest.mark.slow  # child processes
+def test_step_memory_rows_and_equal_losses():
+    """bench.step_memory: one row per (layer, group), attention once; scan checkpointing leaves the loss."""
+    rows = _json_rows(["bench.step_memory", "--layers", "attention,titans", "--groups", "0,2", "--model", "64x2",
+                       "--num-layers", "0", "--micro-batch", "1", "--seq-len", "64", "--vocab-size", "256", "--set", "titans_chunk_size=8"])
+    assert [(r["layer"], r["group"], r["piece_tokens"]) for r in rows] == [
+        ("attention", 0, 0), ("titans", 0, 0), ("titans", 2, 16)]
+    assert rows[1]["loss"] == rows[2]["loss"] and all(r["peak_gib"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # child processes
 def test_layer_interleaved_rows():
     rows = _json_rows(["bench.layer", "--layers", "ttt_mlp", "--interleave", "--iters", "2", "--seq-len", "32", *TOY])
     assert [(r["layer"], r["impl"]) for r in rows] == [("ttt_mlp", "chunked")]
