@@ -134,10 +134,19 @@ class AtlasLayer(Mixer):
         return self.o_proj(o.flatten(2))
 
 
+# the default upper bound of η per inner optimizer: Muon's orthogonalised step has unit scale; the raw
+# momentum / SGD step sums the gradient over the features and the Omega window (issue 22, at ``tiny``:
+# 0.1 is NaN at initialisation, 0.01 has a step-1 gradient norm of 52, 0.001 trains 31 steps and
+# diverges, 1e-4 trains 150 steps ahead of attention)
+DEFAULT_BASE_LR = {"muon": 0.1, "momentum": 1e-4, "sgd": 1e-4}
+
+
 def build_atlas_mixer(config) -> AtlasLayer:
     """``atlas`` from a MemoryLMConfig."""
+    optimizer = config.inner_optimizer or "muon"
+    base_lr = config.atlas_base_lr if config.atlas_base_lr is not None else DEFAULT_BASE_LR.get(optimizer, 0.1)
     return AtlasLayer(config.hidden_size, config.num_attention_heads, chunk_size=config.atlas_chunk_size,
                       window=config.atlas_window, poly_degree=config.atlas_poly_degree,
-                      expansion=config.atlas_memory_expansion, base_lr=config.atlas_base_lr,
-                      optimizer=config.inner_optimizer or "muon", conv_kernel=config.conv_kernel,
+                      expansion=config.atlas_memory_expansion, base_lr=base_lr,
+                      optimizer=optimizer, conv_kernel=config.conv_kernel,
                       norm_eps=config.rms_norm_eps, scan_impl=config.scan_impl)

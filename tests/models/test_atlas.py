@@ -134,3 +134,19 @@ def test_gradcheck_atlas_scan(optimizer, position):
 def test_bad_atlas_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MemoryLMConfig(**kwargs)
+
+
+@pytest.mark.parametrize("optimizer,given,expected", [
+    ("muon", None, 0.1), ("momentum", None, 1e-4), ("sgd", None, 1e-4), ("momentum", 0.02, 0.02)])
+def test_base_lr_default_follows_the_inner_optimizer(optimizer, given, expected):
+    """Muon's orthogonalised step has unit scale; the raw momentum/SGD step needs a 1000× smaller bound
+    (issue 22: 0.1 is NaN at initialisation, 0.001 diverges after 31 steps at ``tiny``)."""
+    cfg = MemoryLMConfig(hidden_size=64, num_attention_heads=4, memory_layer="atlas", inner_optimizer=optimizer,
+                         atlas_base_lr=given)
+    assert build_mixer(cfg, 0).base_lr == expected
+    torch.manual_seed(0)
+    layer = build_mixer(cfg, 0).train()
+    x = torch.randn(2, 32, 64)
+    y, _ = layer(x)
+    y.square().mean().backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
