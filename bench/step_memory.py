@@ -7,7 +7,11 @@ without scan checkpointing (docs/models.md "Scan checkpointing").
 The model is ``pretrain.sweep.plan.model_config(MODEL, layer)`` (default: ``tiny`` with 2 blocks and
 the ``tiny`` family defaults: issue 22's size); a step is forward + backward + AdamW on random tokens
 (micro-batch × seq-len), timed on the second step. Each (layer, group) runs in a fresh process, 1
-thread: peak resident set (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+thread: peak resident set (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA; and on
+both the activations the forward keeps for the backward (``saved``: the distinct storages packed by
+autograd's saved-tensor hooks, parameters excluded; checkpointed pieces keep only their inputs). On
+CPU the resident peak also holds what glibc's allocator retains of freed blocks (docs/models.md
+"Scan checkpointing"), so ``saved`` is the allocator-independent measure.
 """
 from __future__ import annotations
 
@@ -19,6 +23,13 @@ import sys
 import time
 
 import torch
+
+
+def _pack(t: torch.Tensor, saved: dict, params: set) -> torch.Tensor:
+    storage = t.untyped_storage()
+    if storage.data_ptr() not in params:
+        saved[storage.data_ptr()] = storage.nbytes()
+    return t
 
 
 def measure(layer: str, group: int, args) -> dict:
@@ -35,9 +46,12 @@ def measure(layer: str, group: int, args) -> dict:
     model = MemoryLMForCausalLM(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len), device=device)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for _ in range(2):
         wall, cpu = time.perf_counter(), time.process_time()
-        loss = model(input_ids=ids, labels=ids).loss
+        saved = {}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: _pack(t, saved, params), lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -47,7 +61,8 @@ def measure(layer: str, group: int, args) -> dict:
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     span = getattr(model.model.layers[0].mixer, "checkpoint_tokens", 0)
-    return dict(layer=layer, group=group, piece_tokens=span, peak_gib=round(peak, 3), wall_s=round(wall, 2),
+    return dict(layer=layer, group=group, piece_tokens=span, peak_gib=round(peak, 3),
+                saved_gib=round(sum(saved.values()) / 2**30, 3), wall_s=round(wall, 2),
                 cpu_s=round(cpu, 2), loss=round(loss.item(), 4))
 
 
@@ -71,7 +86,8 @@ def main(argv=None):
         return 0
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     if not args.json:
-        print(f"{'layer':<16} {'group':>5} {'piece':>6} {'peak GiB':>9} {'CPU s':>7} {'wall s':>7} {'loss':>8}", flush=True)
+        print(f"{'layer':<16} {'group':>5} {'piece':>6} {'peak GiB':>9} {'saved GiB':>10} {'CPU s':>7} {'wall s':>7} "
+              f"{'loss':>8}", flush=True)
     for layer in filter(None, args.layers.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
             if layer in ("attention", "swa") and group:
@@ -85,7 +101,7 @@ def main(argv=None):
             if args.json:
                 print(json.dumps(r), flush=True)
                 continue
-            print(f"{layer:<16} {group:>5} {r['piece_tokens']:>6} {r['peak_gib']:>9.2f} {r['cpu_s']:>7.2f} "
+            print(f"{layer:<16} {group:>5} {r['piece_tokens']:>6} {r['peak_gib']:>9.2f} {r['saved_gib']:>10.3f} {r['cpu_s']:>7.2f} "
                   f"{r['wall_s']:>7.2f} {r['loss']:>8.4f}", flush=True)
     return 0
 
