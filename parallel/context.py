@@ -374,6 +374,14 @@ class CPPassMixer:
         return self.output(x, outputs), new_state
 
 
+def scan_checkpointing_ignored(model) -> list[str]:
+    """The mixer classes whose scan checkpointing (``Mixer.checkpoint_tokens`` > 0) CP bypasses:
+    ``CPPassMixer`` calls prepare / scan / output itself, so each rank keeps its whole scan graph
+    (TTT's groups inside its scan still apply)."""
+    return sorted({type(m).__mro__[2].__name__ for m in model.modules()
+                   if isinstance(m, CPPassMixer) and getattr(m, "checkpoint_tokens", 0)})
+
+
 _SWAPPED: dict = {}
 
 

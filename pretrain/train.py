@@ -278,6 +278,7 @@ def train(cfg: TrainConfig) -> int:
     import deepspeed
 
     from parallel import init_parallel, parallel_cross_entropy, parallelize
+    from parallel.context import scan_checkpointing_ignored
     from parallel.interleave import global_counts, hold_sends, resolve_documents
 
     if torch.cuda.is_available():
@@ -314,6 +315,9 @@ def train(cfg: TrainConfig) -> int:
             parallelize(model, dims, cp_mode="2d" if cfg.cp_heads > 1 else "pass")
         except ValueError as exc:  # a layer the CP mode does not support
             raise ConfigError(str(exc)) from None
+    if cfg.cp > 1 and scan_checkpointing_ignored(model):
+        say(f"warning: --scan-checkpoint-group does not apply under CP to {', '.join(scan_checkpointing_ignored(model))}:"
+            f" each CP rank keeps its {cfg.seq_len // cfg.cp} tokens' scan graph (docs/parallelism.md)")
     if cfg.zero_stage == 3 and cfg.cp > 1:
         # ZeRO-3 all-gathers a module's parameters at each call over DP × CP, so every CP rank must call
         # the same modules in the same order; inside a CP block they do not (packed documents: a rank

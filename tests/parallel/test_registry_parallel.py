@@ -33,3 +33,19 @@ def test_tp2_and_cp2_equal_single_process(name):
             assert r["logits"] <= tol and r["loss"] <= tol and r["grad"] <= tol, (rank, tp, cp, r)
         sd = res["state_dict"]
         assert sd["shapes_ok"] and sd["max_diff"] == 0 and sd["round_trip"] == 0, sd
+
+
+@pytest.mark.parametrize("name,group,expected", [
+    ("titans", 2, ["TitansMemory"]), ("titans", 0, []), ("ttt_linear", 2, [])])
+def test_scan_checkpointing_under_cp_is_reported(name, group, expected):
+    """CP calls prepare / scan / output itself: the trainer warns which mixers' piece checkpointing it
+    bypasses (TTT checkpoints inside its scan, which CP keeps)."""
+    from models import MemoryLMForCausalLM, preset_config
+    from parallel.context import CPPassMixer, scan_checkpointing_ignored, swap_class
+
+    cfg = preset_config("test", memory_layer=name, scan_checkpoint_group_size=group, **LAYERS[name].test_config)
+    model = MemoryLMForCausalLM(cfg)
+    assert scan_checkpointing_ignored(model) == []  # not under CP
+    for block in model.model.layers:
+        swap_class(block.mixer, CPPassMixer)
+    assert scan_checkpointing_ignored(model) == expected
