@@ -105,10 +105,12 @@ SLOW_FAMILIES = {
     "hope": (dict(memory_layer="hope", num_hidden_layers=1, hope_chunk_size=4, hope_cms_chunk_sizes=[8],
                   hope_memory_expansion=1), 300, 0.3),
     # Memora (per-token softmax weights: slower steps; 0.45 after 250) and ATLAS with momentum (the dual form;
-    # Muon's per-token Newton–Schulz is too slow for a CPU test), window 2: 0.59 after 250
+    # Muon's per-token Newton–Schulz is too slow for a CPU test), window 2: 0.59 after 250 — with the inner
+    # step bound this task needs at 16-wide heads (0.1; the language-model default without Muon is 1e-4:
+    # at `tiny`'s 561 features 0.1 is NaN at initialisation, docs/models.md "ATLAS")
     "memora": (dict(memory_layer="memora", num_hidden_layers=1, miras_chunk_size=4), 250, 0.3),
     "atlas": (dict(memory_layer="atlas", num_hidden_layers=1, atlas_chunk_size=4, atlas_window=2,
-                   inner_optimizer="momentum"), 250, 0.3),
+                   inner_optimizer="momentum", atlas_base_lr=0.1), 250, 0.3),
 }
 
 
