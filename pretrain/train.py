@@ -315,8 +315,9 @@ def train(cfg: TrainConfig) -> int:
             parallelize(model, dims, cp_mode="2d" if cfg.cp_heads > 1 else "pass")
         except ValueError as exc:  # a layer the CP mode does not support
             raise ConfigError(str(exc)) from None
-    if cfg.cp > 1 and scan_checkpointing_ignored(model):
-        say(f"warning: --scan-checkpoint-group does not apply under CP to {', '.join(scan_checkpointing_ignored(model))}:"
+    bypassed = scan_checkpointing_ignored(model) if cfg.cp > 1 else []
+    if bypassed:
+        say(f"warning: --scan-checkpoint-group does not apply under CP to {', '.join(bypassed)}:"
             f" each CP rank keeps its {cfg.seq_len // cfg.cp} tokens' scan graph (docs/parallelism.md)")
     if cfg.zero_stage == 3 and cfg.cp > 1:
         # ZeRO-3 all-gathers a module's parameters at each call over DP × CP, so every CP rank must call
