@@ -81,6 +81,8 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     p.add_argument("--_one", nargs=2, metavar=("LAYER", "GROUP"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from models.hf.configuration_memory import ATTENTION_LAYERS
+
     if args._one:
         print(json.dumps(measure(args._one[0], int(args._one[1]), args)))
         return 0
@@ -90,7 +92,7 @@ def main(argv=None):
               f"{'loss':>8}", flush=True)
     for layer in filter(None, args.layers.split(",")):
         for group in (int(g) for g in args.groups.split(",")):
-            if layer in ("attention", "swa") and group:
+            if layer in ATTENTION_LAYERS and group:  # nothing to checkpoint: one row
                 continue
             res = subprocess.run([sys.executable, "-m", "bench.step_memory", *passthrough, "--_one", layer, str(group)],
                                  capture_output=True, text=True)
